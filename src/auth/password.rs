@@ -1,0 +1,147 @@
+//! Password hashing: argon2id for new hashes, bcrypt accepted from the Python original.
+//!
+//! Hashing is CPU- and memory-heavy (argon2id at OWASP's 19 MiB), so it runs on the blocking
+//! pool, and a semaphore bounds how many run at once: a burst of logins queues instead of
+//! exhausting memory or starving the runtime.
+
+use std::sync::Arc;
+
+use argon2::password_hash::rand_core::OsRng;
+use argon2::password_hash::{PasswordHash, PasswordHasher as _, PasswordVerifier as _, SaltString};
+use argon2::{Algorithm, Argon2, Params, Version};
+use tokio::sync::Semaphore;
+
+/// The outcome of checking a password.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Wrong password (or unknown user, checked against the dummy hash).
+    Mismatch,
+    /// Right password, hash is current.
+    Match,
+    /// Right password, but the hash is bcrypt or argon2 with old parameters: rehash it.
+    MatchNeedsRehash,
+}
+
+/// The password hasher; clone freely (it is an `Arc` inside).
+#[derive(Clone)]
+pub struct Passwords {
+    permits: Arc<Semaphore>,
+    dummy_hash: Arc<str>,
+}
+
+fn argon2() -> Argon2<'static> {
+    // OWASP's recommendation: argon2id, m = 19 MiB, t = 2, p = 1 (these are the crate defaults,
+    // spelled out so that a change of defaults cannot weaken them silently).
+    let params = Params::new(19 * 1024, 2, 1, None).unwrap_or_default();
+    Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
+}
+
+fn hash_blocking(password: &str) -> anyhow::Result<String> {
+    let salt = SaltString::generate(&mut OsRng);
+    argon2()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| anyhow::anyhow!("argon2 hashing failed: {e}"))
+}
+
+fn is_bcrypt(hash: &str) -> bool {
+    ["$2a$", "$2b$", "$2y$"].iter().any(|p| hash.starts_with(p))
+}
+
+fn verify_blocking(password: &str, hash: &str) -> Verdict {
+    if is_bcrypt(hash) {
+        // bcrypt only looks at the first 72 bytes; passlib did the same, so this matches.
+        return match bcrypt::verify(password, hash) {
+            Ok(true) => Verdict::MatchNeedsRehash,
+            _ => Verdict::Mismatch,
+        };
+    }
+    let Ok(parsed) = PasswordHash::new(hash) else {
+        return Verdict::Mismatch;
+    };
+    if argon2().verify_password(password.as_bytes(), &parsed).is_err() {
+        return Verdict::Mismatch;
+    }
+    let current = parsed.algorithm.as_str() == "argon2id"
+        && Params::try_from(&parsed).is_ok_and(|p| {
+            let want = argon2();
+            let want = want.params();
+            p.m_cost() >= want.m_cost() && p.t_cost() >= want.t_cost()
+        });
+    if current {
+        Verdict::Match
+    } else {
+        Verdict::MatchNeedsRehash
+    }
+}
+
+impl Passwords {
+    /// A hasher allowing `parallelism` hashes at once. Computes the dummy hash used for
+    /// unknown emails, so that they cost the same time as a wrong password.
+    pub async fn new(parallelism: usize) -> anyhow::Result<Passwords> {
+        let dummy = tokio::task::spawn_blocking(|| {
+            hash_blocking("relay-dummy-password-for-unknown-users")
+        })
+        .await??;
+        Ok(Passwords {
+            permits: Arc::new(Semaphore::new(parallelism.max(1))),
+            dummy_hash: dummy.into(),
+        })
+    }
+
+    /// Hashes a new password with argon2id.
+    pub async fn hash(&self, password: String) -> anyhow::Result<String> {
+        let _permit = self.permits.acquire().await?;
+        tokio::task::spawn_blocking(move || hash_blocking(&password)).await?
+    }
+
+    /// Checks `password` against `hash`, or against the dummy hash when `hash` is `None`
+    /// (unknown user), which always mismatches but costs the same.
+    pub async fn verify(&self, password: String, hash: Option<String>) -> anyhow::Result<Verdict> {
+        let _permit = self.permits.acquire().await?;
+        let known = hash.is_some();
+        let hash = hash.unwrap_or_else(|| self.dummy_hash.to_string());
+        let verdict = tokio::task::spawn_blocking(move || verify_blocking(&password, &hash)).await?;
+        Ok(if known { verdict } else { Verdict::Mismatch })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn argon2id_round_trip() {
+        let p = Passwords::new(2).await.unwrap();
+        let h = p.hash("correct horse".into()).await.unwrap();
+        assert!(h.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"));
+        assert_eq!(
+            p.verify("correct horse".into(), Some(h.clone())).await.unwrap(),
+            Verdict::Match
+        );
+        assert_eq!(
+            p.verify("wrong horse".into(), Some(h)).await.unwrap(),
+            Verdict::Mismatch
+        );
+        assert_eq!(
+            p.verify("anything".into(), None).await.unwrap(),
+            Verdict::Mismatch
+        );
+    }
+
+    #[tokio::test]
+    async fn weak_argon2_params_ask_for_a_rehash() {
+        let weak = Argon2::new(
+            Algorithm::Argon2id,
+            Version::V0x13,
+            Params::new(1024, 1, 1, None).unwrap(),
+        );
+        let salt = SaltString::generate(&mut OsRng);
+        let h = weak.hash_password(b"pw-123456", &salt).unwrap().to_string();
+        let p = Passwords::new(1).await.unwrap();
+        assert_eq!(
+            p.verify("pw-123456".into(), Some(h)).await.unwrap(),
+            Verdict::MatchNeedsRehash
+        );
+    }
+}

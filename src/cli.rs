@@ -1,0 +1,58 @@
+//! Command-line definitions (clap derive only; the work happens in `main.rs` and `app.rs`).
+
+use clap::{Args, Parser, Subcommand};
+
+/// relay: an OpenAI API relay with users, JWTs, streaming and shared rate limits.
+#[derive(Debug, Parser)]
+#[command(name = "relay", version, about)]
+pub struct Cli {
+    /// What to do; `serve` when omitted.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Apply pending migrations, then run the server (the default).
+    Serve(ServeArgs),
+    /// Apply pending database migrations and exit.
+    Migrate,
+    /// Manage users.
+    #[command(subcommand)]
+    User(UserCommand),
+}
+
+/// Options of `relay serve`.
+#[derive(Debug, Default, Args)]
+pub struct ServeArgs {
+    /// Zero-setup mode for a fresh machine: SQLite at ./app.db, in-memory rate limits, an
+    /// ephemeral SECRET_KEY, docs on. Not for production.
+    #[arg(long)]
+    pub dev: bool,
+}
+
+/// `relay user …`.
+#[derive(Debug, Subcommand)]
+pub enum UserCommand {
+    /// Create a user; the password is read from standard input (never from argv).
+    Create(UserCreateArgs),
+}
+
+/// Options of `relay user create`.
+#[derive(Debug, Args)]
+pub struct UserCreateArgs {
+    /// The user's email address.
+    #[arg(long)]
+    pub email: String,
+    /// Read the password from standard input (first line). Required: passwords on the command
+    /// line leak into shell history and `ps`.
+    #[arg(long, required = true)]
+    pub password_stdin: bool,
+    /// Display name.
+    #[arg(long)]
+    pub full_name: Option<String>,
+    /// Make the user an admin.
+    #[arg(long)]
+    pub admin: bool,
+}

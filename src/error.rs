@@ -1,0 +1,276 @@
+//! One error type for every handler, turned into the OpenAI error envelope in one place.
+//!
+//! Internal causes are logged here (once, inside the request's span, which carries the request
+//! id); the client only ever sees a plain message. There is deliberately no blanket `From` for
+//! arbitrary errors: a client mistake must never turn into a 500 by accident.
+
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http::{HeaderValue, StatusCode, header};
+use serde::Serialize;
+
+/// Everything a handler can answer with besides success.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 400: the body is not valid JSON, or the request is otherwise malformed.
+    #[error("{message}")]
+    BadRequest {
+        /// What is wrong, for the client.
+        message: String,
+        /// Machine-readable code.
+        code: &'static str,
+    },
+    /// 401: no usable credentials.
+    #[error("{message}")]
+    Unauthorized {
+        /// What is wrong, for the client.
+        message: &'static str,
+        /// Machine-readable code.
+        code: &'static str,
+    },
+    /// 403: authenticated, but not allowed.
+    #[error("{message}")]
+    Forbidden {
+        /// What is wrong, for the client.
+        message: String,
+        /// Machine-readable code.
+        code: &'static str,
+    },
+    /// 404: unknown route or resource.
+    #[error("not found")]
+    NotFound,
+    /// 409: the resource exists already.
+    #[error("{0}")]
+    Conflict(String),
+    /// 413: the body is larger than `MAX_REQUEST_BYTES`.
+    #[error("request body too large")]
+    PayloadTooLarge,
+    /// 415: wrong `Content-Type`.
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    /// 422: well-formed JSON that fails validation; `param` names the field.
+    #[error("{message}")]
+    Validation {
+        /// What is wrong, for the client.
+        message: String,
+        /// The offending field.
+        param: String,
+    },
+    /// 429: rate limited.
+    #[error("rate limit exceeded")]
+    RateLimited {
+        /// Whole seconds until a request would be allowed (≥ 1).
+        retry_after: u64,
+    },
+    /// An upstream error answer, passed through with its own status and (sanitised) body.
+    #[error("upstream answered {status}")]
+    Upstream {
+        /// The upstream's status.
+        status: StatusCode,
+        /// The upstream's error body, already checked to be an OpenAI error envelope.
+        body: Bytes,
+        /// The upstream's `Retry-After`, if any.
+        retry_after: Option<HeaderValue>,
+    },
+    /// 502: upstream unreachable, or its answer is not the OpenAI format.
+    #[error("{0}")]
+    BadGateway(String),
+    /// 503: a dependency this request needs is down.
+    #[error("{0}")]
+    ServiceUnavailable(String),
+    /// 504: the upstream gave no first byte in time.
+    #[error("upstream timed out")]
+    GatewayTimeout,
+    /// 500: a bug or an unexpected failure. The cause is logged, never sent.
+    #[error("internal error: {0:#}")]
+    Internal(anyhow::Error),
+}
+
+/// The OpenAI error envelope: `{"error": {...}}`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ErrorEnvelope {
+    /// The error itself.
+    pub error: ErrorBody,
+}
+
+/// The inside of the OpenAI error envelope.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    /// Human-readable description.
+    pub message: String,
+    /// OpenAI error type, e.g. `invalid_request_error`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// Machine-readable code.
+    pub code: Option<String>,
+    /// The request field the error is about, if any.
+    pub param: Option<String>,
+}
+
+impl ApiError {
+    /// A 500 whose cause is logged but not shown.
+    pub fn internal(err: impl Into<anyhow::Error>) -> Self {
+        Self::Internal(err.into())
+    }
+
+    /// A 422 about `param`.
+    pub fn validation(param: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::Validation {
+            message: message.into(),
+            param: param.into(),
+        }
+    }
+
+    /// The HTTP status this error is sent with.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            Self::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
+            Self::Forbidden { .. } => StatusCode::FORBIDDEN,
+            Self::NotFound => StatusCode::NOT_FOUND,
+            Self::Conflict(_) => StatusCode::CONFLICT,
+            Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::Validation { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::Upstream { status, .. } => *status,
+            Self::BadGateway(_) => StatusCode::BAD_GATEWAY,
+            Self::ServiceUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::GatewayTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn code(&self) -> &'static str {
+        match self {
+            Self::BadRequest { code, .. }
+            | Self::Unauthorized { code, .. }
+            | Self::Forbidden { code, .. } => code,
+            Self::NotFound => "not_found",
+            Self::Conflict(_) => "conflict",
+            Self::PayloadTooLarge => "request_too_large",
+            Self::UnsupportedMediaType(_) => "unsupported_media_type",
+            Self::Validation { .. } => "invalid_value",
+            Self::RateLimited { .. } => "rate_limit_exceeded",
+            Self::Upstream { .. } => "upstream_error",
+            Self::BadGateway(_) => "bad_gateway",
+            Self::ServiceUnavailable(_) => "service_unavailable",
+            Self::GatewayTimeout => "upstream_timeout",
+            Self::Internal(_) => "internal_error",
+        }
+    }
+}
+
+/// The OpenAI error `type` that goes with a status.
+pub fn error_type_for(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        401 => "authentication_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        409 => "conflict_error",
+        429 => "rate_limit_error",
+        400..=499 => "invalid_request_error",
+        _ => "server_error",
+    }
+}
+
+/// A generic code for a status, used when a response is produced outside our handlers
+/// (axum's 405, a body-limit 413, …).
+pub fn error_code_for(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        400 => "bad_request",
+        401 => "invalid_token",
+        403 => "forbidden",
+        404 => "not_found",
+        405 => "method_not_allowed",
+        408 => "request_timeout",
+        409 => "conflict",
+        413 => "request_too_large",
+        415 => "unsupported_media_type",
+        422 => "invalid_value",
+        429 => "rate_limit_exceeded",
+        502 => "bad_gateway",
+        503 => "service_unavailable",
+        504 => "upstream_timeout",
+        _ => "internal_error",
+    }
+}
+
+/// Builds an envelope response with the right status and content type.
+pub fn envelope_response(
+    status: StatusCode,
+    message: impl Into<String>,
+    code: &str,
+    param: Option<String>,
+) -> Response {
+    let body = ErrorEnvelope {
+        error: ErrorBody {
+            message: message.into(),
+            kind: error_type_for(status),
+            code: Some(code.to_owned()),
+            param,
+        },
+    };
+    let mut response = (status, axum::Json(body)).into_response();
+    if status == StatusCode::UNAUTHORIZED {
+        response
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    }
+    response
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        match self {
+            Self::Internal(ref err) => {
+                tracing::error!(error = %format!("{err:#}"), "internal error");
+                envelope_response(status, "internal server error", self.code(), None)
+            }
+            Self::ServiceUnavailable(ref why) => {
+                tracing::warn!(reason = %why, "dependency unavailable");
+                envelope_response(status, why.clone(), self.code(), None)
+            }
+            Self::Validation { message, param } => {
+                envelope_response(status, message, "invalid_value", Some(param))
+            }
+            Self::RateLimited { retry_after } => {
+                let mut response = envelope_response(
+                    status,
+                    "rate limit exceeded, retry later",
+                    "rate_limit_exceeded",
+                    None,
+                );
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(retry_after.max(1)));
+                response
+            }
+            Self::Upstream {
+                status,
+                body,
+                retry_after,
+            } => {
+                let mut response = (
+                    status,
+                    [(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("application/json"),
+                    )],
+                    body,
+                )
+                    .into_response();
+                if status == StatusCode::TOO_MANY_REQUESTS {
+                    let value = retry_after.unwrap_or(HeaderValue::from_static("1"));
+                    response.headers_mut().insert(header::RETRY_AFTER, value);
+                }
+                response
+            }
+            other => {
+                let code = other.code();
+                envelope_response(status, other.to_string(), code, None)
+            }
+        }
+    }
+}

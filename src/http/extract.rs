@@ -1,0 +1,173 @@
+//! Request-body extractors whose rejections use our error envelope.
+//!
+//! axum's own `Json` answers rejections in plain text; these answer 400 for broken JSON, 415
+//! for a wrong content type, 413 for a body over `MAX_REQUEST_BYTES`, and 422 with `param`
+//! naming the field for JSON of the wrong shape.
+
+use axum::extract::{FromRequest, Request};
+use bytes::Bytes;
+use http::HeaderMap;
+use http::header::CONTENT_TYPE;
+use serde::de::DeserializeOwned;
+
+use crate::error::ApiError;
+
+/// A JSON body of type `T`.
+pub struct ApiJson<T>(pub T);
+
+/// The body's media type, as far as we care.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyKind {
+    /// `application/json` or `…+json` (or no content type at all: clients such as `curl -d`
+    /// often forget it, and the body is then tried as JSON).
+    Json,
+    /// `application/x-www-form-urlencoded`.
+    Form,
+    /// Anything else.
+    Other,
+}
+
+/// Classifies the request's `Content-Type`.
+pub fn body_kind(headers: &HeaderMap) -> BodyKind {
+    let Some(value) = headers.get(CONTENT_TYPE) else {
+        return BodyKind::Json;
+    };
+    let Ok(value) = value.to_str() else {
+        return BodyKind::Other;
+    };
+    let essence = value
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    if essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json")) {
+        BodyKind::Json
+    } else if essence == "application/x-www-form-urlencoded" {
+        BodyKind::Form
+    } else {
+        BodyKind::Other
+    }
+}
+
+/// Reads the whole body (bounded by the body-limit layer) with our rejections.
+pub async fn read_body(req: Request) -> Result<Bytes, ApiError> {
+    Bytes::from_request(req, &()).await.map_err(|rejection| {
+        if rejection.status() == http::StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge
+        } else {
+            ApiError::BadRequest {
+                message: "could not read the request body".into(),
+                code: "invalid_body",
+            }
+        }
+    })
+}
+
+/// Parses JSON into `T`: syntax errors are 400, shape errors 422 naming the field.
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value: T = serde_path_to_error::deserialize(&mut de).map_err(|err| {
+        let path = err.path().to_string();
+        let inner = err.into_inner();
+        if inner.is_data() {
+            let param = if path == "." {
+                missing_field(&inner.to_string()).unwrap_or_else(|| "body".to_owned())
+            } else {
+                path
+            };
+            let message = strip_position(&inner.to_string());
+            ApiError::validation(param, message)
+        } else {
+            ApiError::BadRequest {
+                message: format!("the body is not valid JSON: {inner}"),
+                code: "invalid_json",
+            }
+        }
+    })?;
+    de.end().map_err(|e| ApiError::BadRequest {
+        message: format!("the body is not valid JSON: {e}"),
+        code: "invalid_json",
+    })?;
+    Ok(value)
+}
+
+/// Parses a form body into `T`; a missing or malformed field is a 422.
+pub fn parse_form<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    serde_urlencoded::from_bytes(bytes).map_err(|e| {
+        let message = e.to_string();
+        let param = missing_field(&message).unwrap_or_else(|| "body".to_owned());
+        ApiError::validation(param, message)
+    })
+}
+
+fn missing_field(message: &str) -> Option<String> {
+    let rest = message.split("missing field `").nth(1)?;
+    Some(rest.split('`').next()?.to_owned())
+}
+
+fn strip_position(message: &str) -> String {
+    match message.rfind(" at line ") {
+        Some(i) => message[..i].to_owned(),
+        None => message.to_owned(),
+    }
+}
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, _state: &S) -> Result<Self, ApiError> {
+        if body_kind(req.headers()) != BodyKind::Json {
+            return Err(ApiError::UnsupportedMediaType(
+                "expected Content-Type: application/json".into(),
+            ));
+        }
+        let bytes = read_body(req).await?;
+        parse_json(&bytes).map(ApiJson)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, serde::Deserialize)]
+    struct Login {
+        #[allow(dead_code)]
+        email: String,
+        #[allow(dead_code)]
+        password: String,
+    }
+
+    #[test]
+    fn rejections_name_the_field() {
+        match parse_json::<Login>(br#"{"email": "a@b.c"}"#) {
+            Err(ApiError::Validation { param, .. }) => assert_eq!(param, "password"),
+            other => panic!("{other:?}"),
+        }
+        match parse_json::<Login>(br#"{"email": 5, "password": "x"}"#) {
+            Err(ApiError::Validation { param, .. }) => assert_eq!(param, "email"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            parse_json::<Login>(br#"{"email": "#),
+            Err(ApiError::BadRequest { .. })
+        ));
+        assert!(matches!(
+            parse_json::<Login>(br#"{"email":"a","password":"b"} trailing"#),
+            Err(ApiError::BadRequest { .. })
+        ));
+    }
+
+    #[test]
+    fn content_types() {
+        let mut h = HeaderMap::new();
+        assert_eq!(body_kind(&h), BodyKind::Json);
+        h.insert(CONTENT_TYPE, "application/json; charset=utf-8".parse().unwrap());
+        assert_eq!(body_kind(&h), BodyKind::Json);
+        h.insert(CONTENT_TYPE, "application/x-www-form-urlencoded".parse().unwrap());
+        assert_eq!(body_kind(&h), BodyKind::Form);
+        h.insert(CONTENT_TYPE, "text/plain".parse().unwrap());
+        assert_eq!(body_kind(&h), BodyKind::Other);
+    }
+}

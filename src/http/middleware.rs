@@ -1,0 +1,267 @@
+//! The one outer middleware every request passes through.
+//!
+//! It does four cheap things in one place (one layer instead of four keeps the per-request
+//! cost down): gives the request an id (the client's, if sane, else a new UUID); adds the
+//! security headers; turns any error response that is not already JSON (axum's 405, a 413
+//! from the body limit, …) into the OpenAI error envelope; and writes exactly one log line
+//! per request — when the response body is finished or dropped, so that a stream's line
+//! carries its full duration and its token usage.
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::{MatchedPath, Request};
+use axum::middleware::Next;
+use axum::response::Response;
+use bytes::Bytes;
+use http::header::{CONTENT_SECURITY_POLICY, CONTENT_TYPE};
+use http::{HeaderName, HeaderValue, Method, StatusCode};
+use tracing::Instrument as _;
+use uuid::Uuid;
+
+use crate::error::{envelope_response, error_code_for};
+
+/// `X-Request-ID`.
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The CSP for API responses: nothing may be loaded or framed.
+pub const API_CSP: &str = "default-src 'none'; frame-ancestors 'none'";
+
+/// Token counts of one request, when the upstream reported them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+pub struct Usage {
+    /// Prompt tokens.
+    pub prompt_tokens: u64,
+    /// Completion tokens.
+    pub completion_tokens: u64,
+}
+
+/// What is learnt about a request while it is handled, for its log line.
+#[derive(Debug)]
+pub struct RequestContext {
+    /// The request id echoed in `X-Request-ID`.
+    pub request_id: HeaderValue,
+    user_id: OnceLock<Uuid>,
+    usage: Mutex<Option<Usage>>,
+}
+
+impl RequestContext {
+    fn new(request_id: HeaderValue) -> Self {
+        RequestContext {
+            request_id,
+            user_id: OnceLock::new(),
+            usage: Mutex::new(None),
+        }
+    }
+
+    /// Records the authenticated user.
+    pub fn set_user(&self, id: Uuid) {
+        let _ = self.user_id.set(id);
+    }
+
+    /// Records the request's token usage (the last report wins).
+    pub fn set_usage(&self, usage: Usage) {
+        if let Ok(mut slot) = self.usage.lock() {
+            *slot = Some(usage);
+        }
+    }
+
+    fn usage(&self) -> Option<Usage> {
+        self.usage.lock().ok().and_then(|u| *u)
+    }
+}
+
+fn sane_request_id(value: &HeaderValue) -> bool {
+    let bytes = value.as_bytes();
+    (1..=128).contains(&bytes.len())
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+fn is_json(response: &Response) -> bool {
+    response
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/json"))
+}
+
+fn default_message(status: StatusCode) -> String {
+    match status {
+        StatusCode::NOT_FOUND => "not found".to_owned(),
+        StatusCode::METHOD_NOT_ALLOWED => "method not allowed".to_owned(),
+        StatusCode::PAYLOAD_TOO_LARGE => "request body too large".to_owned(),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported content type".to_owned(),
+        other => other
+            .canonical_reason()
+            .unwrap_or("error")
+            .to_ascii_lowercase(),
+    }
+}
+
+/// See the module documentation.
+pub async fn observe(mut req: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let request_id = req
+        .headers()
+        .get(&X_REQUEST_ID)
+        .filter(|v| sane_request_id(v))
+        .cloned()
+        .unwrap_or_else(|| {
+            HeaderValue::try_from(Uuid::new_v4().to_string())
+                .unwrap_or(HeaderValue::from_static("invalid"))
+        });
+    let ctx = Arc::new(RequestContext::new(request_id.clone()));
+    req.extensions_mut().insert(ctx.clone());
+    let method = req.method().clone();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned());
+
+    let span = tracing::info_span!(
+        "request",
+        request_id = %String::from_utf8_lossy(request_id.as_bytes())
+    );
+    let mut response = next.run(req).instrument(span).await;
+
+    let status = response.status();
+    if (status.is_client_error() || status.is_server_error()) && !is_json(&response) {
+        let mut enveloped =
+            envelope_response(status, default_message(status), error_code_for(status), None);
+        for (name, value) in response.headers() {
+            if name != CONTENT_TYPE && name != http::header::CONTENT_LENGTH {
+                enveloped.headers_mut().insert(name.clone(), value.clone());
+            }
+        }
+        response = enveloped;
+    }
+
+    let headers = response.headers_mut();
+    headers.insert(X_REQUEST_ID.clone(), request_id);
+    headers.insert(
+        http::header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(http::header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    headers.insert(
+        http::header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    if !headers.contains_key(CONTENT_SECURITY_POLICY) {
+        headers.insert(CONTENT_SECURITY_POLICY, HeaderValue::from_static(API_CSP));
+    }
+
+    let log = RequestLog {
+        ctx,
+        method,
+        route,
+        status,
+        start,
+    };
+    response.map(|body| {
+        Body::new(LoggedBody {
+            inner: body,
+            log: Some(log),
+        })
+    })
+}
+
+struct RequestLog {
+    ctx: Arc<RequestContext>,
+    method: Method,
+    route: Option<String>,
+    status: StatusCode,
+    start: Instant,
+}
+
+impl RequestLog {
+    fn emit(self, completed: bool) {
+        let latency_ms = self.start.elapsed().as_secs_f64() * 1000.0;
+        let user_id = self.ctx.user_id.get().map(|u| u.to_string());
+        let usage = self.ctx.usage();
+        tracing::info!(
+            target: "relay::request",
+            method = %self.method,
+            route = self.route.as_deref().unwrap_or("-"),
+            status = self.status.as_u16(),
+            latency_ms = (latency_ms * 1000.0).round() / 1000.0,
+            request_id = %String::from_utf8_lossy(self.ctx.request_id.as_bytes()),
+            user_id = user_id.as_deref(),
+            prompt_tokens = usage.map(|u| u.prompt_tokens),
+            completion_tokens = usage.map(|u| u.completion_tokens),
+            completed,
+            "request"
+        );
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that logs the request's line once it ends or is dropped.
+    struct LoggedBody {
+        #[pin]
+        inner: Body,
+        log: Option<RequestLog>,
+    }
+
+    impl PinnedDrop for LoggedBody {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if let Some(log) = this.log.take() {
+                // Dropped before the end: the client went away mid-response.
+                log.emit(false);
+            }
+        }
+    }
+}
+
+impl http_body::Body for LoggedBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
+        let this = self.project();
+        let mut inner = this.inner;
+        let polled = inner.as_mut().poll_frame(cx);
+        let finished = match &polled {
+            Poll::Ready(None) => true,
+            // hyper stops polling a body that says it has ended, so check after each frame.
+            Poll::Ready(Some(Ok(_))) => inner.is_end_stream(),
+            Poll::Ready(Some(Err(_))) | Poll::Pending => false,
+        };
+        if finished && let Some(log) = this.log.take() {
+            log.emit(true);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_checked() {
+        for ok in ["a", "abc-DEF_123.x", &"x".repeat(128)] {
+            assert!(sane_request_id(&HeaderValue::from_str(ok).unwrap()), "{ok}");
+        }
+        for bad in ["", "a b", "a/b", "<script>", &"x".repeat(129)] {
+            assert!(!sane_request_id(&HeaderValue::from_str(bad).unwrap()), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,113 @@
+//! The HTTP surface: routes and the layers around them.
+//!
+//! Layer order, outermost first (a request passes them top to bottom, a response bottom to top):
+//!
+//! 1. `observe` — request id, security headers, error envelope for non-JSON errors, the
+//!    request's one log line. Outermost, so that even a panic's 500 gets all four.
+//! 2. `CatchPanicLayer` — a panicking handler becomes a 500 envelope, not a dropped connection.
+//! 3. `CorsLayer` — answers preflights; adds `Access-Control-Allow-Origin` for allowed origins.
+//! 4. `DefaultBodyLimit` — bodies over `MAX_REQUEST_BYTES` are refused (413) while being read.
+//! 5. Per-group layers: `Cache-Control: no-store` on `/auth/*`.
+//!
+//! Routes are public only when listed here without an `AuthUser` argument: health, docs,
+//! register, login, refresh. Everything else takes `AuthUser`.
+
+pub mod auth;
+pub mod docs;
+pub mod extract;
+pub mod health;
+pub mod middleware;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::response::{IntoResponse, Response};
+use http::header::{self, HeaderName};
+use http::{HeaderValue, Method};
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::set_header::SetResponseHeaderLayer;
+use utoipa::OpenApi as _;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::config::Origins;
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// Headers a browser may read from our responses.
+const EXPOSED_HEADERS: [&str; 5] = [
+    "x-request-id",
+    "retry-after",
+    "x-ratelimit-limit",
+    "x-ratelimit-remaining",
+    "x-ratelimit-reset",
+];
+
+/// The API routes with their OpenAPI description, before state is attached.
+pub fn api_routes() -> OpenApiRouter<AppState> {
+    let auth = OpenApiRouter::new()
+        .routes(routes!(auth::register_user))
+        .routes(routes!(auth::login_user))
+        .routes(routes!(auth::get_me))
+        .routes(routes!(auth::refresh_token))
+        .routes(routes!(auth::logout_user))
+        .layer(SetResponseHeaderLayer::overriding(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("no-store"),
+        ));
+    let health = OpenApiRouter::new()
+        .routes(routes!(health::get_health))
+        .routes(routes!(health::get_health_detailed));
+    OpenApiRouter::with_openapi(docs::ApiDoc::openapi()).nest("/api/v1", auth.merge(health))
+}
+
+/// The OpenAPI document (also what `/openapi.json` serves).
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    api_routes().split_for_parts().1
+}
+
+fn cors(origins: &Origins) -> CorsLayer {
+    let allow_origin = match origins {
+        Origins::Any => AllowOrigin::any(),
+        Origins::List(list) => AllowOrigin::list(
+            list.iter()
+                .filter_map(|o| HeaderValue::from_str(o).ok())
+                .collect::<Vec<_>>(),
+        ),
+    };
+    CorsLayer::new()
+        .allow_origin(allow_origin)
+        .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            HeaderName::from_static("x-request-id"),
+        ])
+        .expose_headers(EXPOSED_HEADERS.map(HeaderName::from_static))
+        .max_age(std::time::Duration::from_secs(600))
+}
+
+fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    tracing::error!("handler panicked");
+    ApiError::internal(anyhow::anyhow!("handler panicked")).into_response()
+}
+
+async fn not_found() -> ApiError {
+    ApiError::NotFound
+}
+
+/// The whole application router.
+pub fn router(state: AppState) -> Router {
+    let config = state.config.clone();
+    let (api, doc) = api_routes().split_for_parts();
+    let mut app = api;
+    if config.docs_enabled() {
+        app = app.merge(docs::router(doc));
+    }
+    app.fallback(not_found)
+        .layer(DefaultBodyLimit::max(config.max_request_bytes))
+        .layer(cors(&config.allowed_origins))
+        .layer(CatchPanicLayer::custom(panic_response))
+        .layer(axum::middleware::from_fn(middleware::observe))
+        .with_state(state)
+}

@@ -1,0 +1,12 @@
+//! relay: an OpenAI API relay server. See README.md for what it does and how to run it.
+
+pub mod app;
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod http;
+pub mod state;
+pub mod store;
+pub mod telemetry;
+pub mod users;

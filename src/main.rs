@@ -1,0 +1,99 @@
+//! The `relay` binary: parse the command line, load settings, dispatch.
+
+use std::io::{BufRead as _, Write as _};
+use std::process::ExitCode;
+
+use clap::Parser as _;
+use relay::app::{App, shutdown_signal};
+use relay::auth::Passwords;
+use relay::cli::{Cli, Command, ServeArgs, UserCommand, UserCreateArgs};
+use relay::config::{Config, Mode};
+use relay::store::Store;
+use relay::users::{Registration, create_user};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let command = cli.command.unwrap_or(Command::Serve(ServeArgs::default()));
+    let mode = match &command {
+        Command::Serve(args) if args.dev => Mode::Dev,
+        Command::Serve(_) => Mode::Serve,
+        Command::Migrate | Command::User(_) => Mode::Admin,
+    };
+    let config = match Config::load(mode) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("{err}");
+            return ExitCode::from(2);
+        }
+    };
+    relay::telemetry::init(&config.log_level, config.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("relay: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match command {
+            Command::Serve(_) => serve(config).await,
+            Command::Migrate => migrate(config).await,
+            Command::User(UserCommand::Create(args)) => user_create(config, args).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!(error = %format!("{err:#}"), "relay failed");
+            eprintln!("relay: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    if config.dev {
+        tracing::warn!(
+            "DEV MODE: ephemeral secret key, SQLite, in-memory rate limits. NOT FOR PRODUCTION."
+        );
+    } else if config.secret_key_ephemeral {
+        tracing::warn!("DEBUG without SECRET_KEY: tokens are signed with an ephemeral key");
+    }
+    let app = App::build(config).await?;
+    let addr = app.local_addr()?;
+    tracing::info!(address = %addr, "relay listening on http://{addr}");
+    app.run_until_stopped(shutdown_signal()).await
+}
+
+async fn migrate(config: Config) -> anyhow::Result<()> {
+    let store = Store::connect(&config.database_url).await?;
+    store.migrate().await?;
+    store.close().await;
+    tracing::info!(engine = store.engine(), "migrations applied");
+    Ok(())
+}
+
+async fn user_create(config: Config, args: UserCreateArgs) -> anyhow::Result<()> {
+    let mut password = String::new();
+    std::io::stdin().lock().read_line(&mut password)?;
+    let password = password.trim_end_matches(['\r', '\n']).to_owned();
+    let store = Store::connect(&config.database_url).await?;
+    store.migrate().await?;
+    let passwords = Passwords::new(1).await?;
+    let user = create_user(
+        &store,
+        &passwords,
+        Registration {
+            email: args.email,
+            password,
+            full_name: args.full_name,
+            is_admin: args.admin,
+        },
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    store.close().await;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{}", serde_json::to_string(&user)?)?;
+    Ok(())
+}

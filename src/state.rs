@@ -1,0 +1,42 @@
+//! Shared application state, built once by [`crate::app::App::build`] and handed to handlers.
+
+use std::ops::Deref;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::auth::{JwtKeys, Passwords};
+use crate::config::Config;
+use crate::store::Store;
+
+/// Cheap to clone: one `Arc`.
+#[derive(Clone)]
+pub struct AppState(Arc<Inner>);
+
+/// What every handler can reach.
+pub struct Inner {
+    /// Validated settings.
+    pub config: Arc<Config>,
+    /// Users and refresh tokens (never touched on the chat path).
+    pub store: Store,
+    /// Token signing and verification.
+    pub jwt: JwtKeys,
+    /// Password hashing on the blocking pool, bounded by a semaphore.
+    pub passwords: Passwords,
+    /// When the process started serving, for `uptime_seconds`.
+    pub started_at: Instant,
+}
+
+impl AppState {
+    /// Wraps the parts.
+    pub fn new(inner: Inner) -> Self {
+        AppState(Arc::new(inner))
+    }
+}
+
+impl Deref for AppState {
+    type Target = Inner;
+
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}

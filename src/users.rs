@@ -1,0 +1,146 @@
+//! Creating users: the validation and hashing shared by `POST /auth/register` and
+//! `relay user create`.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::auth::Passwords;
+use crate::error::ApiError;
+use crate::store::{NewUser, Store, StoreError, UserRecord};
+
+/// Shortest password accepted, in characters.
+pub const MIN_PASSWORD_CHARS: usize = 8;
+/// Longest password accepted, in characters.
+pub const MAX_PASSWORD_CHARS: usize = 128;
+/// Longest display name accepted, in characters.
+pub const MAX_NAME_CHARS: usize = 200;
+
+/// A user as the API shows it (never the hash).
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct User {
+    /// The user's id.
+    pub id: Uuid,
+    /// Lower-cased email.
+    pub email: String,
+    /// Display name.
+    pub full_name: Option<String>,
+    /// Inactive users cannot log in.
+    pub is_active: bool,
+    /// Admin flag.
+    pub is_admin: bool,
+    /// Registration time (RFC 3339).
+    pub created_at: DateTime<Utc>,
+}
+
+impl From<UserRecord> for User {
+    fn from(r: UserRecord) -> Self {
+        User {
+            id: r.id,
+            email: r.email,
+            full_name: r.full_name,
+            is_active: r.is_active,
+            is_admin: r.is_admin,
+            created_at: r.created_at,
+        }
+    }
+}
+
+/// Trims and lower-cases an email, and checks that it is an address.
+pub fn normalize_email(raw: &str) -> Result<String, ApiError> {
+    let email = raw.trim().to_lowercase();
+    if email.len() > 254 || !email_address::EmailAddress::is_valid(&email) || !email.contains('.')
+    {
+        return Err(ApiError::validation("email", "email is not a valid address"));
+    }
+    Ok(email)
+}
+
+/// Checks a new password's length (8–128 characters).
+pub fn check_password(password: &str) -> Result<(), ApiError> {
+    let chars = password.chars().count();
+    if !(MIN_PASSWORD_CHARS..=MAX_PASSWORD_CHARS).contains(&chars) {
+        return Err(ApiError::validation(
+            "password",
+            format!(
+                "password must be {MIN_PASSWORD_CHARS} to {MAX_PASSWORD_CHARS} characters long"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// What a new user is made of, before validation.
+pub struct Registration {
+    /// As typed; normalized here.
+    pub email: String,
+    /// Plain text; hashed here.
+    pub password: String,
+    /// Optional display name.
+    pub full_name: Option<String>,
+    /// Admin flag.
+    pub is_admin: bool,
+}
+
+/// Validates, hashes and stores a new user. An existing email (in any letter case) is a 409.
+pub async fn create_user(
+    store: &Store,
+    passwords: &Passwords,
+    reg: Registration,
+) -> Result<User, ApiError> {
+    let email = normalize_email(&reg.email)?;
+    check_password(&reg.password)?;
+    let full_name = reg
+        .full_name
+        .map(|n| n.trim().to_owned())
+        .filter(|n| !n.is_empty());
+    if full_name
+        .as_ref()
+        .is_some_and(|n| n.chars().count() > MAX_NAME_CHARS)
+    {
+        return Err(ApiError::validation(
+            "full_name",
+            format!("full_name must be at most {MAX_NAME_CHARS} characters"),
+        ));
+    }
+    let password_hash = passwords
+        .hash(reg.password)
+        .await
+        .map_err(ApiError::internal)?;
+    let record = store
+        .create_user(NewUser {
+            email,
+            password_hash,
+            full_name,
+            is_admin: reg.is_admin,
+        })
+        .await
+        .map_err(|e| match e {
+            StoreError::Conflict => {
+                ApiError::Conflict("a user with this email already exists".into())
+            }
+            other => other.into(),
+        })?;
+    Ok(record.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn emails_are_lower_cased_and_checked() {
+        assert_eq!(normalize_email("  Ann@Example.COM ").unwrap(), "ann@example.com");
+        for bad in ["", "ann", "ann@", "@example.com", "ann@@example.com", "a b@example.com"] {
+            assert!(normalize_email(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn password_length_is_counted_in_characters() {
+        assert!(check_password("1234567").is_err());
+        assert!(check_password("12345678").is_ok());
+        assert!(check_password(&"é".repeat(128)).is_ok());
+        assert!(check_password(&"x".repeat(129)).is_err());
+    }
+}
