@@ -81,7 +81,10 @@ impl App {
         )
         .with_graceful_shutdown(async move {
             shutdown.await;
-            tracing::info!(grace_seconds = grace.as_secs(), "shutting down: draining requests");
+            tracing::info!(
+                grace_seconds = grace.as_secs(),
+                "shutting down: draining requests"
+            );
             let _ = stopping_tx.send(true);
         });
         let deadline = async move {

@@ -313,7 +313,9 @@ impl Config {
             }
         };
 
-        let api_key = p.get("OPENAI_API_KEY").map(|k| SecretString::from(k.to_owned()));
+        let api_key = p
+            .get("OPENAI_API_KEY")
+            .map(|k| SecretString::from(k.to_owned()));
         if api_key.is_none() && mode == Mode::Serve && !relaxed {
             p.problem("OPENAI_API_KEY", "is required (the upstream API key)");
         }
@@ -328,16 +330,16 @@ impl Config {
         }
 
         let default_model = p.string("DEFAULT_MODEL", "gpt-4o-mini");
-        let allowed_models = p.get("ALLOWED_MODELS").and_then(|raw| {
-            match parse_list(raw) {
+        let allowed_models = p
+            .get("ALLOWED_MODELS")
+            .and_then(|raw| match parse_list(raw) {
                 Ok(list) if list.is_empty() => None,
                 Ok(list) => Some(list),
                 Err(why) => {
                     p.problem("ALLOWED_MODELS", why);
                     None
                 }
-            }
-        });
+            });
         let allowed_origins = match p.get("ALLOWED_ORIGINS") {
             None => Origins::List(vec!["http://localhost:3000".to_owned()]),
             Some(raw) => match parse_list(raw) {
@@ -377,7 +379,10 @@ impl Config {
                 Ok(u) if matches!(u.scheme(), "redis" | "rediss" | "redis+unix" | "unix") => {}
                 Ok(u) => p.problem(
                     "REDIS_URL",
-                    format!("has scheme {:?}; expected redis:// or rediss://", u.scheme()),
+                    format!(
+                        "has scheme {:?}; expected redis:// or rediss://",
+                        u.scheme()
+                    ),
                 ),
                 Err(e) => p.problem("REDIS_URL", format!("is not a URL ({e})")),
             }
@@ -575,15 +580,15 @@ impl<'a> Parser<'a> {
             Ok(url) => {
                 self.problem(
                     name,
-                    format!("{raw:?} has scheme {:?}; expected http or https", url.scheme()),
+                    format!(
+                        "{raw:?} has scheme {:?}; expected http or https",
+                        url.scheme()
+                    ),
                 );
                 Url::parse(default).unwrap_or(url)
             }
             Err(e) => {
-                self.problem(
-                    name,
-                    format!("{raw:?} is not a URL with a scheme ({e})"),
-                );
+                self.problem(name, format!("{raw:?} is not a URL with a scheme ({e})"));
                 #[allow(clippy::expect_used)]
                 Url::parse("http://invalid.invalid").expect("static URL parses")
             }
@@ -732,12 +737,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(".env");
         std::fs::write(&path, "PORT=9001\nDEFAULT_MODEL=from-dotenv\n").unwrap();
-        let c = Config::load_from(
-            &path,
-            [("PORT".to_owned(), "9002".to_owned())],
-            Mode::Dev,
-        )
-        .unwrap();
+        let c =
+            Config::load_from(&path, [("PORT".to_owned(), "9002".to_owned())], Mode::Dev).unwrap();
         assert_eq!(c.port, 9002);
         assert_eq!(c.default_model, "from-dotenv");
     }

@@ -27,7 +27,10 @@ fn main() -> ExitCode {
         }
     };
     relay::telemetry::init(&config.log_level, config.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(err) => {
             eprintln!("relay: cannot start the async runtime: {err}");

@@ -49,9 +49,11 @@ impl From<UserRecord> for User {
 /// Trims and lower-cases an email, and checks that it is an address.
 pub fn normalize_email(raw: &str) -> Result<String, ApiError> {
     let email = raw.trim().to_lowercase();
-    if email.len() > 254 || !email_address::EmailAddress::is_valid(&email) || !email.contains('.')
-    {
-        return Err(ApiError::validation("email", "email is not a valid address"));
+    if email.len() > 254 || !email_address::EmailAddress::is_valid(&email) || !email.contains('.') {
+        return Err(ApiError::validation(
+            "email",
+            "email is not a valid address",
+        ));
     }
     Ok(email)
 }
@@ -130,8 +132,18 @@ mod tests {
 
     #[test]
     fn emails_are_lower_cased_and_checked() {
-        assert_eq!(normalize_email("  Ann@Example.COM ").unwrap(), "ann@example.com");
-        for bad in ["", "ann", "ann@", "@example.com", "ann@@example.com", "a b@example.com"] {
+        assert_eq!(
+            normalize_email("  Ann@Example.COM ").unwrap(),
+            "ann@example.com"
+        );
+        for bad in [
+            "",
+            "ann",
+            "ann@",
+            "@example.com",
+            "ann@@example.com",
+            "a b@example.com",
+        ] {
             assert!(normalize_email(bad).is_err(), "{bad:?}");
         }
     }

@@ -40,7 +40,9 @@ pub fn bearer_token(parts: &Parts) -> Result<&str, ApiError> {
         code: "invalid_token",
     })?;
     match value.split_once(' ') {
-        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() => {
+        Some((scheme, token))
+            if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() =>
+        {
             Ok(token.trim())
         }
         _ => Err(ApiError::Unauthorized {

@@ -197,13 +197,22 @@ mod tests {
             Duration::from_secs(60),
             Duration::from_secs(60),
         );
-        let t = other.issue(TokenKind::Access, Uuid::new_v4(), false).unwrap();
-        assert_eq!(k.verify(&t.token, TokenKind::Access), Err(TokenError::Invalid));
+        let t = other
+            .issue(TokenKind::Access, Uuid::new_v4(), false)
+            .unwrap();
+        assert_eq!(
+            k.verify(&t.token, TokenKind::Access),
+            Err(TokenError::Invalid)
+        );
 
         let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
         let valid = k.issue(TokenKind::Access, Uuid::new_v4(), false).unwrap();
         let payload = valid.token.split('.').nth(1).unwrap();
-        let none = format!("{}.{}.", b64.encode(r#"{"alg":"none","typ":"JWT"}"#), payload);
+        let none = format!(
+            "{}.{}.",
+            b64.encode(r#"{"alg":"none","typ":"JWT"}"#),
+            payload
+        );
         assert_eq!(k.verify(&none, TokenKind::Access), Err(TokenError::Invalid));
     }
 

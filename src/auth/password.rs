@@ -59,7 +59,10 @@ fn verify_blocking(password: &str, hash: &str) -> Verdict {
     let Ok(parsed) = PasswordHash::new(hash) else {
         return Verdict::Mismatch;
     };
-    if argon2().verify_password(password.as_bytes(), &parsed).is_err() {
+    if argon2()
+        .verify_password(password.as_bytes(), &parsed)
+        .is_err()
+    {
         return Verdict::Mismatch;
     }
     let current = parsed.algorithm.as_str() == "argon2id"
@@ -79,10 +82,9 @@ impl Passwords {
     /// A hasher allowing `parallelism` hashes at once. Computes the dummy hash used for
     /// unknown emails, so that they cost the same time as a wrong password.
     pub async fn new(parallelism: usize) -> anyhow::Result<Passwords> {
-        let dummy = tokio::task::spawn_blocking(|| {
-            hash_blocking("relay-dummy-password-for-unknown-users")
-        })
-        .await??;
+        let dummy =
+            tokio::task::spawn_blocking(|| hash_blocking("relay-dummy-password-for-unknown-users"))
+                .await??;
         Ok(Passwords {
             permits: Arc::new(Semaphore::new(parallelism.max(1))),
             dummy_hash: dummy.into(),
@@ -101,7 +103,8 @@ impl Passwords {
         let _permit = self.permits.acquire().await?;
         let known = hash.is_some();
         let hash = hash.unwrap_or_else(|| self.dummy_hash.to_string());
-        let verdict = tokio::task::spawn_blocking(move || verify_blocking(&password, &hash)).await?;
+        let verdict =
+            tokio::task::spawn_blocking(move || verify_blocking(&password, &hash)).await?;
         Ok(if known { verdict } else { Verdict::Mismatch })
     }
 }
@@ -116,7 +119,9 @@ mod tests {
         let h = p.hash("correct horse".into()).await.unwrap();
         assert!(h.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"));
         assert_eq!(
-            p.verify("correct horse".into(), Some(h.clone())).await.unwrap(),
+            p.verify("correct horse".into(), Some(h.clone()))
+                .await
+                .unwrap(),
             Verdict::Match
         );
         assert_eq!(

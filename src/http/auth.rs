@@ -7,10 +7,10 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+use crate::auth::AuthUser;
 use crate::auth::extractor::token_rejection;
 use crate::auth::jwt::{TokenKind, token_hash};
 use crate::auth::password::Verdict;
-use crate::auth::AuthUser;
 use crate::error::{ApiError, ErrorEnvelope};
 use crate::http::extract::{ApiJson, BodyKind, body_kind, parse_form, parse_json, read_body};
 use crate::state::AppState;
@@ -191,7 +191,10 @@ pub async fn login_user(
     };
     let verdict = state
         .passwords
-        .verify(body.password.clone(), user.as_ref().map(|u| u.password_hash.clone()))
+        .verify(
+            body.password.clone(),
+            user.as_ref().map(|u| u.password_hash.clone()),
+        )
         .await
         .map_err(ApiError::internal)?;
     let user = match (user, verdict) {
@@ -231,10 +234,7 @@ async fn rehash(state: &AppState, user_id: Uuid, password: String) {
         (status = 401, description = "Missing or invalid token", body = ErrorEnvelope),
     )
 )]
-pub async fn get_me(
-    State(state): State<AppState>,
-    auth: AuthUser,
-) -> Result<Json<User>, ApiError> {
+pub async fn get_me(State(state): State<AppState>, auth: AuthUser) -> Result<Json<User>, ApiError> {
     let user = state
         .store
         .user_by_id(auth.id)
@@ -285,7 +285,9 @@ pub async fn refresh_token(
                 state.store.revoke_family(family_id).await?;
                 return Err(inactive());
             }
-            Ok(Json(issue_pair(&state, user.id, user.is_admin, family_id).await?))
+            Ok(Json(
+                issue_pair(&state, user.id, user.is_admin, family_id).await?,
+            ))
         }
         Spend::Reused { user_id } => {
             tracing::warn!(user_id = %user_id, "refresh token reused; its family is revoked");

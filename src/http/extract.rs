@@ -41,7 +41,9 @@ pub fn body_kind(headers: &HeaderMap) -> BodyKind {
         .unwrap_or_default()
         .trim()
         .to_ascii_lowercase();
-    if essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json")) {
+    if essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
+    {
         BodyKind::Json
     } else if essence == "application/x-www-form-urlencoded" {
         BodyKind::Form
@@ -66,11 +68,17 @@ pub async fn read_body(req: Request) -> Result<Bytes, ApiError> {
 
 /// Parses JSON into `T`: syntax errors are 400, shape errors 422 naming the field.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    // Syntax first (cheaply, into nothing), so that broken JSON is always a 400 even when its
+    // first token already has the wrong type for `T`.
+    serde_json::from_slice::<serde::de::IgnoredAny>(bytes).map_err(|e| ApiError::BadRequest {
+        message: format!("the body is not valid JSON: {e}"),
+        code: "invalid_json",
+    })?;
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let value: T = serde_path_to_error::deserialize(&mut de).map_err(|err| {
         let path = err.path().to_string();
         let inner = err.into_inner();
-        if inner.is_data() {
+        {
             let param = if path == "." {
                 missing_field(&inner.to_string()).unwrap_or_else(|| "body".to_owned())
             } else {
@@ -78,16 +86,7 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
             };
             let message = strip_position(&inner.to_string());
             ApiError::validation(param, message)
-        } else {
-            ApiError::BadRequest {
-                message: format!("the body is not valid JSON: {inner}"),
-                code: "invalid_json",
-            }
         }
-    })?;
-    de.end().map_err(|e| ApiError::BadRequest {
-        message: format!("the body is not valid JSON: {e}"),
-        code: "invalid_json",
     })?;
     Ok(value)
 }
@@ -163,9 +162,15 @@ mod tests {
     fn content_types() {
         let mut h = HeaderMap::new();
         assert_eq!(body_kind(&h), BodyKind::Json);
-        h.insert(CONTENT_TYPE, "application/json; charset=utf-8".parse().unwrap());
+        h.insert(
+            CONTENT_TYPE,
+            "application/json; charset=utf-8".parse().unwrap(),
+        );
         assert_eq!(body_kind(&h), BodyKind::Json);
-        h.insert(CONTENT_TYPE, "application/x-www-form-urlencoded".parse().unwrap());
+        h.insert(
+            CONTENT_TYPE,
+            "application/x-www-form-urlencoded".parse().unwrap(),
+        );
         assert_eq!(body_kind(&h), BodyKind::Form);
         h.insert(CONTENT_TYPE, "text/plain".parse().unwrap());
         assert_eq!(body_kind(&h), BodyKind::Other);

@@ -131,8 +131,12 @@ pub async fn observe(mut req: Request, next: Next) -> Response {
 
     let status = response.status();
     if (status.is_client_error() || status.is_server_error()) && !is_json(&response) {
-        let mut enveloped =
-            envelope_response(status, default_message(status), error_code_for(status), None);
+        let mut enveloped = envelope_response(
+            status,
+            default_message(status),
+            error_code_for(status),
+            None,
+        );
         for (name, value) in response.headers() {
             if name != CONTENT_TYPE && name != http::header::CONTENT_LENGTH {
                 enveloped.headers_mut().insert(name.clone(), value.clone());
@@ -147,7 +151,10 @@ pub async fn observe(mut req: Request, next: Next) -> Response {
         http::header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
     );
-    headers.insert(http::header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    headers.insert(
+        http::header::X_FRAME_OPTIONS,
+        HeaderValue::from_static("DENY"),
+    );
     headers.insert(
         http::header::REFERRER_POLICY,
         HeaderValue::from_static("no-referrer"),
@@ -261,7 +268,10 @@ mod tests {
             assert!(sane_request_id(&HeaderValue::from_str(ok).unwrap()), "{ok}");
         }
         for bad in ["", "a b", "a/b", "<script>", &"x".repeat(129)] {
-            assert!(!sane_request_id(&HeaderValue::from_str(bad).unwrap()), "{bad}");
+            assert!(
+                !sane_request_id(&HeaderValue::from_str(bad).unwrap()),
+                "{bad}"
+            );
         }
     }
 }

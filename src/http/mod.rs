@@ -30,7 +30,7 @@ use utoipa::OpenApi as _;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::config::Origins;
+use crate::config::{Config, Origins};
 use crate::error::ApiError;
 use crate::state::AppState;
 
@@ -88,7 +88,6 @@ fn cors(origins: &Origins) -> CorsLayer {
 }
 
 fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
-    tracing::error!("handler panicked");
     ApiError::internal(anyhow::anyhow!("handler panicked")).into_response()
 }
 
@@ -104,10 +103,18 @@ pub fn router(state: AppState) -> Router {
     if config.docs_enabled() {
         app = app.merge(docs::router(doc));
     }
-    app.fallback(not_found)
+    with_layers(app, &config).with_state(state)
+}
+
+/// Adds the fallback and the common layers (see the module documentation) to `routes`.
+pub fn with_layers<S: Clone + Send + Sync + 'static>(
+    routes: Router<S>,
+    config: &Config,
+) -> Router<S> {
+    routes
+        .fallback(not_found)
         .layer(DefaultBodyLimit::max(config.max_request_bytes))
         .layer(cors(&config.allowed_origins))
         .layer(CatchPanicLayer::custom(panic_response))
         .layer(axum::middleware::from_fn(middleware::observe))
-        .with_state(state)
 }

@@ -1,0 +1,543 @@
+//! The authentication story over real HTTP, on SQLite and on PostgreSQL.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests panic on failure by design
+
+mod support;
+
+use base64::Engine as _;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use relay::store::NewUser;
+use serde_json::{Value, json};
+use support::{Db, SECRET, TestApp, spawn_app};
+
+on_both_databases!(
+    register_returns_the_user,
+    duplicate_email_in_any_case_is_409,
+    concurrent_registrations_of_one_email_give_one_201,
+    registration_is_validated,
+    login_with_json_and_with_the_oauth2_form,
+    wrong_password_and_unknown_email_look_the_same,
+    me_needs_a_valid_access_token,
+    refresh_rotates_and_detects_reuse,
+    token_kinds_cannot_be_swapped,
+    logout_revokes_the_refresh_token,
+    bad_tokens_are_401_with_www_authenticate,
+    passlib_bcrypt_hash_logs_in_and_is_rehashed,
+    inactive_users_are_refused,
+    database_down_is_503,
+);
+
+async fn error_of(resp: reqwest::Response) -> (u16, Value) {
+    let status = resp.status().as_u16();
+    assert_eq!(
+        resp.headers()["content-type"],
+        "application/json",
+        "error responses are JSON"
+    );
+    let body: Value = resp.json().await.unwrap();
+    assert!(body["error"]["message"].is_string(), "{body}");
+    assert!(body["error"]["type"].is_string(), "{body}");
+    (status, body["error"].clone())
+}
+
+async fn me(app: &TestApp, token: &str) -> reqwest::Response {
+    app.client
+        .get(app.api("/auth/me"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn refresh(app: &TestApp, refresh_token: &str) -> reqwest::Response {
+    app.client
+        .post(app.api("/auth/refresh"))
+        .json(&json!({ "refresh_token": refresh_token }))
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn register_returns_the_user(db: Db) {
+    let app = spawn_app(db).await;
+    let resp = app
+        .client
+        .post(app.api("/auth/register"))
+        .json(
+            &json!({"email": "  Ann@Example.COM", "password": "password-123", "full_name": "Ann"}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    assert_eq!(resp.headers()["cache-control"], "no-store");
+    let user: Value = resp.json().await.unwrap();
+    assert_eq!(user["email"], "ann@example.com");
+    assert_eq!(user["full_name"], "Ann");
+    assert_eq!(user["is_active"], true);
+    assert_eq!(user["is_admin"], false);
+    assert!(uuid::Uuid::parse_str(user["id"].as_str().unwrap()).is_ok());
+    assert!(chrono::DateTime::parse_from_rfc3339(user["created_at"].as_str().unwrap()).is_ok());
+    assert!(user.get("password_hash").is_none() && user.get("password").is_none());
+    let stored = app
+        .store
+        .user_by_email("ann@example.com")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        stored.password_hash.starts_with("$argon2id$"),
+        "{}",
+        stored.password_hash
+    );
+}
+
+async fn duplicate_email_in_any_case_is_409(db: Db) {
+    let app = spawn_app(db).await;
+    app.register("bob@example.com", "password-123").await;
+    for email in ["bob@example.com", "BOB@Example.com", " Bob@EXAMPLE.COM "] {
+        let resp = app
+            .client
+            .post(app.api("/auth/register"))
+            .json(&json!({"email": email, "password": "password-456"}))
+            .send()
+            .await
+            .unwrap();
+        let (status, err) = error_of(resp).await;
+        assert_eq!(status, 409, "{email}");
+        assert_eq!(err["type"], "conflict_error");
+    }
+}
+
+async fn concurrent_registrations_of_one_email_give_one_201(db: Db) {
+    let app = spawn_app(db).await;
+    let attempts = (0..8).map(|i| {
+        let client = app.client.clone();
+        let url = app.api("/auth/register");
+        let email = if i % 2 == 0 {
+            "race@example.com"
+        } else {
+            "RACE@example.com"
+        };
+        async move {
+            client
+                .post(url)
+                .json(&json!({"email": email, "password": "password-123"}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    });
+    let mut statuses = futures_util::future::join_all(attempts).await;
+    statuses.sort_unstable();
+    assert_eq!(statuses, vec![201, 409, 409, 409, 409, 409, 409, 409]);
+}
+
+async fn registration_is_validated(db: Db) {
+    let app = spawn_app(db).await;
+    let cases = [
+        (
+            json!({"email": "not-an-email", "password": "password-123"}),
+            "email",
+        ),
+        (
+            json!({"email": "a@example.com", "password": "short"}),
+            "password",
+        ),
+        (
+            json!({"email": "a@example.com", "password": "x".repeat(129)}),
+            "password",
+        ),
+        (json!({"email": "a@example.com"}), "password"),
+        (json!({"email": 42, "password": "password-123"}), "email"),
+        (
+            json!({"email": "a@example.com", "password": "password-123", "full_name": "n".repeat(201)}),
+            "full_name",
+        ),
+    ];
+    for (body, param) in cases {
+        let resp = app
+            .client
+            .post(app.api("/auth/register"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let (status, err) = error_of(resp).await;
+        assert_eq!(status, 422, "{body}");
+        assert_eq!(err["param"], param, "{body}");
+        assert_eq!(err["type"], "invalid_request_error");
+    }
+    // Broken JSON is a 400, a wrong content type a 415.
+    let resp = app
+        .client
+        .post(app.api("/auth/register"))
+        .header("content-type", "application/json")
+        .body("{\"email\": ")
+        .send()
+        .await
+        .unwrap();
+    let (status, err) = error_of(resp).await;
+    assert_eq!((status, err["code"].as_str()), (400, Some("invalid_json")));
+    let resp = app
+        .client
+        .post(app.api("/auth/register"))
+        .header("content-type", "text/plain")
+        .body("email=a")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_of(resp).await.0, 415);
+    // Nothing was stored by any of these.
+    assert!(
+        app.store
+            .user_by_email("a@example.com")
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+
+async fn login_with_json_and_with_the_oauth2_form(db: Db) {
+    let app = spawn_app(db).await;
+    app.register("cat@example.com", "password-123").await;
+    let resp = app.login("CAT@example.com", "password-123").await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["cache-control"], "no-store");
+    let pair: Value = resp.json().await.unwrap();
+    assert_eq!(pair["token_type"], "bearer");
+    assert_eq!(pair["expires_in"], 1800);
+    assert_eq!(
+        me(&app, pair["access_token"].as_str().unwrap())
+            .await
+            .status(),
+        200
+    );
+
+    let resp = app
+        .client
+        .post(app.api("/auth/login"))
+        .form(&[
+            ("username", "cat@example.com"),
+            ("password", "password-123"),
+            ("grant_type", "password"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let pair: Value = resp.json().await.unwrap();
+    let user: Value = me(&app, pair["access_token"].as_str().unwrap())
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(user["email"], "cat@example.com");
+}
+
+async fn wrong_password_and_unknown_email_look_the_same(db: Db) {
+    let app = spawn_app(db).await;
+    app.register("dan@example.com", "password-123").await;
+    let wrong = app.login("dan@example.com", "password-999").await;
+    assert_eq!(wrong.headers()["www-authenticate"], "Bearer");
+    let unknown = app.login("nobody@example.com", "password-123").await;
+    assert_eq!(unknown.headers()["www-authenticate"], "Bearer");
+    let (s1, e1) = error_of(wrong).await;
+    let (s2, e2) = error_of(unknown).await;
+    assert_eq!((s1, s2), (401, 401));
+    assert_eq!(e1, e2);
+    assert_eq!(e1["code"], "invalid_credentials");
+}
+
+async fn me_needs_a_valid_access_token(db: Db) {
+    let app = spawn_app(db).await;
+    let (access, _) = app.user_tokens("eve@example.com").await;
+    let user: Value = me(&app, &access).await.json().await.unwrap();
+    assert_eq!(user["email"], "eve@example.com");
+    let resp = app.client.get(app.api("/auth/me")).send().await.unwrap();
+    assert_eq!(resp.headers()["www-authenticate"], "Bearer");
+    let (status, err) = error_of(resp).await;
+    assert_eq!(
+        (status, err["type"].as_str()),
+        (401, Some("authentication_error"))
+    );
+    let resp = app
+        .client
+        .get(app.api("/auth/me"))
+        .header("authorization", format!("Basic {access}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+}
+
+async fn refresh_rotates_and_detects_reuse(db: Db) {
+    let app = spawn_app(db).await;
+    let (_, first) = app.user_tokens("fay@example.com").await;
+    let resp = refresh(&app, &first).await;
+    assert_eq!(resp.status(), 200);
+    let second: Value = resp.json().await.unwrap();
+    let second_refresh = second["refresh_token"].as_str().unwrap().to_owned();
+    assert_ne!(second_refresh, first);
+    assert_eq!(
+        me(&app, second["access_token"].as_str().unwrap())
+            .await
+            .status(),
+        200
+    );
+    let resp = refresh(&app, &second_refresh).await;
+    assert_eq!(resp.status(), 200);
+    let third: Value = resp.json().await.unwrap();
+    let third_refresh = third["refresh_token"].as_str().unwrap().to_owned();
+
+    // Replaying a spent token is refused, and revokes its whole family…
+    let (status, err) = error_of(refresh(&app, &first).await).await;
+    assert_eq!((status, err["code"].as_str()), (401, Some("token_reused")));
+    // …including the newest descendant, which was still live.
+    assert_eq!(refresh(&app, &third_refresh).await.status(), 401);
+
+    // Another session of the same user is untouched.
+    let resp = app.login("fay@example.com", "password-123").await;
+    let other: Value = resp.json().await.unwrap();
+    assert_eq!(
+        refresh(&app, other["refresh_token"].as_str().unwrap())
+            .await
+            .status(),
+        200
+    );
+}
+
+async fn token_kinds_cannot_be_swapped(db: Db) {
+    let app = spawn_app(db).await;
+    let (access, refresh_token) = app.user_tokens("gus@example.com").await;
+    let resp = me(&app, &refresh_token).await;
+    assert_eq!(resp.status(), 401);
+    assert_eq!(resp.headers()["www-authenticate"], "Bearer");
+    assert_eq!(refresh(&app, &access).await.status(), 401);
+    // The refresh token was not spent by those attempts.
+    assert_eq!(refresh(&app, &refresh_token).await.status(), 200);
+}
+
+async fn logout_revokes_the_refresh_token(db: Db) {
+    let app = spawn_app(db).await;
+    let (access, refresh_token) = app.user_tokens("hal@example.com").await;
+    let (_, other_refresh) = {
+        let resp = app.login("hal@example.com", "password-123").await;
+        let v: Value = resp.json().await.unwrap();
+        ((), v["refresh_token"].as_str().unwrap().to_owned())
+    };
+    // Needs a Bearer token.
+    let resp = app
+        .client
+        .post(app.api("/auth/logout"))
+        .json(&json!({ "refresh_token": refresh_token }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    // Another user cannot log this session out.
+    let (intruder, _) = app.user_tokens("ivy@example.com").await;
+    let resp = app
+        .client
+        .post(app.api("/auth/logout"))
+        .bearer_auth(&intruder)
+        .json(&json!({ "refresh_token": refresh_token }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+
+    let resp = app
+        .client
+        .post(app.api("/auth/logout"))
+        .bearer_auth(&access)
+        .json(&json!({ "refresh_token": refresh_token }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 204);
+    assert_eq!(refresh(&app, &refresh_token).await.status(), 401);
+    // Only that session ended.
+    assert_eq!(refresh(&app, &other_refresh).await.status(), 200);
+}
+
+fn forge(claims: &Value, key: &[u8]) -> String {
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        claims,
+        &EncodingKey::from_secret(key),
+    )
+    .unwrap()
+}
+
+async fn bad_tokens_are_401_with_www_authenticate(db: Db) {
+    let app = spawn_app(db).await;
+    let user = app.register("ike@example.com", "password-123").await;
+    let sub = user["id"].as_str().unwrap();
+    let now = chrono::Utc::now().timestamp();
+    let claims = |exp: i64, typ: &str| json!({"sub": sub, "exp": exp, "iat": now - 10, "jti": uuid::Uuid::new_v4(), "typ": typ, "iss": "relay"});
+    // A forged token with the right key and claims works: the cases below differ in one thing.
+    let good = forge(&claims(now + 600, "access"), SECRET.as_bytes());
+    assert_eq!(me(&app, &good).await.status(), 200);
+
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let mut parts: Vec<String> = good.split('.').map(str::to_owned).collect();
+    let mut payload: Value = serde_json::from_slice(&b64.decode(&parts[1]).unwrap()).unwrap();
+    payload["adm"] = json!(true);
+    parts[1] = b64.encode(payload.to_string());
+    let tampered = parts.join(".");
+    let alg_none = format!(
+        "{}.{}.",
+        b64.encode(r#"{"alg":"none","typ":"JWT"}"#),
+        good.split('.').nth(1).unwrap()
+    );
+    let hs512 = jsonwebtoken::encode(
+        &Header::new(Algorithm::HS512),
+        &claims(now + 600, "access"),
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap();
+    let cases = [
+        (
+            "expired",
+            forge(&claims(now - 3600, "access"), SECRET.as_bytes()),
+        ),
+        ("tampered", tampered),
+        (
+            "other key",
+            forge(
+                &claims(now + 600, "access"),
+                b"some-other-key-some-other-key-0123",
+            ),
+        ),
+        ("alg none", alg_none),
+        ("alg HS512", hs512),
+        (
+            "wrong typ",
+            forge(&claims(now + 600, "refresh"), SECRET.as_bytes()),
+        ),
+        (
+            "no iss",
+            forge(
+                &json!({"sub": sub, "exp": now + 600, "iat": now, "jti": uuid::Uuid::new_v4(), "typ": "access"}),
+                SECRET.as_bytes(),
+            ),
+        ),
+        ("garbage", "not.a.jwt".to_owned()),
+    ];
+    for (name, token) in cases {
+        let resp = me(&app, &token).await;
+        assert_eq!(resp.status(), 401, "{name}");
+        assert_eq!(resp.headers()["www-authenticate"], "Bearer", "{name}");
+        let (_, err) = error_of(resp).await;
+        assert_eq!(err["type"], "authentication_error", "{name}");
+    }
+}
+
+async fn passlib_bcrypt_hash_logs_in_and_is_rehashed(db: Db) {
+    let app = spawn_app(db).await;
+    let hash = include_str!("fixtures/passlib_bcrypt.txt")
+        .trim()
+        .to_owned();
+    assert!(hash.starts_with("$2b$12$"));
+    app.store
+        .create_user(NewUser {
+            email: "old@example.com".into(),
+            password_hash: hash.clone(),
+            full_name: None,
+            is_admin: false,
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        app.login("old@example.com", "legacy-password-2")
+            .await
+            .status(),
+        401
+    );
+    let stored = app
+        .store
+        .user_by_email("old@example.com")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.password_hash, hash, "a failed login changes nothing");
+
+    assert_eq!(
+        app.login("old@example.com", "legacy-password-1")
+            .await
+            .status(),
+        200
+    );
+    let stored = app
+        .store
+        .user_by_email("old@example.com")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        stored.password_hash.starts_with("$argon2id$"),
+        "{}",
+        stored.password_hash
+    );
+    assert_eq!(
+        app.login("old@example.com", "legacy-password-1")
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(
+        app.login("old@example.com", "legacy-password-2")
+            .await
+            .status(),
+        401
+    );
+}
+
+async fn inactive_users_are_refused(db: Db) {
+    let app = spawn_app(db).await;
+    let (access, refresh_token) = app.user_tokens("jon@example.com").await;
+    let user = app
+        .store
+        .user_by_email("jon@example.com")
+        .await
+        .unwrap()
+        .unwrap();
+    app.store.set_active(user.id, false).await.unwrap();
+    let (status, err) = error_of(app.login("jon@example.com", "password-123").await).await;
+    assert_eq!(
+        (status, err["type"].as_str()),
+        (403, Some("permission_error"))
+    );
+    assert_eq!(me(&app, &access).await.status(), 403);
+    assert_eq!(refresh(&app, &refresh_token).await.status(), 403);
+}
+
+async fn database_down_is_503(db: Db) {
+    let app = spawn_app(db).await;
+    app.register("kim@example.com", "password-123").await;
+    app.store.close().await;
+    let (status, err) = error_of(app.login("kim@example.com", "password-123").await).await;
+    assert_eq!((status, err["type"].as_str()), (503, Some("server_error")));
+    let resp = app
+        .client
+        .get(app.api("/health/detailed"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 503);
+    let health: Value = resp.json().await.unwrap();
+    assert_eq!(health["status"], "down");
+    assert_eq!(health["checks"]["database"]["status"], "down");
+    // Liveness touches no dependency.
+    assert_eq!(
+        app.client
+            .get(app.api("/health"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+}

@@ -1,0 +1,285 @@
+//! The HTTP surface every endpoint shares: headers, CORS, request ids, error envelopes, docs.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests panic on failure by design
+
+mod support;
+
+use relay::config::{Config, Mode};
+use serde_json::Value;
+use support::{Db, spawn_app, spawn_app_with};
+
+async fn envelope(resp: reqwest::Response) -> Value {
+    assert_eq!(resp.headers()["content-type"], "application/json");
+    let body: Value = resp.json().await.unwrap();
+    assert!(body["error"]["message"].is_string(), "{body}");
+    assert!(body["error"]["code"].is_string(), "{body}");
+    assert!(body["error"].get("param").is_some(), "{body}");
+    body["error"].clone()
+}
+
+#[tokio::test]
+async fn security_headers_on_every_response() {
+    let app = spawn_app(Db::Sqlite).await;
+    for (method, path) in [
+        (reqwest::Method::GET, "/api/v1/health"),
+        (reqwest::Method::GET, "/nowhere"),
+        (reqwest::Method::POST, "/api/v1/auth/login"),
+    ] {
+        let resp = app
+            .client
+            .request(method, app.url(path))
+            .send()
+            .await
+            .unwrap();
+        let h = resp.headers();
+        assert_eq!(h["x-content-type-options"], "nosniff", "{path}");
+        assert_eq!(h["x-frame-options"], "DENY", "{path}");
+        assert_eq!(h["referrer-policy"], "no-referrer", "{path}");
+        assert!(
+            h["content-security-policy"]
+                .to_str()
+                .unwrap()
+                .contains("default-src 'none'")
+        );
+        assert!(h.contains_key("x-request-id"), "{path}");
+    }
+    let health = app.client.get(app.api("/health")).send().await.unwrap();
+    assert!(
+        health.headers().get("cache-control").is_none(),
+        "no-store is for auth responses"
+    );
+    let body: Value = health.json().await.unwrap();
+    assert_eq!(body["status"], "ok");
+    assert_eq!(body["version"], env!("CARGO_PKG_VERSION"));
+}
+
+#[tokio::test]
+async fn request_ids_are_echoed_when_sane_and_replaced_otherwise() {
+    let app = spawn_app(Db::Sqlite).await;
+    let get = |id: &'static str| {
+        app.client
+            .get(app.api("/health"))
+            .header("x-request-id", id)
+            .send()
+    };
+    let resp = get("client-id_1.2").await.unwrap();
+    assert_eq!(resp.headers()["x-request-id"], "client-id_1.2");
+    for bad in ["has space", "semi;colon", "<script>"] {
+        let resp = get(bad).await.unwrap();
+        let id = resp.headers()["x-request-id"].to_str().unwrap();
+        assert!(uuid::Uuid::parse_str(id).is_ok(), "{bad} -> {id}");
+    }
+    let long: &'static str = Box::leak("x".repeat(129).into_boxed_str());
+    let resp = get(long).await.unwrap();
+    assert_ne!(resp.headers()["x-request-id"], long);
+    let a = app.client.get(app.api("/health")).send().await.unwrap();
+    let b = app.client.get(app.api("/health")).send().await.unwrap();
+    assert_ne!(a.headers()["x-request-id"], b.headers()["x-request-id"]);
+}
+
+#[tokio::test]
+async fn every_rejection_uses_the_envelope() {
+    let app = spawn_app_with(Db::Sqlite, &[("MAX_REQUEST_BYTES", "1024")]).await;
+    let err = envelope(app.client.get(app.url("/nowhere")).send().await.unwrap()).await;
+    assert_eq!(err["type"], "not_found_error");
+
+    let resp = app
+        .client
+        .get(app.api("/auth/register"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 405);
+    assert_eq!(resp.headers()["allow"], "POST");
+    assert_eq!(envelope(resp).await["code"], "method_not_allowed");
+
+    let big = format!(
+        r#"{{"email": "a@example.com", "password": "{}"}}"#,
+        "x".repeat(2000)
+    );
+    let resp = app
+        .client
+        .post(app.api("/auth/register"))
+        .header("content-type", "application/json")
+        .body(big)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 413);
+    assert_eq!(envelope(resp).await["code"], "request_too_large");
+
+    let resp = app
+        .client
+        .post(app.api("/auth/login"))
+        .header("content-type", "application/json")
+        .body("[1, 2")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    assert_eq!(envelope(resp).await["type"], "invalid_request_error");
+
+    let resp = app
+        .client
+        .post(app.api("/auth/login"))
+        .header("content-type", "application/xml")
+        .body("<login/>")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 415);
+    envelope(resp).await;
+
+    let resp = app
+        .client
+        .post(app.api("/auth/login"))
+        .form(&[("username", "a@example.com")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 422);
+    assert_eq!(envelope(resp).await["param"], "password");
+}
+
+#[tokio::test]
+async fn cors_allows_only_configured_origins() {
+    let app = spawn_app(Db::Sqlite).await;
+    let resp = app
+        .client
+        .get(app.api("/health"))
+        .header("origin", "https://app.example.com")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.headers()["access-control-allow-origin"],
+        "https://app.example.com"
+    );
+    let exposed = resp.headers()["access-control-expose-headers"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    for h in ["x-request-id", "retry-after", "x-ratelimit-remaining"] {
+        assert!(exposed.contains(h), "{exposed}");
+    }
+    let resp = app
+        .client
+        .get(app.api("/health"))
+        .header("origin", "https://evil.example.com")
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.headers().get("access-control-allow-origin").is_none());
+
+    let preflight = |origin: &'static str| {
+        app.client
+            .request(reqwest::Method::OPTIONS, app.api("/auth/login"))
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header(
+                "access-control-request-headers",
+                "authorization, content-type",
+            )
+            .send()
+    };
+    let resp = preflight("https://app.example.com").await.unwrap();
+    assert!(resp.status().is_success(), "{}", resp.status());
+    let h = resp.headers();
+    assert_eq!(h["access-control-allow-origin"], "https://app.example.com");
+    let methods = h["access-control-allow-methods"].to_str().unwrap();
+    for m in ["GET", "POST", "OPTIONS"] {
+        assert!(methods.contains(m), "{methods}");
+    }
+    let allowed = h["access-control-allow-headers"]
+        .to_str()
+        .unwrap()
+        .to_ascii_lowercase();
+    for name in ["authorization", "content-type", "x-request-id"] {
+        assert!(allowed.contains(name), "{allowed}");
+    }
+    let resp = preflight("https://evil.example.com").await.unwrap();
+    assert!(resp.headers().get("access-control-allow-origin").is_none());
+}
+
+#[tokio::test]
+async fn docs_only_in_debug() {
+    let app = spawn_app(Db::Sqlite).await;
+    for path in ["/docs", "/docs/", "/openapi.json"] {
+        let resp = app.client.get(app.url(path)).send().await.unwrap();
+        assert_eq!(resp.status(), 404, "{path}");
+    }
+    let app = spawn_app_with(Db::Sqlite, &[("DEBUG", "true")]).await;
+    let doc: Value = app
+        .client
+        .get(app.url("/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    for path in [
+        "/api/v1/auth/register",
+        "/api/v1/auth/login",
+        "/api/v1/auth/me",
+        "/api/v1/auth/refresh",
+        "/api/v1/auth/logout",
+        "/api/v1/health",
+        "/api/v1/health/detailed",
+    ] {
+        assert!(
+            doc["paths"].get(path).is_some(),
+            "{path} missing from the OpenAPI document"
+        );
+    }
+    let page = app.client.get(app.url("/docs/")).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    let csp = page.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(csp.contains("script-src 'self'"), "{csp}");
+    assert!(page.text().await.unwrap().contains("swagger"));
+}
+
+#[tokio::test]
+async fn detailed_health_reports_each_check() {
+    let app = spawn_app(Db::Sqlite).await;
+    let resp = app
+        .client
+        .get(app.api("/health/detailed"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["status"], "ok");
+    assert_eq!(body["checks"]["database"]["status"], "ok");
+    assert!(body["checks"]["database"]["latency_ms"].is_number());
+    assert!(body["uptime_seconds"].is_number());
+    assert!(body["rate_limiter"].is_string());
+    let text = body.to_string();
+    assert!(!text.contains(support::SECRET) && !text.contains("sk-test-upstream-key"));
+}
+
+#[tokio::test]
+async fn a_panicking_handler_becomes_a_500_envelope() {
+    let config =
+        Config::from_vars(&support::test_vars("sqlite://unused.db", &[]), Mode::Serve).unwrap();
+    let routes = axum::Router::new().route(
+        "/boom",
+        axum::routing::get(|| async {
+            let v: Vec<String> = Vec::new();
+            v[1].clone()
+        }),
+    );
+    let app = relay::http::with_layers(routes, &config);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let resp = reqwest::get(format!("http://{addr}/boom")).await.unwrap();
+    assert_eq!(resp.status(), 500);
+    assert!(resp.headers().contains_key("x-request-id"));
+    let err = envelope(resp).await;
+    assert_eq!(err["type"], "server_error");
+    assert_eq!(err["message"], "internal server error");
+}

@@ -1,0 +1,253 @@
+//! The `relay` binary as an operator meets it: start-up checks, migrate, user create, signals.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests panic on failure by design
+
+mod support;
+
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::{Db, TestDb};
+
+const RELAY: &str = env!("CARGO_BIN_EXE_relay");
+
+/// A `relay` command in `dir` with a clean environment (only PATH and `vars`).
+fn relay(dir: &std::path::Path, args: &[&str], vars: &[(&str, &str)]) -> Command {
+    let mut cmd = Command::new(RELAY);
+    cmd.args(args)
+        .current_dir(dir)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(vars.iter().copied())
+        .stdin(Stdio::null());
+    cmd
+}
+
+#[test]
+fn serve_refuses_to_start_without_secrets_and_names_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = relay(dir.path(), &["serve"], &[]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("SECRET_KEY") && err.contains("OPENAI_API_KEY"),
+        "{err}"
+    );
+    // No subcommand means serve.
+    let out = relay(dir.path(), &[], &[]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        !dir.path().join("app.db").exists(),
+        "nothing is created before the checks pass"
+    );
+}
+
+#[test]
+fn malformed_settings_are_all_named_without_secrets() {
+    let dir = tempfile::tempdir().unwrap();
+    let weak = "weak-secret-value";
+    let out = relay(
+        dir.path(),
+        &["serve"],
+        &[
+            ("SECRET_KEY", weak),
+            ("OPENAI_API_KEY", "sk-live-should-not-print"),
+            ("PORT", "http"),
+            ("RATE_LIMIT_REQUESTS", "-5"),
+            ("ALLOWED_ORIGINS", "[\"https://a.example\""),
+            ("OPENAI_BASE_URL", "localhost:9999"),
+            ("LOG_FORMAT", "xml"),
+        ],
+    )
+    .output()
+    .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for name in [
+        "SECRET_KEY",
+        "PORT",
+        "RATE_LIMIT_REQUESTS",
+        "ALLOWED_ORIGINS",
+        "OPENAI_BASE_URL",
+        "LOG_FORMAT",
+    ] {
+        assert!(err.contains(name), "{name} not named in: {err}");
+    }
+    assert!(
+        !err.contains(weak) && !err.contains("sk-live-should-not-print"),
+        "{err}"
+    );
+}
+
+#[test]
+fn dotenv_file_is_read_and_environment_wins() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join(".env"),
+        "SECRET_KEY=short\nOPENAI_API_KEY=sk-x\n",
+    )
+    .unwrap();
+    let out = relay(dir.path(), &["serve"], &[]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("SECRET_KEY") && !err.contains("OPENAI_API_KEY"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn migrate_twice_and_create_a_user_on_both_databases() {
+    for db in [Db::Sqlite, Db::Postgres] {
+        let test_db = TestDb::new(db).await;
+        let dir = tempfile::tempdir().unwrap();
+        let vars = [("DATABASE_URL", test_db.url.as_str())];
+        for _ in 0..2 {
+            let out = relay(dir.path(), &["migrate"], &vars).output().unwrap();
+            assert!(
+                out.status.success(),
+                "{db:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let mut child = relay(
+            dir.path(),
+            &[
+                "user",
+                "create",
+                "--email",
+                "Root@Example.com",
+                "--password-stdin",
+                "--admin",
+            ],
+            &vars,
+        )
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(b"admin-password-1\n")
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{db:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let user: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(user["email"], "root@example.com");
+        assert_eq!(user["is_admin"], true);
+        let out = relay(
+            dir.path(),
+            &["user", "create", "--email", "x@example.com"],
+            &vars,
+        )
+        .output()
+        .unwrap();
+        assert!(!out.status.success(), "--password-stdin is required");
+
+        // The user can log in to a server on that database.
+        let app = support::spawn_app_on(
+            std::sync::Arc::new(test_db),
+            &[],
+            relay::config::Mode::Serve,
+        )
+        .await;
+        let resp = app.login("root@example.com", "admin-password-1").await;
+        assert_eq!(resp.status(), 200, "{db:?}");
+    }
+}
+
+struct Running {
+    child: Child,
+    base: String,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `relay serve --dev` on a random port and waits for its "listening" line.
+fn start_dev(dir: &std::path::Path) -> Running {
+    let mut child = relay(
+        dir,
+        &["serve", "--dev"],
+        &[
+            ("PORT", "0"),
+            ("LOG_FORMAT", "json"),
+            ("SHUTDOWN_GRACE_SECONDS", "5"),
+        ],
+    )
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str::<Value>(&line)
+                && let Some(addr) = v["address"].as_str()
+            {
+                let _ = tx.send(addr.to_owned());
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("relay did not start");
+    Running {
+        child,
+        base: format!("http://{addr}"),
+    }
+}
+
+#[tokio::test]
+async fn dev_mode_runs_on_a_fresh_directory_and_stops_cleanly_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = start_dev(dir.path());
+    assert!(dir.path().join("app.db").exists(), "dev mode uses ./app.db");
+    let client = reqwest::Client::new();
+    let resp = client
+        .post(format!("{}/api/v1/auth/register", server.base))
+        .json(&serde_json::json!({"email": "dev@example.com", "password": "password-123"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    let docs = client
+        .get(format!("{}/docs/", server.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(docs.status(), 200, "docs are on in dev mode");
+
+    let pid = server.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = server.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "relay did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(0));
+}
