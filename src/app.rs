@@ -11,6 +11,7 @@ use tokio::net::TcpListener;
 
 use crate::auth::{JwtKeys, Passwords};
 use crate::config::Config;
+use crate::relay::Upstream;
 use crate::state::{AppState, Inner};
 use crate::store::Store;
 
@@ -23,7 +24,19 @@ pub struct App {
 
 impl App {
     /// Connects to the database, applies migrations, prepares keys and binds the listener.
-    pub async fn build(config: Config) -> anyhow::Result<App> {
+    pub async fn build(mut config: Config) -> anyhow::Result<App> {
+        if config.upstream.api_key.is_none() {
+            // Only dev/debug mode gets here (config refuses it otherwise).
+            let addr = spawn_mock().await?;
+            config.upstream.base_url = url::Url::parse(&format!("http://{addr}/v1"))?;
+            config.upstream.api_key = Some(secrecy::SecretString::from("mock-key"));
+            tracing::warn!(
+                model = crate::mock::MOCK_MODEL,
+                "OPENAI_API_KEY is not set: answering with the built-in mock upstream"
+            );
+        }
+        let upstream =
+            Upstream::new(&config.upstream).context("cannot build the upstream client")?;
         let store = Store::connect(&config.database_url)
             .await
             .context("cannot open the database")?;
@@ -45,6 +58,7 @@ impl App {
             config: Arc::new(config),
             store,
             jwt,
+            upstream,
             passwords,
             started_at: Instant::now(),
         });
@@ -99,6 +113,18 @@ impl App {
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// Starts the built-in mock upstream on a free loopback port, for the life of the runtime.
+async fn spawn_mock() -> anyhow::Result<SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(crate::mock::serve(
+        listener,
+        crate::mock::MockOptions::default(),
+        std::future::pending(),
+    ));
+    Ok(addr)
 }
 
 /// Completes on SIGTERM or Ctrl-C.

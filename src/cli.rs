@@ -18,6 +18,8 @@ pub enum Command {
     Serve(ServeArgs),
     /// Apply pending database migrations and exit.
     Migrate,
+    /// Run the built-in OpenAI-compatible mock upstream (for development and benchmarks).
+    MockUpstream(MockArgs),
     /// Manage users.
     #[command(subcommand)]
     User(UserCommand),
@@ -55,4 +57,24 @@ pub struct UserCreateArgs {
     /// Make the user an admin.
     #[arg(long)]
     pub admin: bool,
+}
+
+/// Options of `relay mock-upstream`.
+#[derive(Debug, Args)]
+pub struct MockArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on.
+    #[arg(long, default_value_t = 8001)]
+    pub port: u16,
+    /// Delay before the first byte of every answer, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    pub latency_ms: u64,
+    /// Content chunks per streamed answer (default: one per word of the echoed message).
+    #[arg(long)]
+    pub chunks: Option<usize>,
+    /// Delay between streamed chunks, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    pub chunk_delay_ms: u64,
 }

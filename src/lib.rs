@@ -6,6 +6,8 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod http;
+pub mod mock;
+pub mod relay;
 pub mod state;
 pub mod store;
 pub mod telemetry;

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::Parser as _;
 use relay::app::{App, shutdown_signal};
 use relay::auth::Passwords;
-use relay::cli::{Cli, Command, ServeArgs, UserCommand, UserCreateArgs};
+use relay::cli::{Cli, Command, MockArgs, ServeArgs, UserCommand, UserCreateArgs};
 use relay::config::{Config, Mode};
 use relay::store::Store;
 use relay::users::{Registration, create_user};
@@ -14,10 +14,13 @@ use relay::users::{Registration, create_user};
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let command = cli.command.unwrap_or(Command::Serve(ServeArgs::default()));
+    if let Command::MockUpstream(args) = command {
+        return run_mock(args);
+    }
     let mode = match &command {
         Command::Serve(args) if args.dev => Mode::Dev,
         Command::Serve(_) => Mode::Serve,
-        Command::Migrate | Command::User(_) => Mode::Admin,
+        Command::Migrate | Command::User(_) | Command::MockUpstream(_) => Mode::Admin,
     };
     let config = match Config::load(mode) {
         Ok(config) => config,
@@ -42,6 +45,7 @@ fn main() -> ExitCode {
             Command::Serve(_) => serve(config).await,
             Command::Migrate => migrate(config).await,
             Command::User(UserCommand::Create(args)) => user_create(config, args).await,
+            Command::MockUpstream(_) => Ok(()),
         }
     });
     match result {
@@ -99,4 +103,33 @@ async fn user_create(config: Config, args: UserCreateArgs) -> anyhow::Result<()>
     let mut out = std::io::stdout().lock();
     writeln!(out, "{}", serde_json::to_string(&user)?)?;
     Ok(())
+}
+
+fn run_mock(args: MockArgs) -> ExitCode {
+    relay::telemetry::init("info", relay::config::LogFormat::Pretty);
+    let result = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| {
+            rt.block_on(async move {
+                let listener =
+                    tokio::net::TcpListener::bind((args.host.as_str(), args.port)).await?;
+                tracing::info!(address = %listener.local_addr()?, "mock upstream listening");
+                let options = relay::mock::MockOptions {
+                    latency: std::time::Duration::from_millis(args.latency_ms),
+                    chunks: args.chunks,
+                    chunk_delay: std::time::Duration::from_millis(args.chunk_delay_ms),
+                };
+                relay::mock::serve(listener, options, shutdown_signal()).await?;
+                Ok(())
+            })
+        });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("relay mock-upstream: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

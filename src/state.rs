@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use crate::auth::{JwtKeys, Passwords};
 use crate::config::Config;
+use crate::relay::Upstream;
 use crate::store::Store;
 
 /// Cheap to clone: one `Arc`.
@@ -20,6 +21,8 @@ pub struct Inner {
     pub store: Store,
     /// Token signing and verification.
     pub jwt: JwtKeys,
+    /// The one pooled upstream client.
+    pub upstream: Upstream,
     /// Password hashing on the blocking pool, bounded by a semaphore.
     pub passwords: Passwords,
     /// When the process started serving, for `uptime_seconds`.

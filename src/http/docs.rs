@@ -17,6 +17,7 @@ use utoipa_swagger_ui::SwaggerUi;
     modifiers(&SecuritySchemes),
     tags(
         (name = "auth", description = "Users and tokens"),
+        (name = "chat", description = "The OpenAI-compatible relay"),
         (name = "health", description = "Health checks"),
     )
 )]

@@ -98,11 +98,12 @@ where
         (status = 503, description = "The database is down", body = DetailedHealth),
     ))]
 pub async fn get_health_detailed(State(state): State<AppState>) -> Response {
-    let database = timed(state.store.ping()).await;
+    let (database, upstream) =
+        tokio::join!(timed(state.store.ping()), timed(state.upstream.check()));
     let checks = Checks {
         database,
         redis: Check::not_configured(),
-        upstream: Check::not_configured(),
+        upstream,
     };
     let all = [&checks.database, &checks.redis, &checks.upstream];
     let status = if checks.database.status == "down" {

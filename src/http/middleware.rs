@@ -49,7 +49,8 @@ pub struct RequestContext {
 }
 
 impl RequestContext {
-    fn new(request_id: HeaderValue) -> Self {
+    /// A context for a request with this id.
+    pub fn new(request_id: HeaderValue) -> Self {
         RequestContext {
             request_id,
             user_id: OnceLock::new(),
@@ -69,7 +70,8 @@ impl RequestContext {
         }
     }
 
-    fn usage(&self) -> Option<Usage> {
+    /// The usage recorded so far.
+    pub fn usage(&self) -> Option<Usage> {
         self.usage.lock().ok().and_then(|u| *u)
     }
 }

@@ -13,6 +13,7 @@
 //! register, login, refresh. Everything else takes `AuthUser`.
 
 pub mod auth;
+pub mod chat;
 pub mod docs;
 pub mod extract;
 pub mod health;
@@ -55,10 +56,16 @@ pub fn api_routes() -> OpenApiRouter<AppState> {
             header::CACHE_CONTROL,
             HeaderValue::from_static("no-store"),
         ));
+    let chat = OpenApiRouter::new()
+        .routes(routes!(chat::create_chat_completion))
+        .routes(routes!(chat::stream_chat_completion))
+        .routes(routes!(chat::list_chat_models))
+        .routes(routes!(chat::list_models));
     let health = OpenApiRouter::new()
         .routes(routes!(health::get_health))
         .routes(routes!(health::get_health_detailed));
-    OpenApiRouter::with_openapi(docs::ApiDoc::openapi()).nest("/api/v1", auth.merge(health))
+    OpenApiRouter::with_openapi(docs::ApiDoc::openapi())
+        .nest("/api/v1", auth.merge(chat).merge(health))
 }
 
 /// The OpenAPI document (also what `/openapi.json` serves).

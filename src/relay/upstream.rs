@@ -1,0 +1,307 @@
+//! The upstream client: one pooled `reqwest::Client` for the whole process.
+//!
+//! Timeouts are per phase, never per request, so that long streams live: a connect timeout,
+//! `UPSTREAM_TIMEOUT_SECONDS` for the response headers (the first byte), and the same as an idle
+//! (between reads) timeout for bodies. The client's `Authorization` never reaches the upstream:
+//! requests are built fresh with relay's key, and no client header is copied, which also drops
+//! every hop-by-hop header.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
+use http::{HeaderValue, StatusCode};
+use secrecy::{ExposeSecret as _, SecretString};
+use serde::{Deserialize, Serialize};
+use tokio::sync::RwLock;
+use url::Url;
+
+use crate::config::UpstreamConfig;
+use crate::error::ApiError;
+
+/// How long the model list is cached.
+const MODELS_TTL: Duration = Duration::from_secs(300);
+/// Largest upstream error body read (they are small; anything bigger is not an OpenAI error).
+const MAX_ERROR_BODY: usize = 64 * 1024;
+/// Largest non-streamed completion read from the upstream.
+const MAX_COMPLETION_BODY: usize = 64 * 1024 * 1024;
+
+/// One entry of `GET /models`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
+pub struct Model {
+    /// Model id, e.g. `gpt-4o-mini`.
+    pub id: String,
+    /// Always `model`.
+    #[serde(default = "model_object")]
+    pub object: String,
+    /// Creation time, seconds since the epoch.
+    #[serde(default)]
+    pub created: i64,
+    /// Owner.
+    #[serde(default = "unknown_owner")]
+    pub owned_by: String,
+}
+
+fn model_object() -> String {
+    "model".to_owned()
+}
+
+fn unknown_owner() -> String {
+    "unknown".to_owned()
+}
+
+#[derive(Deserialize)]
+struct ModelList {
+    data: Vec<Model>,
+}
+
+/// The shared upstream client.
+pub struct Upstream {
+    client: reqwest::Client,
+    chat_url: Url,
+    models_url: Url,
+    authorization: HeaderValue,
+    api_key: Option<SecretString>,
+    timeout: Duration,
+    models: RwLock<Option<(Instant, Arc<Vec<Model>>)>>,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream")
+            .field("chat_url", &self.chat_url.as_str())
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+fn join(base: &Url, path: &str) -> anyhow::Result<Url> {
+    Ok(Url::parse(&format!(
+        "{}/{path}",
+        base.as_str().trim_end_matches('/')
+    ))?)
+}
+
+impl Upstream {
+    /// Builds the client. `api_key` must be set (dev mode sets the mock's).
+    pub fn new(config: &UpstreamConfig) -> anyhow::Result<Upstream> {
+        let api_key = config.api_key.clone();
+        let key = api_key
+            .as_ref()
+            .map(|k| k.expose_secret().to_owned())
+            .unwrap_or_default();
+        let mut authorization = HeaderValue::try_from(format!("Bearer {key}")).map_err(|_| {
+            anyhow::anyhow!("OPENAI_API_KEY contains characters not allowed in a header")
+        })?;
+        authorization.set_sensitive(true);
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .connect_timeout(config.timeout.min(Duration::from_secs(10)))
+            .read_timeout(config.timeout)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(1024)
+            .tcp_nodelay(true)
+            .user_agent(concat!("relay/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(Upstream {
+            client,
+            chat_url: join(&config.base_url, "chat/completions")?,
+            models_url: join(&config.base_url, "models")?,
+            authorization,
+            api_key,
+            timeout: config.timeout,
+            models: RwLock::new(None),
+        })
+    }
+
+    /// Sends a chat completion request. Returns the upstream's response once its headers
+    /// arrived with a success status; every failure is already mapped to the client's error.
+    pub async fn post_chat(
+        &self,
+        body: Bytes,
+        stream: bool,
+    ) -> Result<reqwest::Response, ApiError> {
+        let accept = if stream {
+            HeaderValue::from_static("text/event-stream")
+        } else {
+            HeaderValue::from_static("application/json")
+        };
+        let request = self
+            .client
+            .post(self.chat_url.clone())
+            .header(AUTHORIZATION, self.authorization.clone())
+            .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
+            .header(ACCEPT, accept)
+            .body(body);
+        self.send(request).await
+    }
+
+    async fn send(&self, request: reqwest::RequestBuilder) -> Result<reqwest::Response, ApiError> {
+        let response = match tokio::time::timeout(self.timeout, request.send()).await {
+            Err(_) => return Err(ApiError::GatewayTimeout),
+            Ok(Err(err)) => return Err(self.transport_error(&err)),
+            Ok(Ok(response)) => response,
+        };
+        if response.status().is_success() {
+            Ok(response)
+        } else {
+            Err(self.error_response(response).await)
+        }
+    }
+
+    /// Maps a transport failure (no HTTP answer) to 502 or 504, logging the cause.
+    pub fn transport_error(&self, err: &reqwest::Error) -> ApiError {
+        // reqwest's errors name the URL, never the headers: safe to log.
+        tracing::warn!(error = %err, "upstream request failed");
+        if err.is_timeout() {
+            ApiError::GatewayTimeout
+        } else if err.is_connect() {
+            ApiError::BadGateway("the upstream is unreachable".into())
+        } else {
+            ApiError::BadGateway("the upstream connection failed".into())
+        }
+    }
+
+    /// Turns an upstream error answer into the client's error: the same status and the
+    /// upstream's error body when it is an OpenAI error envelope (with anything key-like
+    /// masked), else a 502.
+    async fn error_response(&self, response: reqwest::Response) -> ApiError {
+        let status = response.status();
+        let retry_after = response.headers().get(RETRY_AFTER).cloned();
+        let body = match read_limited(response, MAX_ERROR_BODY).await {
+            Ok(body) => body,
+            Err(err) => return self.transport_error(&err),
+        };
+        let envelope = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .filter(|v| {
+                v.get("error")
+                    .is_some_and(|e| e.is_object() || e.is_string())
+            });
+        let Some(envelope) = envelope else {
+            tracing::warn!(
+                status = status.as_u16(),
+                "upstream error answer is not an OpenAI error"
+            );
+            return ApiError::BadGateway(format!(
+                "the upstream answered {} with a body that is not an OpenAI error",
+                status.as_u16()
+            ));
+        };
+        if status == StatusCode::UNAUTHORIZED {
+            // The upstream refused relay's key: the client's credentials are fine, so a 401
+            // would mislead it (and SDKs would ask the user to log in again).
+            tracing::error!("the upstream rejected OPENAI_API_KEY (401)");
+            return ApiError::BadGateway("the upstream rejected relay's credentials".into());
+        }
+        let body = self.sanitize_error(envelope);
+        ApiError::Upstream {
+            status,
+            body,
+            retry_after,
+        }
+    }
+
+    /// Keeps only the envelope's standard fields and masks the key and anything like it.
+    fn sanitize_error(&self, envelope: serde_json::Value) -> Bytes {
+        let error = &envelope["error"];
+        let field = |name: &str| error.get(name).cloned().unwrap_or(serde_json::Value::Null);
+        let message = error
+            .get("message")
+            .and_then(|m| m.as_str())
+            .or_else(|| error.as_str())
+            .unwrap_or("upstream error");
+        let clean = serde_json::json!({
+            "error": {
+                "message": self.mask(message),
+                "type": field("type"),
+                "code": field("code"),
+                "param": field("param"),
+            }
+        });
+        Bytes::from(clean.to_string())
+    }
+
+    fn mask(&self, text: &str) -> String {
+        let mut text = text.to_owned();
+        if let Some(key) = &self.api_key {
+            let key = key.expose_secret();
+            if !key.is_empty() {
+                text = text.replace(key, "[redacted]");
+            }
+        }
+        text.split(' ')
+            .map(|word| {
+                if word
+                    .trim_start_matches(|c: char| !c.is_ascii_alphanumeric())
+                    .starts_with("sk-")
+                {
+                    "[redacted]"
+                } else {
+                    word
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    /// Reads a whole (non-streamed) completion, bounded in size.
+    pub async fn read_completion(&self, response: reqwest::Response) -> Result<Bytes, ApiError> {
+        read_limited(response, MAX_COMPLETION_BODY)
+            .await
+            .map_err(|e| self.transport_error(&e))
+    }
+
+    /// The upstream's models, cached for five minutes.
+    pub async fn models(&self) -> Result<Arc<Vec<Model>>, ApiError> {
+        if let Some((at, models)) = self.models.read().await.as_ref()
+            && at.elapsed() < MODELS_TTL
+        {
+            return Ok(models.clone());
+        }
+        let models = Arc::new(self.fetch_models().await?);
+        *self.models.write().await = Some((Instant::now(), models.clone()));
+        Ok(models)
+    }
+
+    async fn fetch_models(&self) -> Result<Vec<Model>, ApiError> {
+        let request = self
+            .client
+            .get(self.models_url.clone())
+            .header(AUTHORIZATION, self.authorization.clone());
+        let response = self.send(request).await?;
+        let body = read_limited(response, MAX_ERROR_BODY * 64)
+            .await
+            .map_err(|e| self.transport_error(&e))?;
+        serde_json::from_slice::<ModelList>(&body)
+            .map(|list| list.data)
+            .map_err(|_| {
+                ApiError::BadGateway("the upstream's model list is not in the OpenAI format".into())
+            })
+    }
+
+    /// For `/health/detailed`: can the upstream list its models right now?
+    pub async fn check(&self) -> Result<(), ApiError> {
+        let models = Arc::new(self.fetch_models().await?);
+        *self.models.write().await = Some((Instant::now(), models));
+        Ok(())
+    }
+}
+
+/// Reads a body up to `limit` bytes; a longer body is cut at the limit (and then fails to
+/// parse, which the callers report as a 502).
+async fn read_limited(
+    mut response: reqwest::Response,
+    limit: usize,
+) -> Result<Bytes, reqwest::Error> {
+    let mut buf = bytes::BytesMut::new();
+    while let Some(chunk) = response.chunk().await? {
+        let room = limit.saturating_sub(buf.len());
+        buf.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if buf.len() >= limit {
+            break;
+        }
+    }
+    Ok(buf.freeze())
+}
