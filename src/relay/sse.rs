@@ -154,10 +154,28 @@ fn inspect(
     true
 }
 
+/// An error from the upstream body.
+pub trait BodyError: std::fmt::Display {
+    /// Whether it is a read timeout.
+    fn is_timeout(&self) -> bool;
+}
+
+impl BodyError for reqwest::Error {
+    fn is_timeout(&self) -> bool {
+        reqwest::Error::is_timeout(self)
+    }
+}
+
+impl BodyError for &'static str {
+    fn is_timeout(&self) -> bool {
+        false
+    }
+}
+
 impl<S, E> Stream for SseRelay<S>
 where
     S: Stream<Item = Result<Bytes, E>>,
-    E: std::fmt::Display,
+    E: BodyError,
 {
     type Item = Result<Bytes, std::convert::Infallible>;
 
@@ -209,10 +227,19 @@ where
                 Poll::Ready(Some(Err(err))) => {
                     *this.phase = Phase::Finished;
                     tracing::warn!(error = %err, "upstream stream failed");
-                    return Poll::Ready(Some(Ok(error_event(
-                        "the upstream connection failed mid-stream",
-                        "upstream_stream_error",
-                    ))));
+                    // The upstream client's read timeout usually fires just before our idle timer.
+                    let event = if err.is_timeout() || this.idle.is_elapsed() {
+                        error_event(
+                            "the upstream stopped sending for too long",
+                            "upstream_timeout",
+                        )
+                    } else {
+                        error_event(
+                            "the upstream connection failed mid-stream",
+                            "upstream_stream_error",
+                        )
+                    };
+                    return Poll::Ready(Some(Ok(event)));
                 }
                 Poll::Ready(None) => {
                     *this.phase = Phase::Finished;

@@ -1,6 +1,8 @@
 //! Test support: start a whole relay on 127.0.0.1:0 with its own database, and talk HTTP to it.
 #![allow(dead_code)]
 
+pub mod fake_upstream;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;

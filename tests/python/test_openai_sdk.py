@@ -1,0 +1,85 @@
+"""The official openai SDK, pointed at relay, works as if relay were OpenAI."""
+
+import openai
+import pytest
+
+MESSAGES = [
+    {"role": "system", "content": "You are a test."},
+    {"role": "user", "content": "the quick brown fox"},
+]
+
+
+def test_create_without_stream(client):
+    completion = client.chat.completions.create(model="mock-echo", messages=MESSAGES)
+    assert completion.object == "chat.completion"
+    assert completion.choices[0].message.content == "the quick brown fox"
+    assert completion.choices[0].finish_reason == "stop"
+    assert completion.usage.completion_tokens == 4
+
+
+def test_create_with_stream(client):
+    stream = client.chat.completions.create(model="mock-echo", messages=MESSAGES, stream=True)
+    chunks = list(stream)
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert content == "the quick brown fox"
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert all(c.usage is None for c in chunks), "no usage chunk unless asked for"
+
+
+def test_stream_with_usage(client):
+    stream = client.chat.completions.create(
+        model="mock-echo",
+        messages=MESSAGES,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage.completion_tokens == 4
+    assert chunks[-1].usage.prompt_tokens == 8
+
+
+def test_default_model_is_used_when_none_is_named(client):
+    # The SDK requires `model`; send the raw request to leave it out.
+    raw = client.post(
+        "/chat/completions",
+        body={"messages": MESSAGES},
+        cast_to=object,
+    )
+    assert raw["model"] == "mock-echo"
+
+
+def test_models_list(client):
+    ids = [m.id for m in client.models.list()]
+    assert ids == ["mock-echo"]
+
+
+def test_bad_token_raises_authentication_error(relay_url):
+    bad = openai.OpenAI(base_url=f"{relay_url}/api/v1", api_key="not-a-token", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as err:
+        bad.chat.completions.create(model="mock-echo", messages=MESSAGES)
+    assert err.value.status_code == 401
+    assert err.value.body["type"] == "authentication_error"
+
+
+def test_upstream_429_raises_rate_limit_error(client):
+    with pytest.raises(openai.RateLimitError) as err:
+        client.chat.completions.create(model="mock-error-429", messages=MESSAGES)
+    assert err.value.response.headers["retry-after"] == "7"
+
+
+def test_invalid_request_raises_unprocessable_entity(client):
+    with pytest.raises(openai.UnprocessableEntityError) as err:
+        client.chat.completions.create(model="mock-echo", messages=MESSAGES, temperature=5)
+    assert err.value.body["param"] == "temperature"
+
+
+def test_other_statuses_raise_api_status_error(client):
+    with pytest.raises(openai.APIStatusError) as err:
+        client.chat.completions.create(model="mock-error-500", messages=MESSAGES)
+    assert err.value.status_code == 500
+    with pytest.raises(openai.PermissionDeniedError) as err:
+        client.chat.completions.create(model="not-allowed", messages=MESSAGES)
+    assert isinstance(err.value, openai.APIStatusError)
+    assert err.value.body["code"] == "model_not_allowed"
