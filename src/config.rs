@@ -147,6 +147,8 @@ pub struct Config {
     pub secret_key: SecretString,
     /// Whether `secret_key` was generated for this process only (dev/debug without a key).
     pub secret_key_ephemeral: bool,
+    /// Whether a `SECRET_KEY` under 32 bytes was accepted (dev/debug only; warned at start-up).
+    pub secret_key_weak: bool,
     /// Upstream settings.
     pub upstream: UpstreamConfig,
     /// `DEFAULT_MODEL`.
@@ -232,7 +234,11 @@ pub fn redact_url(raw: &str) -> String {
 impl Config {
     /// Loads settings from the process environment over `./.env` over defaults.
     pub fn load(mode: Mode) -> Result<Config, ConfigError> {
-        Self::load_from(Path::new(".env"), std::env::vars(), mode)
+        // Variables that are not UTF-8 cannot be relay's settings; skip them instead of
+        // panicking as `std::env::vars` would.
+        let env = std::env::vars_os()
+            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)));
+        Self::load_from(Path::new(".env"), env, mode)
     }
 
     /// Loads settings from `env` over the dotenv file at `dotenv_path` (if it exists).
@@ -243,29 +249,14 @@ impl Config {
     ) -> Result<Config, ConfigError> {
         let mut vars = HashMap::new();
         if dotenv_path.exists() {
-            match dotenvy::from_path_iter(dotenv_path) {
-                Ok(iter) => {
-                    for item in iter {
-                        match item {
-                            Ok((k, v)) => {
-                                vars.insert(k, v);
-                            }
-                            Err(e) => {
-                                return Err(ConfigError {
-                                    problems: vec![format!(
-                                        "{}: cannot be read: {e}",
-                                        dotenv_path.display()
-                                    )],
-                                });
-                            }
-                        }
-                    }
-                }
-                Err(e) => {
-                    return Err(ConfigError {
-                        problems: vec![format!("{}: cannot be read: {e}", dotenv_path.display())],
-                    });
-                }
+            let iter = dotenvy::from_path_iter(dotenv_path).map_err(|e| ConfigError {
+                problems: vec![dotenv_problem(dotenv_path, &e)],
+            })?;
+            for item in iter {
+                let (k, v) = item.map_err(|e| ConfigError {
+                    problems: vec![dotenv_problem(dotenv_path, &e)],
+                })?;
+                vars.insert(k, v);
             }
         }
         vars.extend(env);
@@ -281,12 +272,27 @@ impl Config {
         let dev = mode == Mode::Dev;
 
         let host = p.string("HOST", "127.0.0.1");
+        if host.parse::<std::net::IpAddr>().is_err()
+            && !host.split('.').all(|label| {
+                !label.is_empty() && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            })
+        {
+            p.problem(
+                "HOST",
+                format!("{host:?} is not an IP address or host name"),
+            );
+        }
         let port = p.parse("PORT", 8000u16, "is not a port number (0-65535)");
         let debug = p.boolean("DEBUG", false);
         let relaxed = dev || debug;
 
+        let mut weak_secret_allowed = false;
         let (secret_key, secret_key_ephemeral) = match p.get("SECRET_KEY") {
-            Some(key) if key.len() >= MIN_SECRET_BYTES || relaxed => {
+            Some(key) if key.len() >= MIN_SECRET_BYTES => {
+                (SecretString::from(key.to_owned()), false)
+            }
+            Some(key) if relaxed => {
+                weak_secret_allowed = true;
                 (SecretString::from(key.to_owned()), false)
             }
             Some(key) => {
@@ -325,8 +331,11 @@ impl Config {
             60.0f64,
             "is not a number of seconds",
         );
-        if !(timeout_secs > 0.0 && timeout_secs.is_finite()) {
-            p.problem("UPSTREAM_TIMEOUT_SECONDS", "must be greater than 0");
+        if !(timeout_secs > 0.0 && timeout_secs <= 86_400.0) {
+            p.problem(
+                "UPSTREAM_TIMEOUT_SECONDS",
+                "must be greater than 0 and at most 86400",
+            );
         }
 
         let default_model = p.string("DEFAULT_MODEL", "gpt-4o-mini");
@@ -370,8 +379,20 @@ impl Config {
         }
 
         let database_url = p.string("DATABASE_URL", "sqlite://./app.db");
-        if let Err(why) = crate::store::DatabaseKind::of_url(&database_url) {
-            p.problem("DATABASE_URL", why);
+        match crate::store::DatabaseKind::of_url(&database_url) {
+            Err(why) => p.problem("DATABASE_URL", why),
+            Ok(crate::store::DatabaseKind::Postgres) => {
+                if let Err(e) = database_url.parse::<sqlx::postgres::PgConnectOptions>() {
+                    p.problem(
+                        "DATABASE_URL",
+                        format!(
+                            "is not a valid PostgreSQL URL ({})",
+                            redact_url(&e.to_string())
+                        ),
+                    );
+                }
+            }
+            Ok(crate::store::DatabaseKind::Sqlite(_)) => {}
         }
         let redis_url = p.string("REDIS_URL", "redis://localhost:6379/0");
         if !redis_url.is_empty() {
@@ -399,11 +420,17 @@ impl Config {
             7u64,
             "is not a whole number of days",
         );
-        if access_minutes == 0 {
-            p.problem("ACCESS_TOKEN_EXPIRE_MINUTES", "must be at least 1");
+        if !(1..=525_600).contains(&access_minutes) {
+            p.problem(
+                "ACCESS_TOKEN_EXPIRE_MINUTES",
+                "must be between 1 and 525600 (a year)",
+            );
         }
-        if refresh_days == 0 {
-            p.problem("REFRESH_TOKEN_EXPIRE_DAYS", "must be at least 1");
+        if !(1..=3650).contains(&refresh_days) {
+            p.problem(
+                "REFRESH_TOKEN_EXPIRE_DAYS",
+                "must be between 1 and 3650 (ten years)",
+            );
         }
         let max_request_bytes = p.parse(
             "MAX_REQUEST_BYTES",
@@ -457,10 +484,11 @@ impl Config {
             dev,
             secret_key,
             secret_key_ephemeral,
+            secret_key_weak: weak_secret_allowed,
             upstream: UpstreamConfig {
                 base_url,
                 api_key,
-                timeout: Duration::from_secs_f64(timeout_secs.max(0.001)),
+                timeout: Duration::from_secs_f64(timeout_secs.clamp(0.001, 86_400.0)),
             },
             default_model,
             allowed_models,
@@ -468,8 +496,8 @@ impl Config {
             rate_limits: RateLimits { global, overrides },
             database_url,
             redis_url,
-            access_token_ttl: Duration::from_secs(access_minutes * 60),
-            refresh_token_ttl: Duration::from_secs(refresh_days * 86_400),
+            access_token_ttl: Duration::from_secs(access_minutes.clamp(1, 525_600) * 60),
+            refresh_token_ttl: Duration::from_secs(refresh_days.clamp(1, 3650) * 86_400),
             max_request_bytes,
             trust_proxy_headers,
             log_level,
@@ -486,6 +514,19 @@ impl Config {
     /// The secret key's bytes, for the JWT module only.
     pub fn secret_key_bytes(&self) -> &[u8] {
         self.secret_key.expose_secret().as_bytes()
+    }
+}
+
+/// Describes a `.env` error without quoting the file: its lines may hold secrets.
+fn dotenv_problem(path: &Path, err: &dotenvy::Error) -> String {
+    match err {
+        dotenvy::Error::LineParse(_, _) => format!(
+            "{}: cannot be parsed (a malformed line, e.g. an unclosed quote; its content is not \
+             shown because it may hold a secret)",
+            path.display()
+        ),
+        dotenvy::Error::Io(e) => format!("{}: cannot be read: {e}", path.display()),
+        _ => format!("{}: cannot be read", path.display()),
     }
 }
 

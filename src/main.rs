@@ -63,7 +63,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         tracing::warn!(
             "DEV MODE: ephemeral secret key, SQLite, in-memory rate limits. NOT FOR PRODUCTION."
         );
-    } else if config.secret_key_ephemeral {
+    }
+    if config.secret_key_weak {
+        tracing::warn!("SECRET_KEY is shorter than 32 bytes: accepted only because of DEBUG/--dev");
+    }
+    if config.secret_key_ephemeral && !config.dev {
         tracing::warn!("DEBUG without SECRET_KEY: tokens are signed with an ephemeral key");
     }
     let app = App::build(config).await?;

@@ -49,7 +49,28 @@ impl From<UserRecord> for User {
 /// Trims and lower-cases an email, and checks that it is an address.
 pub fn normalize_email(raw: &str) -> Result<String, ApiError> {
     let email = raw.trim().to_lowercase();
-    if email.len() > 254 || !email_address::EmailAddress::is_valid(&email) || !email.contains('.') {
+    // A plain `local@domain.tld`: no display name (`Ann <a@b.c>`), no quoted local part, no
+    // IP-literal domain, no control characters or spaces.
+    let plain = !email.chars().any(|c| {
+        c.is_control()
+            || c.is_whitespace()
+            || matches!(
+                c,
+                '"' | '<' | '>' | '[' | ']' | '(' | ')' | ',' | ';' | '\\'
+            )
+    });
+    let valid = plain
+        && email.len() <= 254
+        && email_address::EmailAddress::parse_with_options(
+            &email,
+            email_address::Options::default().without_display_text(),
+        )
+        .is_ok_and(|parsed| parsed.as_str() == email)
+        && email
+            .rsplit('@')
+            .next()
+            .is_some_and(|domain| domain.contains('.'));
+    if !valid {
         return Err(ApiError::validation(
             "email",
             "email is not a valid address",
@@ -98,11 +119,13 @@ pub async fn create_user(
         .filter(|n| !n.is_empty());
     if full_name
         .as_ref()
-        .is_some_and(|n| n.chars().count() > MAX_NAME_CHARS)
+        .is_some_and(|n| n.chars().count() > MAX_NAME_CHARS || n.chars().any(char::is_control))
     {
         return Err(ApiError::validation(
             "full_name",
-            format!("full_name must be at most {MAX_NAME_CHARS} characters"),
+            format!(
+                "full_name must be at most {MAX_NAME_CHARS} characters, without control characters"
+            ),
         ));
     }
     let password_hash = passwords
@@ -137,6 +160,11 @@ mod tests {
             "ann@example.com"
         );
         for bad in [
+            "Ann <ann@example.com>",
+            "\"a b\"@example.com",
+            "x@[127.0.0.1]",
+            "a\u{0}b@example.com",
+            "ann@localhost",
             "",
             "ann",
             "ann@",

@@ -142,6 +142,14 @@ async fn registration_is_validated(db: Db) {
             "email",
         ),
         (
+            json!({"email": "Ann <ann@example.com>", "password": "password-123"}),
+            "email",
+        ),
+        (
+            json!({"email": "a@example.com", "password": "password-123", "full_name": "a\u{0}b"}),
+            "full_name",
+        ),
+        (
             json!({"email": "a@example.com", "password": "short"}),
             "password",
         ),
@@ -357,7 +365,12 @@ async fn logout_revokes_the_refresh_token(db: Db) {
         .await
         .unwrap();
     assert_eq!(resp.status(), 204);
-    assert_eq!(refresh(&app, &refresh_token).await.status(), 401);
+    let (status, err) = error_of(refresh(&app, &refresh_token).await).await;
+    assert_eq!(
+        (status, err["code"].as_str()),
+        (401, Some("invalid_token")),
+        "logged out, not reused"
+    );
     // Only that session ended.
     assert_eq!(refresh(&app, &other_refresh).await.status(), 200);
 }

@@ -22,16 +22,9 @@ async fn with_fake(extra: &[(&str, &str)]) -> (TestApp, FakeUpstream, String) {
     (app, fake, token)
 }
 
-/// A relay whose upstream is the built-in mock, served as `relay mock-upstream` would.
+/// A relay whose upstream is the built-in mock (what `spawn_app` gives every test app).
 async fn with_mock() -> (TestApp, String) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}/v1", listener.local_addr().unwrap());
-    tokio::spawn(relay::mock::serve(
-        listener,
-        Default::default(),
-        std::future::pending(),
-    ));
-    let app = spawn_app_with(Db::Sqlite, &[("OPENAI_BASE_URL", base.as_str())]).await;
+    let app = support::spawn_app(Db::Sqlite).await;
     let (token, _) = app.user_tokens("mock@example.com").await;
     (app, token)
 }

@@ -118,6 +118,22 @@ async fn every_rejection_uses_the_envelope() {
     assert_eq!(resp.status(), 400);
     assert_eq!(envelope(resp).await["type"], "invalid_request_error");
 
+    for bad in [
+        &b"{\"email\": \"\xff\xfe\", \"password\": \"x\"}"[..],
+        br#"{"email": "\ud800", "password": "x"}"#,
+    ] {
+        let resp = app
+            .client
+            .post(app.api("/auth/login"))
+            .header("content-type", "application/json")
+            .body(bad.to_vec())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 400, "{}", String::from_utf8_lossy(bad));
+        assert_eq!(envelope(resp).await["code"], "invalid_json");
+    }
+
     let resp = app
         .client
         .post(app.api("/auth/login"))

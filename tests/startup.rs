@@ -81,6 +81,60 @@ fn malformed_settings_are_all_named_without_secrets() {
 }
 
 #[test]
+fn out_of_range_and_unparsable_values_exit_2_not_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = [
+        ("SECRET_KEY", "0123456789abcdef0123456789abcdef"),
+        ("OPENAI_API_KEY", "sk-x"),
+    ];
+    for (name, value) in [
+        ("UPSTREAM_TIMEOUT_SECONDS", "1e300"),
+        ("ACCESS_TOKEN_EXPIRE_MINUTES", "1000000000000"),
+        ("REFRESH_TOKEN_EXPIRE_DAYS", "99999999"),
+        ("DATABASE_URL", "postgres://u:p@h:port/db"),
+        ("HOST", "not a host"),
+    ] {
+        let mut vars = base.to_vec();
+        vars.push((name, value));
+        let out = relay(dir.path(), &["serve"], &vars).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{name}={value}: {err}");
+        assert!(err.contains(name), "{name} not named: {err}");
+    }
+}
+
+#[test]
+fn a_broken_dotenv_line_is_reported_without_its_content() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join(".env"),
+        "SECRET_KEY=\"s3cr3t-s3cr3t-s3cr3t-s3cr3t-s3cr3t\nOPENAI_API_KEY=sk-hidden-value\n",
+    )
+    .unwrap();
+    let out = relay(dir.path(), &["serve"], &[]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(".env"), "{err}");
+    assert!(
+        !err.contains("s3cr3t") && !err.contains("sk-hidden-value"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_non_utf8_environment_variable_does_not_crash_start_up() {
+    use std::os::unix::ffi::OsStrExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let out = relay(dir.path(), &["serve"], &[])
+        .env("UNRELATED_JUNK", std::ffi::OsStr::from_bytes(b"\xff\xfe"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("SECRET_KEY"), "{err}");
+}
+
+#[test]
 fn dotenv_file_is_read_and_environment_wins() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(

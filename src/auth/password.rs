@@ -93,18 +93,27 @@ impl Passwords {
 
     /// Hashes a new password with argon2id.
     pub async fn hash(&self, password: String) -> anyhow::Result<String> {
-        let _permit = self.permits.acquire().await?;
-        tokio::task::spawn_blocking(move || hash_blocking(&password)).await?
+        // The permit moves into the blocking task: if the client goes away, the hash still
+        // runs to the end, and it must keep its place in the bound while it does.
+        let permit = self.permits.clone().acquire_owned().await?;
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            hash_blocking(&password)
+        })
+        .await?
     }
 
     /// Checks `password` against `hash`, or against the dummy hash when `hash` is `None`
     /// (unknown user), which always mismatches but costs the same.
     pub async fn verify(&self, password: String, hash: Option<String>) -> anyhow::Result<Verdict> {
-        let _permit = self.permits.acquire().await?;
+        let permit = self.permits.clone().acquire_owned().await?;
         let known = hash.is_some();
         let hash = hash.unwrap_or_else(|| self.dummy_hash.to_string());
-        let verdict =
-            tokio::task::spawn_blocking(move || verify_blocking(&password, &hash)).await?;
+        let verdict = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            verify_blocking(&password, &hash)
+        })
+        .await?;
         Ok(if known { verdict } else { Verdict::Mismatch })
     }
 }

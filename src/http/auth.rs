@@ -228,7 +228,7 @@ async fn rehash(state: &AppState, user_id: Uuid, password: String) {
 /// The authenticated user.
 #[utoipa::path(
     get, path = "/auth/me", tag = "auth",
-    security(("bearer" = [])),
+    security(("bearer" = []), ("oauth2" = [])),
     responses(
         (status = 200, description = "The user", body = User),
         (status = 401, description = "Missing or invalid token", body = ErrorEnvelope),
@@ -296,7 +296,7 @@ pub async fn refresh_token(
                 code: "token_reused",
             })
         }
-        Spend::Spent { .. } | Spend::Unknown => Err(ApiError::Unauthorized {
+        Spend::Spent { .. } | Spend::Revoked | Spend::Unknown => Err(ApiError::Unauthorized {
             message: "invalid token",
             code: "invalid_token",
         }),
@@ -306,7 +306,7 @@ pub async fn refresh_token(
 /// Revoke a refresh token (and the session it belongs to).
 #[utoipa::path(
     post, path = "/auth/logout", tag = "auth",
-    security(("bearer" = [])),
+    security(("bearer" = []), ("oauth2" = [])),
     request_body = RefreshRequest,
     responses(
         (status = 204, description = "Logged out"),

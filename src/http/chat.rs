@@ -136,7 +136,7 @@ async fn relay_chat(
 /// Create a chat completion; streamed as server-sent events when `"stream": true`.
 #[utoipa::path(
     post, path = "/chat/completions", tag = "chat",
-    security(("bearer" = [])),
+    security(("bearer" = []), ("oauth2" = [])),
     request_body = ChatCompletionRequest,
     responses(
         (status = 200, description = "The completion (JSON), or `text/event-stream` chunks ending with `data: [DONE]`"),
@@ -158,7 +158,7 @@ pub async fn create_chat_completion(
 /// Create a chat completion, always streamed.
 #[utoipa::path(
     post, path = "/chat/completions/stream", tag = "chat",
-    security(("bearer" = [])),
+    security(("bearer" = []), ("oauth2" = [])),
     request_body = ChatCompletionRequest,
     responses(
         (status = 200, description = "`text/event-stream` chunks ending with `data: [DONE]`"),
@@ -196,7 +196,7 @@ async fn allowed_models(state: &AppState) -> Result<Json<ModelList>, ApiError> {
 /// The models clients may use: the upstream's list (cached), filtered by `ALLOWED_MODELS`.
 #[utoipa::path(
     get, path = "/chat/models", tag = "chat",
-    security(("bearer" = [])),
+    security(("bearer" = []), ("oauth2" = [])),
     responses((status = 200, description = "Models", body = ModelList))
 )]
 pub async fn list_chat_models(
@@ -209,7 +209,7 @@ pub async fn list_chat_models(
 /// Same as `/chat/models`, at the path the official SDKs use.
 #[utoipa::path(
     get, path = "/models", tag = "chat",
-    security(("bearer" = [])),
+    security(("bearer" = []), ("oauth2" = [])),
     responses((status = 200, description = "Models", body = ModelList))
 )]
 pub async fn list_models(

@@ -78,7 +78,14 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     let value: T = serde_path_to_error::deserialize(&mut de).map_err(|err| {
         let path = err.path().to_string();
         let inner = err.into_inner();
-        {
+        // Skipping a value (`IgnoredAny` above) does not check its strings, so broken UTF-8
+        // or escapes may first be noticed here: still a syntax error, still a 400.
+        if !inner.is_data() {
+            ApiError::BadRequest {
+                message: format!("the body is not valid JSON: {inner}"),
+                code: "invalid_json",
+            }
+        } else {
             let param = if path == "." {
                 missing_field(&inner.to_string()).unwrap_or_else(|| "body".to_owned())
             } else {

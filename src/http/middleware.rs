@@ -141,7 +141,7 @@ pub async fn observe(mut req: Request, next: Next) -> Response {
         );
         for (name, value) in response.headers() {
             if name != CONTENT_TYPE && name != http::header::CONTENT_LENGTH {
-                enveloped.headers_mut().insert(name.clone(), value.clone());
+                enveloped.headers_mut().append(name.clone(), value.clone());
             }
         }
         response = enveloped;
@@ -172,6 +172,11 @@ pub async fn observe(mut req: Request, next: Next) -> Response {
         status,
         start,
     };
+    if http_body::Body::is_end_stream(response.body()) {
+        // Nothing to send (a 204, a redirect): hyper will not poll the body, so log now.
+        log.emit(true);
+        return response;
+    }
     response.map(|body| {
         Body::new(LoggedBody {
             inner: body,

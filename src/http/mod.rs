@@ -4,8 +4,9 @@
 //!
 //! 1. `observe` — request id, security headers, error envelope for non-JSON errors, the
 //!    request's one log line. Outermost, so that even a panic's 500 gets all four.
-//! 2. `CatchPanicLayer` — a panicking handler becomes a 500 envelope, not a dropped connection.
-//! 3. `CorsLayer` — answers preflights; adds `Access-Control-Allow-Origin` for allowed origins.
+//! 2. `CorsLayer` — answers preflights; adds `Access-Control-Allow-Origin` for allowed origins
+//!    (to every response below it, so that a browser can read errors too).
+//! 3. `CatchPanicLayer` — a panicking handler becomes a 500 envelope, not a dropped connection.
 //! 4. `DefaultBodyLimit` — bodies over `MAX_REQUEST_BYTES` are refused (413) while being read.
 //! 5. Per-group layers: `Cache-Control: no-store` on `/auth/*`.
 //!
@@ -121,7 +122,7 @@ pub fn with_layers<S: Clone + Send + Sync + 'static>(
     routes
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(config.max_request_bytes))
-        .layer(cors(&config.allowed_origins))
         .layer(CatchPanicLayer::custom(panic_response))
+        .layer(cors(&config.allowed_origins))
         .layer(axum::middleware::from_fn(middleware::observe))
 }

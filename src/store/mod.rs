@@ -73,6 +73,10 @@ impl From<sqlx::Error> for StoreError {
     fn from(err: sqlx::Error) -> Self {
         match &err {
             sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::Conflict,
+            // SQLITE_BUSY / SQLITE_LOCKED: another writer held the file past the busy timeout.
+            sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("5" | "6")) => {
+                StoreError::Unavailable(err)
+            }
             sqlx::Error::PoolTimedOut
             | sqlx::Error::PoolClosed
             | sqlx::Error::Io(_)
@@ -159,8 +163,17 @@ pub enum Spend {
         /// Its owner.
         user_id: Uuid,
     },
+    /// Revoked (by logout, or with its family) without having been used.
+    Revoked,
     /// No such token.
     Unknown,
+}
+
+#[derive(sqlx::FromRow)]
+struct SpentToken {
+    user_id: Uuid,
+    family_id: Uuid,
+    used: bool,
 }
 
 #[derive(sqlx::FromRow)]
@@ -368,8 +381,9 @@ impl Store {
             });
         }
         let known = on_pool!(self, pool => {
-            sqlx::query_as::<_, TokenOwner>(
-                "SELECT user_id, family_id FROM refresh_tokens WHERE token_hash = $1",
+            sqlx::query_as::<_, SpentToken>(
+                "SELECT user_id, family_id, used_at IS NOT NULL AS used \
+                 FROM refresh_tokens WHERE token_hash = $1",
             )
             .bind(token_hash)
             .fetch_optional(pool)
@@ -377,10 +391,12 @@ impl Store {
         });
         match known {
             None => Ok(Spend::Unknown),
-            Some(owner) => {
-                self.revoke_family(owner.family_id).await?;
+            // Revoked (logout, or an earlier replay) but never used: nothing new to revoke.
+            Some(token) if !token.used => Ok(Spend::Revoked),
+            Some(token) => {
+                self.revoke_family(token.family_id).await?;
                 Ok(Spend::Reused {
-                    user_id: owner.user_id,
+                    user_id: token.user_id,
                 })
             }
         }

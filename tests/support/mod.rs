@@ -188,7 +188,19 @@ pub async fn spawn_app_with(db: Db, extra: &[(&str, &str)]) -> TestApp {
 
 /// Starts relay on an existing test database.
 pub async fn spawn_app_on(test_db: Arc<TestDb>, extra: &[(&str, &str)], mode: Mode) -> TestApp {
-    let config = Config::from_vars(&test_vars(&test_db.url, extra), mode).unwrap();
+    let mut vars = test_vars(&test_db.url, extra);
+    if !vars.contains_key("OPENAI_BASE_URL") {
+        // Never the real OpenAI: each app gets its own built-in mock upstream.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}/v1", listener.local_addr().unwrap());
+        tokio::spawn(relay::mock::serve(
+            listener,
+            Default::default(),
+            std::future::pending(),
+        ));
+        vars.insert("OPENAI_BASE_URL".to_owned(), base);
+    }
+    let config = Config::from_vars(&vars, mode).unwrap();
     relay::telemetry::init(&config.log_level, config.log_format);
     let app = App::build(config).await.unwrap();
     let addr = app.local_addr().unwrap();

@@ -1,0 +1,162 @@
+#!/usr/bin/env bash
+# relay's benchmark: the mock upstream directly, through nginx (a bare proxy hop, the reference)
+# and through relay, on 127.0.0.1. The proxy under test runs on CPU 0; the mock and the load
+# generator share CPU 1. Prints a Markdown table. Takes about three minutes.
+#
+#   bench/run.sh            # full run (10 s per measurement)
+#   SECONDS_PER_RUN=3 bench/run.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DUR=${SECONDS_PER_RUN:-10}
+PROXY_CPU=${PROXY_CPU:-0}
+LOAD_CPU=${LOAD_CPU:-1}
+BASE_PORT=${BASE_PORT:-18000}
+MOCK=$((BASE_PORT + 1)); PACED_MOCK=$((BASE_PORT + 2))
+RELAY_PORT=$((BASE_PORT + 10)); PACED_RELAY_PORT=$((BASE_PORT + 11)); NGINX_PORT=$((BASE_PORT + 20))
+
+command -v oha >/dev/null || cargo install oha --locked
+command -v nginx >/dev/null || { apt-get update -qq && apt-get install -y -qq nginx-light; }
+command -v taskset >/dev/null || { echo "taskset (util-linux) is needed" >&2; exit 1; }
+cargo build --release --locked --bin relay --example stream_bench >&2
+RELAY=$PWD/target/release/relay
+SB=$PWD/target/release/examples/stream_bench
+
+TMP=$(mktemp -d)
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$TMP"; }
+trap cleanup EXIT
+
+wait_http() { for _ in $(seq 1 100); do curl -s -o /dev/null "$1" && return 0; sleep 0.1; done; echo "$1 did not answer" >&2; exit 1; }
+
+# The mock: 20 chunks per stream, unpaced; and a paced one for the many-streams run.
+taskset -c "$LOAD_CPU" "$RELAY" mock-upstream --port "$MOCK" --chunks 20 2>/dev/null & PIDS+=($!)
+taskset -c "$LOAD_CPU" "$RELAY" mock-upstream --port "$PACED_MOCK" --chunks 20 --chunk-delay-ms 50 2>/dev/null & PIDS+=($!)
+
+start_relay() { # port upstream-port
+  (cd "$TMP" && env -i PATH="$PATH" HOST=127.0.0.1 PORT="$1" \
+    SECRET_KEY=bench-secret-key-bench-secret-key-0123456789 OPENAI_API_KEY=sk-bench \
+    OPENAI_BASE_URL="http://127.0.0.1:$2/v1" DATABASE_URL="sqlite://$TMP/relay-$1.db" \
+    REDIS_URL= RATE_LIMIT_REQUESTS=1000000000 RATE_LIMIT_WINDOW=1 LOG_LEVEL=${RELAY_LOG_LEVEL:-info} \
+    taskset -c "$PROXY_CPU" "$RELAY" serve 2>/dev/null) &
+}
+start_relay "$RELAY_PORT" "$MOCK"; RELAY_PID=$!; PIDS+=($RELAY_PID)
+
+cat > "$TMP/nginx.conf" <<NGINX
+worker_processes 1;
+worker_cpu_affinity $(printf '%0*d' $((PROXY_CPU + 1)) 1);
+daemon off;
+pid $TMP/nginx.pid;
+error_log $TMP/nginx-error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  upstream mock { server 127.0.0.1:$MOCK; keepalive 256; }
+  server {
+    listen 127.0.0.1:$NGINX_PORT;
+    location / {
+      proxy_pass http://mock;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering off;
+    }
+  }
+}
+NGINX
+taskset -c "$PROXY_CPU" nginx -c "$TMP/nginx.conf" -p "$TMP" 2>/dev/null & PIDS+=($!)
+
+wait_http "http://127.0.0.1:$MOCK/v1/models"
+wait_http "http://127.0.0.1:$RELAY_PORT/api/v1/health"
+wait_http "http://127.0.0.1:$NGINX_PORT/v1/models"
+
+API="http://127.0.0.1:$RELAY_PORT/api/v1"
+curl -s "$API/auth/register" -H 'content-type: application/json' \
+  -d '{"email":"bench@example.com","password":"bench-password"}' >/dev/null
+TOKEN=$(curl -s "$API/auth/login" -H 'content-type: application/json' \
+  -d '{"email":"bench@example.com","password":"bench-password"}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])')
+
+PLAIN='{"model":"mock-echo","messages":[{"role":"user","content":"hello from the benchmark"}]}'
+STREAM='{"model":"mock-echo","stream":true,"messages":[{"role":"user","content":"hello from the benchmark"}]}'
+DIRECT_URL="http://127.0.0.1:$MOCK/v1/chat/completions"
+NGINX_URL="http://127.0.0.1:$NGINX_PORT/v1/chat/completions"
+RELAY_URL="$API/chat/completions"
+
+# oha, non-streaming: prints "p50_ms p99_ms requests_per_second requests".
+oha_run() { # url connections
+  taskset -c "$LOAD_CPU" oha -z "${DUR}s" -c "$2" --no-tui --output-format json -m POST \
+    -H 'content-type: application/json' -H "authorization: Bearer $TOKEN" -d "$PLAIN" "$1" \
+    | python3 -c '
+import json, sys
+r = json.load(sys.stdin)
+lat = r["latencyPercentiles"]; s = r["summary"]
+codes = r.get("statusCodeDistribution", {})
+ok = int(codes.get("200", 0)); bad = sum(int(v) for k, v in codes.items() if k != "200")
+bad += sum(int(v) for v in r.get("errorDistribution", {}).values())
+print("%.3f %.3f %.0f %d %d" % (lat["p50"] * 1000, lat["p99"] * 1000, s["requestsPerSec"], ok, bad))'
+}
+sb_run() { # url connections [extra args]
+  local url=$1 c=$2; shift 2
+  taskset -c "$LOAD_CPU" "$SB" "$url" --connections "$c" --token "$TOKEN" "$@"
+}
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+field() { python3 -c "import json,sys; print(json.loads(sys.argv[1])[sys.argv[2]])" "$1" "$2"; }
+
+# Warm up every path.
+oha_run "$DIRECT_URL" 4 >/dev/null; oha_run "$RELAY_URL" 4 >/dev/null; oha_run "$NGINX_URL" 4 >/dev/null
+
+echo "Non-streaming, 1 connection" >&2
+read -r d50 d99 drps _ _ < <(oha_run "$DIRECT_URL" 1)
+read -r n50 n99 nrps _ _ < <(oha_run "$NGINX_URL" 1)
+read -r r50 r99 rrps _ rbad1 < <(oha_run "$RELAY_URL" 1)
+
+echo "Non-streaming, 64 connections" >&2
+read -r _ _ d64 _ _ < <(oha_run "$DIRECT_URL" 64)
+read -r n64_50 n64_99 n64 _ _ < <(oha_run "$NGINX_URL" 64)
+NGINX_WORKER=$(pgrep -f "nginx: worker" | head -n1)
+t0=$(cpu_ticks "$RELAY_PID")
+read -r r64_50 r64_99 r64 r64ok rbad64 < <(oha_run "$RELAY_URL" 64)
+t1=$(cpu_ticks "$RELAY_PID")
+HZ=$(getconf CLK_TCK)
+relay_cpu=$(python3 -c "print('%.4f' % (($t1 - $t0) / $HZ * 1000 / max($r64ok, 1)))")
+n0=$(cpu_ticks "$NGINX_WORKER")
+read -r _ _ _ n64ok _ < <(oha_run "$NGINX_URL" 64)
+n1=$(cpu_ticks "$NGINX_WORKER")
+nginx_cpu=$(python3 -c "print('%.4f' % (($n1 - $n0) / $HZ * 1000 / max($n64ok, 1)))")
+
+echo "Streaming (20 chunks), 32 connections and time to first byte" >&2
+s_nginx=$(sb_run "$NGINX_URL" 32 --seconds "$DUR" --body "$STREAM")
+s_relay=$(sb_run "$RELAY_URL" 32 --seconds "$DUR" --body "$STREAM")
+t_direct=$(sb_run "$DIRECT_URL" 1 --seconds "$DUR" --body "$STREAM")
+t_nginx=$(sb_run "$NGINX_URL" 1 --seconds "$DUR" --body "$STREAM")
+t_relay=$(sb_run "$RELAY_URL" 1 --seconds "$DUR" --body "$STREAM")
+
+echo "1,000 concurrent streams paced 50 ms a chunk" >&2
+start_relay "$PACED_RELAY_PORT" "$PACED_MOCK"; PACED_PID=$!; PIDS+=($PACED_PID)
+wait_http "http://127.0.0.1:$PACED_RELAY_PORT/api/v1/health"
+PACED_REAL=$(pgrep -f "relay serve" -n)
+curl -s "http://127.0.0.1:$PACED_RELAY_PORT/api/v1/auth/register" -H 'content-type: application/json' \
+  -d '{"email":"bench@example.com","password":"bench-password"}' >/dev/null
+TOKEN=$(curl -s "http://127.0.0.1:$PACED_RELAY_PORT/api/v1/auth/login" -H 'content-type: application/json' \
+  -d '{"email":"bench@example.com","password":"bench-password"}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])')
+ulimit -n 65536 2>/dev/null || true
+paced=$(sb_run "http://127.0.0.1:$PACED_RELAY_PORT/api/v1/chat/completions" 1000 --seconds "$DUR" --body "$STREAM")
+rss_kib=$(awk '/VmHWM/ {print $2}' "/proc/$PACED_REAL/status")
+
+ratio() { python3 -c "print('%.2f' % ($1 / $2))"; }
+sub() { python3 -c "print('%+.3f' % ($1 - $2))"; }
+
+cat <<TABLE
+| Measurement | direct to mock | nginx | relay | relay vs target |
+|---|---|---|---|---|
+| non-stream, 1 conn, p50 latency (ms) | $d50 | $n50 | $r50 | adds $(sub "$r50" "$d50") ms (target ≤ +0.25) |
+| non-stream, 1 conn, p99 latency (ms) | $d99 | $n99 | $r99 | adds $(sub "$r99" "$d99") ms (target ≤ +0.6) |
+| non-stream, 1 conn, requests/s | $drps | $nrps | $rrps | |
+| non-stream, 64 conns, requests/s | $d64 | $n64 | $r64 | $(ratio "$r64" "$n64") × nginx (target ≥ 0.7) |
+| non-stream, 64 conns, p50 / p99 (ms) | | $n64_50 / $n64_99 | $r64_50 / $r64_99 | |
+| non-stream, 64 conns, proxy CPU per request (ms) | | $nginx_cpu | $relay_cpu | target ≤ 0.05 |
+| stream 20 chunks, 32 conns, streams/s | | $(field "$s_nginx" per_second) | $(field "$s_relay" per_second) | $(ratio "$(field "$s_relay" per_second)" "$(field "$s_nginx" per_second)") × nginx (target ≥ 0.7) |
+| stream, 1 conn, time to first byte p50 (ms) | $(field "$t_direct" ttfb_p50_ms) | $(field "$t_nginx" ttfb_p50_ms) | $(field "$t_relay" ttfb_p50_ms) | adds $(sub "$(field "$t_relay" ttfb_p50_ms)" "$(field "$t_direct" ttfb_p50_ms)") ms (target ≤ +0.3) |
+| 1,000 streams paced 50 ms/chunk: ok / errors | | | $(field "$paced" ok) / $(field "$paced" errors) | target: 0 errors |
+| 1,000 streams: relay peak RSS (MiB) | | | $(python3 -c "print('%.1f' % ($rss_kib / 1024))") | target ≤ 64 |
+| errors in the other relay runs | | | $((rbad1 + rbad64)) + $(field "$s_relay" errors) | |
+TABLE
