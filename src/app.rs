@@ -7,10 +7,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context as _;
+use axum::serve::ListenerExt as _;
 use tokio::net::TcpListener;
 
 use crate::auth::{JwtKeys, Passwords};
 use crate::config::Config;
+use crate::ratelimit::RateLimiter;
 use crate::relay::Upstream;
 use crate::state::{AppState, Inner};
 use crate::store::Store;
@@ -37,6 +39,13 @@ impl App {
         }
         let upstream =
             Upstream::new(&config.upstream).context("cannot build the upstream client")?;
+        let limiter = RateLimiter::new(
+            config.rate_limits.clone(),
+            config.redis_url.as_deref(),
+            &config.rate_limit_prefix,
+        )
+        .await
+        .context("cannot set up rate limiting")?;
         let store = Store::connect(&config.database_url)
             .await
             .context("cannot open the database")?;
@@ -59,6 +68,7 @@ impl App {
             store,
             jwt,
             upstream,
+            limiter,
             passwords,
             started_at: Instant::now(),
         });
@@ -88,8 +98,12 @@ impl App {
     ) -> anyhow::Result<()> {
         let grace = self.state.config.shutdown_grace;
         let (stopping_tx, mut stopping_rx) = tokio::sync::watch::channel(false);
+        // Small writes (SSE chunks) must leave at once, not wait for Nagle's algorithm.
+        let listener = self.listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         let server = axum::serve(
-            self.listener,
+            listener,
             self.router
                 .into_make_service_with_connect_info::<SocketAddr>(),
         )

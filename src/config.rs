@@ -159,6 +159,8 @@ pub struct Config {
     pub allowed_origins: Origins,
     /// `RATE_LIMIT_*`.
     pub rate_limits: RateLimits,
+    /// `RATE_LIMIT_KEY_PREFIX`: namespace of relay's keys in a shared Redis.
+    pub rate_limit_prefix: String,
     /// `DATABASE_URL`.
     pub database_url: String,
     /// `REDIS_URL`; `None` in dev mode (memory limits only).
@@ -378,6 +380,16 @@ impl Config {
             }
         }
 
+        let rate_limit_prefix = p.string("RATE_LIMIT_KEY_PREFIX", "relay");
+        if !rate_limit_prefix
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'))
+        {
+            p.problem(
+                "RATE_LIMIT_KEY_PREFIX",
+                "may only hold letters, digits and - _ . :",
+            );
+        }
         let database_url = p.string("DATABASE_URL", "sqlite://./app.db");
         match crate::store::DatabaseKind::of_url(&database_url) {
             Err(why) => p.problem("DATABASE_URL", why),
@@ -394,7 +406,11 @@ impl Config {
             }
             Ok(crate::store::DatabaseKind::Sqlite(_)) => {}
         }
-        let redis_url = p.string("REDIS_URL", "redis://localhost:6379/0");
+        // Set but empty means "no Redis": in-memory limits only.
+        let redis_url = match vars.get("REDIS_URL").map(|v| v.trim()) {
+            Some("") => String::new(),
+            _ => p.string("REDIS_URL", "redis://localhost:6379/0"),
+        };
         if !redis_url.is_empty() {
             match Url::parse(&redis_url) {
                 Ok(u) if matches!(u.scheme(), "redis" | "rediss" | "redis+unix" | "unix") => {}
@@ -494,6 +510,7 @@ impl Config {
             allowed_models,
             allowed_origins,
             rate_limits: RateLimits { global, overrides },
+            rate_limit_prefix,
             database_url,
             redis_url,
             access_token_ttl: Duration::from_secs(access_minutes.clamp(1, 525_600) * 60),
@@ -656,6 +673,14 @@ impl<'a> Parser<'a> {
         }
         if window == 0 {
             self.problem(win_name, "must be at least 1 second");
+        }
+        if u128::from(requests) * u128::from(window) * 1000
+            > u128::from(crate::ratelimit::bucket::MAX_UNITS)
+        {
+            self.problem(
+                req_name,
+                format!("× {win_name} is too large (requests × window in ms must stay under 2^53)"),
+            );
         }
         Limit {
             requests,

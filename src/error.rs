@@ -86,6 +86,11 @@ pub enum ApiError {
     Internal(anyhow::Error),
 }
 
+/// The internal cause of a 5xx, carried to the request middleware, which logs it with the
+/// request id. Never sent to the client.
+#[derive(Debug, Clone)]
+pub struct ErrorDetail(pub String);
+
 /// The OpenAI error envelope: `{"error": {...}}`.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ErrorEnvelope {
@@ -225,12 +230,18 @@ impl IntoResponse for ApiError {
         let status = self.status();
         match self {
             Self::Internal(ref err) => {
-                tracing::error!(error = %format!("{err:#}"), "internal error");
-                envelope_response(status, "internal server error", self.code(), None)
+                let mut response =
+                    envelope_response(status, "internal server error", self.code(), None);
+                // Logged by the request middleware, next to the request id.
+                response
+                    .extensions_mut()
+                    .insert(ErrorDetail(format!("{err:#}")));
+                response
             }
             Self::ServiceUnavailable(ref why) => {
-                tracing::warn!(reason = %why, "dependency unavailable");
-                envelope_response(status, why.clone(), self.code(), None)
+                let mut response = envelope_response(status, why.clone(), self.code(), None);
+                response.extensions_mut().insert(ErrorDetail(why.clone()));
+                response
             }
             Self::Validation { message, param } => {
                 envelope_response(status, message, "invalid_value", Some(param))

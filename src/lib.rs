@@ -7,6 +7,7 @@ pub mod config;
 pub mod error;
 pub mod http;
 pub mod mock;
+pub mod ratelimit;
 pub mod relay;
 pub mod state;
 pub mod store;

@@ -58,6 +58,10 @@ pub async fn serve(
     options: MockOptions,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    use axum::serve::ListenerExt as _;
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, router(options))
         .with_graceful_shutdown(shutdown)
         .await

@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use crate::auth::{JwtKeys, Passwords};
 use crate::config::Config;
+use crate::ratelimit::RateLimiter;
 use crate::relay::Upstream;
 use crate::store::Store;
 
@@ -21,6 +22,8 @@ pub struct Inner {
     pub store: Store,
     /// Token signing and verification.
     pub jwt: JwtKeys,
+    /// Rate limits (Redis shared by every replica, memory as the fallback).
+    pub limiter: RateLimiter,
     /// The one pooled upstream client.
     pub upstream: Upstream,
     /// Password hashing on the blocking pool, bounded by a semaphore.

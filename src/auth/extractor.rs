@@ -12,7 +12,7 @@ use http::header::AUTHORIZATION;
 use http::request::Parts;
 use uuid::Uuid;
 
-use crate::auth::jwt::{TokenError, TokenKind};
+use crate::auth::jwt::TokenError;
 use crate::error::ApiError;
 use crate::http::middleware::RequestContext;
 use crate::state::AppState;
@@ -75,17 +75,14 @@ impl FromRequestParts<AppState> for AuthUser {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let token = bearer_token(parts)?;
-        let claims = state
-            .jwt
-            .verify(token, TokenKind::Access)
-            .map_err(token_rejection)?;
+        let access = state.jwt.verify_access(token).map_err(token_rejection)?;
         // Put the user on the request's log line.
         if let Some(ctx) = parts.extensions.get::<Arc<RequestContext>>() {
-            ctx.set_user(claims.sub);
+            ctx.set_user(access.user_id);
         }
         Ok(AuthUser {
-            id: claims.sub,
-            is_admin: claims.adm,
+            id: access.user_id,
+            is_admin: access.is_admin,
         })
     }
 }

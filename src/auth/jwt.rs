@@ -13,6 +13,9 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use uuid::Uuid;
 
+/// Clock skew tolerated on `exp`, in seconds.
+const LEEWAY_SECONDS: u64 = 5;
+
 /// The `iss` of every token relay issues.
 pub const ISSUER: &str = "relay";
 
@@ -78,6 +81,7 @@ pub struct JwtKeys {
     validation: Validation,
     access_ttl: Duration,
     refresh_ttl: Duration,
+    cache: VerifiedCache,
 }
 
 impl std::fmt::Debug for JwtKeys {
@@ -95,7 +99,7 @@ impl JwtKeys {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.set_issuer(&[ISSUER]);
         validation.set_required_spec_claims(&["exp", "iat", "sub", "iss"]);
-        validation.leeway = 5;
+        validation.leeway = LEEWAY_SECONDS;
         validation.validate_exp = true;
         JwtKeys {
             encoding: EncodingKey::from_secret(secret),
@@ -103,6 +107,7 @@ impl JwtKeys {
             validation,
             access_ttl,
             refresh_ttl,
+            cache: VerifiedCache::new(),
         }
     }
 
@@ -152,6 +157,90 @@ impl JwtKeys {
             return Err(TokenError::WrongKind);
         }
         Ok(data.claims)
+    }
+
+    /// Verifies an access token, remembering it so that the next request with the same token
+    /// costs a hash lookup (see `VerifiedCache`). Same checks and errors as [`Self::verify`].
+    pub fn verify_access(&self, token: &str) -> Result<Access, TokenError> {
+        if let Some(access) = self.cache.get(token) {
+            if Utc::now().timestamp() > access.exp + LEEWAY_SECONDS as i64 {
+                return Err(TokenError::Expired);
+            }
+            return Ok(access);
+        }
+        let claims = self.verify(token, TokenKind::Access)?;
+        let access = Access {
+            user_id: claims.sub,
+            is_admin: claims.adm,
+            exp: claims.exp,
+        };
+        self.cache.insert(token, access);
+        Ok(access)
+    }
+}
+
+/// What an access token grants, once verified.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Access {
+    /// The user's id.
+    pub user_id: Uuid,
+    /// Admin flag.
+    pub is_admin: bool,
+    /// Expiry, seconds since the epoch.
+    pub exp: i64,
+}
+
+/// Shards of the verified-token cache; a power of two.
+const CACHE_SHARDS: usize = 16;
+/// Entries per shard before the shard is emptied (so at most 16 × 4096 tokens are held).
+const CACHE_SHARD_CAPACITY: usize = 4096;
+
+/// Access tokens already verified, so that a client's every request does not pay for base64,
+/// two JSON parses and an HMAC again. Keyed by a per-process random hash of the token; a hit
+/// must match the whole token, compared in constant time (a timing difference would otherwise
+/// let a caller guess another user's cached token byte by byte), and its expiry is checked
+/// again on every hit. Memory is bounded: a full shard is simply emptied.
+type Shard = std::collections::HashMap<u64, (Box<str>, Access)>;
+
+struct VerifiedCache {
+    hasher: std::collections::hash_map::RandomState,
+    shards: [std::sync::Mutex<Shard>; CACHE_SHARDS],
+}
+
+impl VerifiedCache {
+    fn new() -> Self {
+        VerifiedCache {
+            hasher: std::collections::hash_map::RandomState::new(),
+            shards: std::array::from_fn(
+                |_| std::sync::Mutex::new(std::collections::HashMap::new()),
+            ),
+        }
+    }
+
+    fn slot(&self, token: &str) -> (u64, usize) {
+        use std::hash::BuildHasher as _;
+        let hash = self.hasher.hash_one(token);
+        (hash, (hash as usize) & (CACHE_SHARDS - 1))
+    }
+
+    fn get(&self, token: &str) -> Option<Access> {
+        use subtle::ConstantTimeEq as _;
+        let (hash, shard) = self.slot(token);
+        let map = self.shards[shard].lock().ok()?;
+        let (cached, access) = map.get(&hash)?;
+        let same =
+            cached.len() == token.len() && bool::from(cached.as_bytes().ct_eq(token.as_bytes()));
+        same.then_some(*access)
+    }
+
+    fn insert(&self, token: &str, access: Access) {
+        let (hash, shard) = self.slot(token);
+        if let Ok(mut map) = self.shards[shard].lock() {
+            if map.len() >= CACHE_SHARD_CAPACITY {
+                map.clear();
+            }
+            map.insert(hash, (token.into(), access));
+        }
     }
 }
 
@@ -214,6 +303,35 @@ mod tests {
             payload
         );
         assert_eq!(k.verify(&none, TokenKind::Access), Err(TokenError::Invalid));
+    }
+
+    #[test]
+    fn cached_access_tokens_keep_every_check() {
+        let k = keys();
+        let user = Uuid::new_v4();
+        let t = k.issue(TokenKind::Access, user, false).unwrap();
+        assert_eq!(k.verify_access(&t.token).unwrap().user_id, user);
+        // Now cached: still the same answer, and a one-byte change is still refused.
+        assert_eq!(k.verify_access(&t.token).unwrap().user_id, user);
+        let mut forged = t.token.clone().into_bytes();
+        let last = forged.len() - 1;
+        forged[last] = if forged[last] == b'A' { b'B' } else { b'A' };
+        let forged = String::from_utf8(forged).unwrap();
+        assert_eq!(k.verify_access(&forged), Err(TokenError::Invalid));
+        // A refresh token never enters the access cache.
+        let r = k.issue(TokenKind::Refresh, user, false).unwrap();
+        assert_eq!(k.verify_access(&r.token), Err(TokenError::WrongKind));
+        assert_eq!(k.verify_access(&r.token), Err(TokenError::WrongKind));
+        // A cached token that has expired since is refused.
+        k.cache.insert(
+            "expired-token",
+            Access {
+                user_id: user,
+                is_admin: false,
+                exp: Utc::now().timestamp() - 60,
+            },
+        );
+        assert_eq!(k.verify_access("expired-token"), Err(TokenError::Expired));
     }
 
     #[test]

@@ -2,6 +2,7 @@
 
 use axum::Json;
 use axum::extract::{FromRequest, Request, State};
+use axum::response::{IntoResponse as _, Response};
 use http::StatusCode;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -11,8 +12,13 @@ use crate::auth::AuthUser;
 use crate::auth::extractor::token_rejection;
 use crate::auth::jwt::{TokenKind, token_hash};
 use crate::auth::password::Verdict;
+use crate::config::Endpoint;
 use crate::error::{ApiError, ErrorEnvelope};
 use crate::http::extract::{ApiJson, BodyKind, body_kind, parse_form, parse_json, read_body};
+use crate::http::ratelimit::{
+    ClientIp, Limited, LoginLimit, RefreshLimit, RegisterLimit, most_restrictive, rejection,
+};
+use crate::ratelimit::Subject;
 use crate::state::AppState;
 use crate::store::{NewRefreshToken, Spend};
 use crate::users::{self, Registration, User};
@@ -151,7 +157,15 @@ async fn issue_pair(
 )]
 pub async fn register_user(
     State(state): State<AppState>,
+    limit: Limited<RegisterLimit>,
     ApiJson(body): ApiJson<RegisterRequest>,
+) -> Response {
+    limit.wrap(register(state, body).await)
+}
+
+async fn register(
+    state: AppState,
+    body: RegisterRequest,
 ) -> Result<(StatusCode, Json<User>), ApiError> {
     let user = users::create_user(
         &state.store,
@@ -180,8 +194,27 @@ pub async fn register_user(
 )]
 pub async fn login_user(
     State(state): State<AppState>,
+    ClientIp(ip): ClientIp,
     Credentials(body): Credentials,
-) -> Result<Json<TokenPair>, ApiError> {
+) -> Response {
+    // Limited by client IP and by the email tried, so that a password-guessing run is stopped
+    // from many addresses too. Both before any hashing.
+    let by_ip = Subject::Ip(ip);
+    let by_email = Subject::Email(body.email.trim().to_lowercase());
+    let (by_ip, by_email) = tokio::join!(
+        state.limiter.check(Endpoint::Login, &by_ip),
+        state.limiter.check(Endpoint::Login, &by_email),
+    );
+    let Some(decision) = most_restrictive(&[by_ip, by_email]) else {
+        return ApiError::internal(anyhow::anyhow!("no rate-limit decision")).into_response();
+    };
+    if !decision.allowed {
+        return rejection(&decision);
+    }
+    Limited::<LoginLimit>::new(decision).wrap(login(state, body).await)
+}
+
+async fn login(state: AppState, body: LoginRequest) -> Result<Json<TokenPair>, ApiError> {
     // An address that cannot be valid cannot be registered either; it still costs one hash,
     // so that the answer's timing says nothing.
     let email = users::normalize_email(&body.email).ok();
@@ -261,8 +294,13 @@ pub async fn get_me(State(state): State<AppState>, auth: AuthUser) -> Result<Jso
 )]
 pub async fn refresh_token(
     State(state): State<AppState>,
+    limit: Limited<RefreshLimit>,
     ApiJson(body): ApiJson<RefreshRequest>,
-) -> Result<Json<TokenPair>, ApiError> {
+) -> Response {
+    limit.wrap(refresh(state, body).await)
+}
+
+async fn refresh(state: AppState, body: RefreshRequest) -> Result<Json<TokenPair>, ApiError> {
     let claims = state
         .jwt
         .verify(&body.refresh_token, TokenKind::Refresh)

@@ -15,6 +15,7 @@ use crate::auth::AuthUser;
 use crate::error::{ApiError, ErrorEnvelope};
 use crate::http::extract::{BodyKind, body_kind, read_body};
 use crate::http::middleware::{RequestContext, Usage};
+use crate::http::ratelimit::{ChatLimit, Limited, ModelsLimit};
 use crate::relay::chat::{parse_body, prepare};
 use crate::relay::sse::SseRelay;
 use crate::relay::upstream::Model;
@@ -150,9 +151,10 @@ async fn relay_chat(
 pub async fn create_chat_completion(
     State(state): State<AppState>,
     _auth: AuthUser,
+    limit: Limited<ChatLimit>,
     req: Request,
-) -> Result<Response, ApiError> {
-    relay_chat(state, req, false).await
+) -> Response {
+    limit.wrap(relay_chat(state, req, false).await)
 }
 
 /// Create a chat completion, always streamed.
@@ -169,9 +171,10 @@ pub async fn create_chat_completion(
 pub async fn stream_chat_completion(
     State(state): State<AppState>,
     _auth: AuthUser,
+    limit: Limited<ChatLimit>,
     req: Request,
-) -> Result<Response, ApiError> {
-    relay_chat(state, req, true).await
+) -> Response {
+    limit.wrap(relay_chat(state, req, true).await)
 }
 
 async fn allowed_models(state: &AppState) -> Result<Json<ModelList>, ApiError> {
@@ -202,8 +205,9 @@ async fn allowed_models(state: &AppState) -> Result<Json<ModelList>, ApiError> {
 pub async fn list_chat_models(
     State(state): State<AppState>,
     _auth: AuthUser,
-) -> Result<Json<ModelList>, ApiError> {
-    allowed_models(&state).await
+    limit: Limited<ModelsLimit>,
+) -> Response {
+    limit.wrap(allowed_models(&state).await)
 }
 
 /// Same as `/chat/models`, at the path the official SDKs use.
@@ -215,6 +219,7 @@ pub async fn list_chat_models(
 pub async fn list_models(
     State(state): State<AppState>,
     _auth: AuthUser,
-) -> Result<Json<ModelList>, ApiError> {
-    allowed_models(&state).await
+    limit: Limited<ModelsLimit>,
+) -> Response {
+    limit.wrap(allowed_models(&state).await)
 }

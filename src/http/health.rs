@@ -98,11 +98,21 @@ where
         (status = 503, description = "The database is down", body = DetailedHealth),
     ))]
 pub async fn get_health_detailed(State(state): State<AppState>) -> Response {
-    let (database, upstream) =
-        tokio::join!(timed(state.store.ping()), timed(state.upstream.check()));
+    let redis = async {
+        if state.limiter.redis_configured() {
+            timed(state.limiter.ping_redis()).await
+        } else {
+            Check::not_configured()
+        }
+    };
+    let (database, upstream, redis) = tokio::join!(
+        timed(state.store.ping()),
+        timed(state.upstream.check()),
+        redis
+    );
     let checks = Checks {
         database,
-        redis: Check::not_configured(),
+        redis,
         upstream,
     };
     let all = [&checks.database, &checks.redis, &checks.upstream];
@@ -123,7 +133,7 @@ pub async fn get_health_detailed(State(state): State<AppState>) -> Response {
         version: env!("CARGO_PKG_VERSION"),
         uptime_seconds: state.started_at.elapsed().as_secs(),
         checks,
-        rate_limiter: "memory",
+        rate_limiter: state.limiter.backend().as_str(),
         database_engine: state.store.engine(),
     };
     (code, Json(body)).into_response()

@@ -19,10 +19,9 @@ use axum::response::Response;
 use bytes::Bytes;
 use http::header::{CONTENT_SECURITY_POLICY, CONTENT_TYPE};
 use http::{HeaderName, HeaderValue, Method, StatusCode};
-use tracing::Instrument as _;
 use uuid::Uuid;
 
-use crate::error::{envelope_response, error_code_for};
+use crate::error::{ErrorDetail, envelope_response, error_code_for};
 
 /// `X-Request-ID`.
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -84,6 +83,15 @@ fn sane_request_id(value: &HeaderValue) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
+/// A random (v4) UUID from the thread-local generator: no system call per request, unlike
+/// `Uuid::new_v4`.
+fn new_request_id() -> HeaderValue {
+    let uuid = uuid::Builder::from_random_bytes(rand::random()).into_uuid();
+    let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    HeaderValue::from_bytes(uuid.hyphenated().encode_lower(&mut buf).as_bytes())
+        .unwrap_or(HeaderValue::from_static("invalid"))
+}
+
 fn is_json(response: &Response) -> bool {
     response
         .headers()
@@ -113,25 +121,23 @@ pub async fn observe(mut req: Request, next: Next) -> Response {
         .get(&X_REQUEST_ID)
         .filter(|v| sane_request_id(v))
         .cloned()
-        .unwrap_or_else(|| {
-            HeaderValue::try_from(Uuid::new_v4().to_string())
-                .unwrap_or(HeaderValue::from_static("invalid"))
-        });
+        .unwrap_or_else(new_request_id);
     let ctx = Arc::new(RequestContext::new(request_id.clone()));
     req.extensions_mut().insert(ctx.clone());
     let method = req.method().clone();
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned());
+    let route = req.extensions().get::<MatchedPath>().cloned();
 
-    let span = tracing::info_span!(
-        "request",
-        request_id = %String::from_utf8_lossy(request_id.as_bytes())
-    );
-    let mut response = next.run(req).instrument(span).await;
+    let mut response = next.run(req).await;
 
     let status = response.status();
+    if let Some(ErrorDetail(detail)) = response.extensions_mut().remove::<ErrorDetail>() {
+        let request_id = String::from_utf8_lossy(request_id.as_bytes());
+        if status.is_server_error() && status != StatusCode::SERVICE_UNAVAILABLE {
+            tracing::error!(request_id = %request_id, error = %detail, "internal error");
+        } else {
+            tracing::warn!(request_id = %request_id, reason = %detail, "dependency unavailable");
+        }
+    }
     if (status.is_client_error() || status.is_server_error()) && !is_json(&response) {
         let mut enveloped = envelope_response(
             status,
@@ -188,7 +194,7 @@ pub async fn observe(mut req: Request, next: Next) -> Response {
 struct RequestLog {
     ctx: Arc<RequestContext>,
     method: Method,
-    route: Option<String>,
+    route: Option<MatchedPath>,
     status: StatusCode,
     start: Instant,
 }
@@ -201,7 +207,7 @@ impl RequestLog {
         tracing::info!(
             target: "relay::request",
             method = %self.method,
-            route = self.route.as_deref().unwrap_or("-"),
+            route = self.route.as_ref().map_or("-", MatchedPath::as_str),
             status = self.status.as_u16(),
             latency_ms = (latency_ms * 1000.0).round() / 1000.0,
             request_id = %String::from_utf8_lossy(self.ctx.request_id.as_bytes()),

@@ -19,6 +19,7 @@ pub mod docs;
 pub mod extract;
 pub mod health;
 pub mod middleware;
+pub mod ratelimit;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;

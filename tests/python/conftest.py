@@ -65,6 +65,8 @@ def relay_url():
             "ALLOWED_MODELS": "mock-echo,mock-error-429,mock-error-500",
             "DATABASE_URL": f"sqlite://{tmp}/relay.db",
             "REDIS_URL": "",
+            "RATE_LIMIT_REQUESTS": "100000",
+            "RATE_LIMIT_CHAT_REQUESTS": "25",
             "LOG_LEVEL": "warn",
         }
         relay = subprocess.Popen([str(RELAY), "serve"], env=env, cwd=tmp, stderr=subprocess.DEVNULL)
@@ -85,6 +87,14 @@ def access_token(relay_url):
     api = f"{relay_url}/api/v1"
     post_json(f"{api}/auth/register", {"email": "sdk@example.com", "password": "password-123"})
     return post_json(f"{api}/auth/login", {"email": "sdk@example.com", "password": "password-123"})[
+        "access_token"
+    ]
+
+
+def new_user_token(relay_url: str, email: str) -> str:
+    api = f"{relay_url}/api/v1"
+    post_json(f"{api}/auth/register", {"email": email, "password": "password-123"})
+    return post_json(f"{api}/auth/login", {"email": email, "password": "password-123"})[
         "access_token"
     ]
 

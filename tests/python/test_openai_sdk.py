@@ -3,6 +3,8 @@
 import openai
 import pytest
 
+from conftest import new_user_token
+
 MESSAGES = [
     {"role": "system", "content": "You are a test."},
     {"role": "user", "content": "the quick brown fox"},
@@ -83,3 +85,15 @@ def test_other_statuses_raise_api_status_error(client):
         client.chat.completions.create(model="not-allowed", messages=MESSAGES)
     assert isinstance(err.value, openai.APIStatusError)
     assert err.value.body["code"] == "model_not_allowed"
+
+
+def test_spent_capacity_raises_rate_limit_error(relay_url):
+    token = new_user_token(relay_url, "spender@example.com")
+    client = openai.OpenAI(base_url=f"{relay_url}/api/v1", api_key=token, max_retries=0)
+    for _ in range(25):  # RATE_LIMIT_CHAT_REQUESTS in conftest
+        client.chat.completions.create(model="mock-echo", messages=MESSAGES)
+    with pytest.raises(openai.RateLimitError) as err:
+        client.chat.completions.create(model="mock-echo", messages=MESSAGES)
+    assert err.value.body["type"] == "rate_limit_error"
+    assert int(err.value.response.headers["retry-after"]) >= 1
+    assert err.value.response.headers["x-ratelimit-remaining"] == "0"

@@ -103,10 +103,17 @@ pub fn test_vars(database_url: &str, extra: &[(&str, &str)]) -> HashMap<String, 
         ("LOG_LEVEL", "warn"),
         ("ALLOWED_ORIGINS", "https://app.example.com"),
         ("SHUTDOWN_GRACE_SECONDS", "1"),
+        // Generous limits and a namespace of its own, so that tests sharing the local Redis
+        // never limit each other; the rate-limit tests set their own.
+        ("RATE_LIMIT_REQUESTS", "100000"),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v.to_owned()))
     .collect();
+    vars.insert(
+        "RATE_LIMIT_KEY_PREFIX".to_owned(),
+        format!("test-{}", uuid::Uuid::new_v4().simple()),
+    );
     for (k, v) in extra {
         vars.insert((*k).to_owned(), (*v).to_owned());
     }
@@ -201,7 +208,9 @@ pub async fn spawn_app_on(test_db: Arc<TestDb>, extra: &[(&str, &str)], mode: Mo
         vars.insert("OPENAI_BASE_URL".to_owned(), base);
     }
     let config = Config::from_vars(&vars, mode).unwrap();
-    relay::telemetry::init(&config.log_level, config.log_format);
+    static LOG_GUARD: std::sync::OnceLock<Option<relay::telemetry::LogGuard>> =
+        std::sync::OnceLock::new();
+    LOG_GUARD.get_or_init(|| relay::telemetry::init(&config.log_level, config.log_format));
     let app = App::build(config).await.unwrap();
     let addr = app.local_addr().unwrap();
     let store = app.state().store.clone();

@@ -1,0 +1,30 @@
+-- One token-bucket decision, atomically (see bucket.rs for the arithmetic, which this mirrors).
+-- KEYS[1]: the bucket. ARGV[1]: capacity, ARGV[2]: window in ms.
+-- Returns {allowed (0|1), level after the decision}. Time is Redis's own clock, so every
+-- replica agrees on it.
+local capacity = tonumber(ARGV[1])
+local window = tonumber(ARGV[2])
+local full = capacity * window
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local stored = redis.call('HMGET', KEYS[1], 'l', 't')
+local level = tonumber(stored[1])
+local at = tonumber(stored[2])
+if level == nil or at == nil then
+  level = full
+  at = now
+end
+if now > at then
+  level = math.min(full, level + (now - at) * capacity)
+  at = now
+end
+local allowed = 0
+if level >= window then
+  level = level - window
+  allowed = 1
+end
+redis.call('HSET', KEYS[1], 'l', string.format('%.0f', level), 't', string.format('%.0f', at))
+-- Idle buckets vanish once they would be full again (an absent bucket is a full one).
+local ms_to_full = math.ceil((full - level) / capacity)
+redis.call('PEXPIRE', KEYS[1], ms_to_full + 1000)
+return {allowed, string.format('%.0f', level)}

@@ -1,0 +1,177 @@
+//! Token-bucket arithmetic, shared by the memory backend and (as Lua) by the Redis script.
+//!
+//! Everything is whole numbers so that Rust and Lua (whose numbers are doubles) agree to the
+//! last unit: one token is `window_ms` units, a full bucket `capacity × window_ms` units, and
+//! each elapsed millisecond adds `capacity` units. That is exactly a refill of
+//! `capacity / window` tokens a second, with no rounding anywhere. Config validation keeps
+//! `capacity × window_ms` under 2^53, where doubles are still exact.
+
+/// The largest `capacity × window_ms` allowed (2^53: doubles are exact below it).
+pub const MAX_UNITS: u64 = 1 << 53;
+
+/// A bucket's shape, in the units above.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shape {
+    /// Tokens when full.
+    pub capacity: u64,
+    /// Milliseconds for an empty bucket to refill.
+    pub window_ms: u64,
+}
+
+impl Shape {
+    /// Units in a full bucket.
+    pub fn full(self) -> u64 {
+        self.capacity * self.window_ms
+    }
+}
+
+/// A bucket's stored state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bucket {
+    /// Units in the bucket.
+    pub level: u64,
+    /// When `level` was last brought up to date, in milliseconds.
+    pub at_ms: u64,
+}
+
+/// One decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decision {
+    /// Whether the request may go ahead.
+    pub allowed: bool,
+    /// The bucket's capacity.
+    pub limit: u64,
+    /// Whole tokens left after this request.
+    pub remaining: u64,
+    /// Milliseconds until the bucket is full again.
+    pub reset_ms: u64,
+    /// Milliseconds until one token is available (0 when allowed).
+    pub retry_after_ms: u64,
+}
+
+/// Refills `bucket` (absent: full) up to `now_ms` and takes one token if there is one.
+/// A clock that goes backwards refills nothing.
+pub fn take(bucket: Option<Bucket>, now_ms: u64, shape: Shape) -> (Bucket, Decision) {
+    let full = shape.full();
+    let mut b = bucket.unwrap_or(Bucket {
+        level: full,
+        at_ms: now_ms,
+    });
+    if now_ms > b.at_ms {
+        let added = (now_ms - b.at_ms).saturating_mul(shape.capacity);
+        b.level = full.min(b.level.saturating_add(added));
+        b.at_ms = now_ms;
+    }
+    let allowed = b.level >= shape.window_ms;
+    if allowed {
+        b.level -= shape.window_ms;
+    }
+    (b, decide(allowed, b.level, shape))
+}
+
+/// The bucket's level at `now_ms` without taking anything.
+pub fn level_at(bucket: Bucket, now_ms: u64, shape: Shape) -> u64 {
+    let added = now_ms
+        .saturating_sub(bucket.at_ms)
+        .saturating_mul(shape.capacity);
+    shape.full().min(bucket.level.saturating_add(added))
+}
+
+/// The decision for a bucket left at `level` units.
+pub fn decide(allowed: bool, level: u64, shape: Shape) -> Decision {
+    let per_ms = shape.capacity.max(1);
+    Decision {
+        allowed,
+        limit: shape.capacity,
+        remaining: level / shape.window_ms.max(1),
+        reset_ms: (shape.full().saturating_sub(level)).div_ceil(per_ms),
+        retry_after_ms: if allowed {
+            0
+        } else {
+            shape.window_ms.saturating_sub(level).div_ceil(per_ms)
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// An independent model of the same limit: the generic cell rate algorithm, in exact
+    /// integers (times scaled by `capacity`). A request at `t` conforms unless
+    /// `t < tat - tolerance`; a conforming one moves `tat` to `max(tat, t) + interval`.
+    struct Gcra {
+        tat: u64,
+        interval: u64,
+        tolerance: u64,
+        scale: u64,
+    }
+
+    impl Gcra {
+        fn new(shape: Shape) -> Self {
+            Gcra {
+                tat: 0,
+                interval: shape.window_ms,
+                tolerance: (shape.capacity - 1) * shape.window_ms,
+                scale: shape.capacity,
+            }
+        }
+
+        fn request(&mut self, now_ms: u64) -> bool {
+            let t = now_ms * self.scale;
+            if t + self.tolerance < self.tat {
+                return false;
+            }
+            self.tat = self.tat.max(t) + self.interval;
+            true
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn agrees_with_gcra(
+            capacity in 1u64..50,
+            window_ms in 1u64..5_000,
+            steps in prop::collection::vec((0u64..400, 1usize..4), 1..200),
+        ) {
+            let shape = Shape { capacity, window_ms };
+            let mut model = Gcra::new(shape);
+            let mut bucket = None;
+            let mut now = 1_000_000u64;
+            for (advance, burst) in steps {
+                now += advance;
+                for _ in 0..burst {
+                    let (b, d) = take(bucket, now, shape);
+                    bucket = Some(b);
+                    prop_assert_eq!(d.allowed, model.request(now), "at {} ms", now);
+                    prop_assert!(d.remaining <= capacity);
+                    if !d.allowed {
+                        prop_assert!(d.retry_after_ms >= 1);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn full_bucket_then_refill() {
+        let shape = Shape {
+            capacity: 3,
+            window_ms: 3000,
+        };
+        let mut b = None;
+        for left in [2, 1, 0] {
+            let (nb, d) = take(b, 0, shape);
+            b = Some(nb);
+            assert!(d.allowed);
+            assert_eq!(d.remaining, left);
+        }
+        let (nb, d) = take(b, 0, shape);
+        assert!(!d.allowed);
+        assert_eq!(d.retry_after_ms, 1000);
+        assert_eq!(d.reset_ms, 3000);
+        let (_, d) = take(Some(nb), 1000, shape);
+        assert!(d.allowed, "one token a second");
+    }
+}

@@ -1,0 +1,102 @@
+//! In-process buckets: the fallback when Redis is away, and the only backend in dev mode.
+//!
+//! Sharded so that cores do not contend on one lock. Memory stays bounded however many keys
+//! arrive: a shard that grows past its share first drops buckets that have refilled (a full
+//! bucket and an absent one behave the same), and if that is not enough, it is cleared.
+
+use std::collections::HashMap;
+use std::hash::BuildHasher as _;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use super::bucket::{self, Bucket, Decision, Shape};
+
+const SHARDS: usize = 32;
+
+/// Buckets kept before eviction starts, over all shards.
+pub const DEFAULT_MAX_KEYS: usize = 100_000;
+
+/// The memory backend.
+pub struct MemoryLimiter {
+    epoch: Instant,
+    hasher: std::collections::hash_map::RandomState,
+    shards: Vec<Mutex<HashMap<String, (Bucket, Shape)>>>,
+    max_per_shard: usize,
+}
+
+impl MemoryLimiter {
+    /// A limiter keeping at most about `max_keys` buckets.
+    pub fn new(max_keys: usize) -> Self {
+        MemoryLimiter {
+            epoch: Instant::now(),
+            hasher: std::collections::hash_map::RandomState::new(),
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            max_per_shard: (max_keys / SHARDS).max(1),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Takes a token from `key`'s bucket.
+    pub fn check(&self, key: &str, shape: Shape) -> Decision {
+        let now = self.now_ms();
+        let shard = (self.hasher.hash_one(key) as usize) % SHARDS;
+        let mut map = self.shards[shard].lock().unwrap_or_else(|e| e.into_inner());
+        let stored = map.get(key).filter(|(_, s)| *s == shape).map(|(b, _)| *b);
+        let (updated, decision) = bucket::take(stored, now, shape);
+        if stored.is_none() && map.len() >= self.max_per_shard {
+            map.retain(|_, (b, s)| bucket::level_at(*b, now, *s) < s.full());
+            if map.len() >= self.max_per_shard {
+                map.clear();
+            }
+        }
+        map.insert(key.to_owned(), (updated, shape));
+        decision
+    }
+
+    /// Buckets held now (for tests).
+    pub fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().map(|m| m.len()).unwrap_or(0))
+            .sum()
+    }
+
+    /// Whether no bucket is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_stays_bounded() {
+        let limiter = MemoryLimiter::new(320);
+        let shape = Shape {
+            capacity: 5,
+            window_ms: 60_000,
+        };
+        for i in 0..10_000 {
+            limiter.check(&format!("key-{i}"), shape);
+        }
+        assert!(limiter.len() <= 320, "{}", limiter.len());
+    }
+
+    #[test]
+    fn a_key_runs_out() {
+        let limiter = MemoryLimiter::new(100);
+        let shape = Shape {
+            capacity: 2,
+            window_ms: 60_000,
+        };
+        assert!(limiter.check("k", shape).allowed);
+        assert!(limiter.check("k", shape).allowed);
+        assert!(!limiter.check("k", shape).allowed);
+        assert!(limiter.check("other", shape).allowed);
+    }
+}

@@ -1,0 +1,249 @@
+//! Rate limiting: one interface, two backends (Redis shared by every replica, memory as the
+//! fallback), switched at run time.
+//!
+//! Each decision goes to Redis when it is live, with a budget of [`REDIS_BUDGET`]; a failure
+//! or a timeout flips the limiter to memory (logged once), and a background probe with backoff
+//! brings it back when Redis answers again. While Redis is down, requests pay nothing for it.
+
+pub mod bucket;
+pub mod memory;
+pub mod redis;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use sha2::{Digest as _, Sha256};
+use tokio::sync::RwLock;
+use uuid::Uuid;
+
+pub use bucket::{Decision, Shape};
+
+use self::redis::RedisLimiter;
+use crate::config::{Endpoint, Limit, RateLimits};
+use memory::MemoryLimiter;
+
+/// How long a decision may wait for Redis before it is taken from memory instead.
+pub const REDIS_BUDGET: Duration = Duration::from_millis(50);
+const PROBE_MIN: Duration = Duration::from_millis(100);
+const PROBE_MAX: Duration = Duration::from_secs(2);
+
+/// Who a bucket belongs to.
+#[derive(Debug, Clone)]
+pub enum Subject {
+    /// An authenticated user.
+    User(Uuid),
+    /// An anonymous client.
+    Ip(IpAddr),
+    /// An email tried at login (hashed in the key).
+    Email(String),
+}
+
+impl Subject {
+    fn key_part(&self) -> String {
+        match self {
+            Subject::User(id) => format!("user:{id}"),
+            Subject::Ip(ip) => format!("ip:{ip}"),
+            Subject::Email(email) => {
+                let digest = Sha256::digest(email.to_lowercase().as_bytes());
+                format!("email:{}", hex::encode(&digest[..16]))
+            }
+        }
+    }
+}
+
+/// Which backend decides right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// Shared by every replica.
+    Redis,
+    /// This process only.
+    Memory,
+}
+
+impl Backend {
+    /// `redis` or `memory`, as `/health/detailed` shows it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Redis => "redis",
+            Backend::Memory => "memory",
+        }
+    }
+}
+
+struct RedisSide {
+    client: ::redis::Client,
+    limiter: RwLock<Option<RedisLimiter>>,
+    live: AtomicBool,
+    probing: AtomicBool,
+}
+
+/// The limiter every handler uses.
+pub struct RateLimiter {
+    limits: RateLimits,
+    prefix: String,
+    memory: MemoryLimiter,
+    redis: Option<Arc<RedisSide>>,
+}
+
+fn shape(limit: Limit) -> Shape {
+    Shape {
+        capacity: u64::from(limit.requests),
+        window_ms: u64::try_from(limit.window.as_millis()).unwrap_or(u64::MAX),
+    }
+}
+
+impl RateLimiter {
+    /// A limiter over `redis_url` (or memory only when `None`). An unreachable Redis at
+    /// start-up is not an error: the limiter starts on memory and keeps probing.
+    pub async fn new(
+        limits: RateLimits,
+        redis_url: Option<&str>,
+        prefix: &str,
+    ) -> anyhow::Result<Self> {
+        let redis = match redis_url {
+            None => None,
+            Some(url) => {
+                let client = ::redis::Client::open(url)?;
+                let side = Arc::new(RedisSide {
+                    client,
+                    limiter: RwLock::new(None),
+                    live: AtomicBool::new(false),
+                    probing: AtomicBool::new(false),
+                });
+                match tokio::time::timeout(
+                    Duration::from_secs(1),
+                    RedisLimiter::connect(side.client.clone()),
+                )
+                .await
+                {
+                    Ok(Ok(limiter)) => {
+                        *side.limiter.write().await = Some(limiter);
+                        side.live.store(true, Ordering::Release);
+                        tracing::info!("rate limiter: using Redis");
+                    }
+                    _ => {
+                        tracing::warn!(
+                            "rate limiter: Redis unreachable at start-up; using in-memory limits until it answers"
+                        );
+                        start_probe(side.clone());
+                    }
+                }
+                Some(side)
+            }
+        };
+        Ok(RateLimiter {
+            limits,
+            prefix: prefix.to_owned(),
+            memory: MemoryLimiter::new(memory::DEFAULT_MAX_KEYS),
+            redis,
+        })
+    }
+
+    /// The backend deciding right now.
+    pub fn backend(&self) -> Backend {
+        match &self.redis {
+            Some(side) if side.live.load(Ordering::Acquire) => Backend::Redis,
+            _ => Backend::Memory,
+        }
+    }
+
+    /// Whether Redis is configured at all.
+    pub fn redis_configured(&self) -> bool {
+        self.redis.is_some()
+    }
+
+    /// Pings Redis (for `/health/detailed`).
+    pub async fn ping_redis(&self) -> Result<(), String> {
+        let side = self.redis.as_ref().ok_or("not configured")?;
+        let limiter = side.limiter.read().await.clone().ok_or("not connected")?;
+        limiter.ping().await.map_err(|e| e.to_string())
+    }
+
+    /// The bucket key for `endpoint` and `subject`. Endpoints without their own limit share
+    /// the global bucket. The `{…}` hash tag keeps a decision in one Redis Cluster slot.
+    pub fn key(&self, endpoint: Endpoint, subject: &Subject) -> String {
+        let scope = if self.limits.overrides.contains_key(&endpoint) {
+            endpoint.name().to_ascii_lowercase()
+        } else {
+            "all".to_owned()
+        };
+        format!("{}:rl:{{{scope}:{}}}", self.prefix, subject.key_part())
+    }
+
+    /// Takes one token for `subject` at `endpoint`.
+    pub async fn check(&self, endpoint: Endpoint, subject: &Subject) -> Decision {
+        let key = self.key(endpoint, subject);
+        let shape = shape(self.limits.for_endpoint(endpoint));
+        self.check_key(&key, shape).await
+    }
+
+    /// Takes one token from the bucket `key`.
+    pub async fn check_key(&self, key: &str, shape: Shape) -> Decision {
+        if let Some(side) = &self.redis
+            && side.live.load(Ordering::Acquire)
+        {
+            let limiter = side.limiter.read().await.clone();
+            if let Some(limiter) = limiter {
+                match tokio::time::timeout(REDIS_BUDGET, limiter.check(key, shape)).await {
+                    Ok(Ok(decision)) => return decision,
+                    Ok(Err(e)) => fall_back(side, &e.to_string()),
+                    Err(_) => fall_back(side, "no answer within the budget"),
+                }
+            }
+        }
+        self.memory.check(key, shape)
+    }
+}
+
+/// Switches to memory (once) and starts the probe.
+fn fall_back(side: &Arc<RedisSide>, why: &str) {
+    if side.live.swap(false, Ordering::AcqRel) {
+        tracing::warn!(
+            reason = why,
+            "rate limiter: Redis failed; falling back to in-memory limits"
+        );
+        start_probe(side.clone());
+    }
+}
+
+/// Retries Redis with backoff until it answers, then switches back to it.
+fn start_probe(side: Arc<RedisSide>) {
+    if side.probing.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    tokio::spawn(async move {
+        let mut wait = PROBE_MIN;
+        loop {
+            tokio::time::sleep(wait).await;
+            let current = side.limiter.read().await.clone();
+            let healthy = match current {
+                Some(limiter) => matches!(
+                    tokio::time::timeout(Duration::from_millis(500), limiter.ping()).await,
+                    Ok(Ok(()))
+                ),
+                None => match tokio::time::timeout(
+                    Duration::from_secs(1),
+                    RedisLimiter::connect(side.client.clone()),
+                )
+                .await
+                {
+                    Ok(Ok(limiter)) => {
+                        let ok = limiter.ping().await.is_ok();
+                        *side.limiter.write().await = Some(limiter);
+                        ok
+                    }
+                    _ => false,
+                },
+            };
+            if healthy {
+                side.live.store(true, Ordering::Release);
+                side.probing.store(false, Ordering::Release);
+                tracing::info!("rate limiter: Redis is back; using shared limits again");
+                return;
+            }
+            wait = (wait * 2).min(PROBE_MAX);
+        }
+    });
+}

@@ -1,0 +1,438 @@
+//! Rate limits over real HTTP, on the memory backend and on the real Redis, plus the Redis
+//! outage story with a `redis-server` of the test's own.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests panic on failure by design
+
+mod support;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use support::{Db, TestApp, spawn_app_with};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Backend {
+    Memory,
+    Redis,
+}
+
+fn redis_url(backend: Backend) -> &'static str {
+    match backend {
+        Backend::Memory => "",
+        Backend::Redis => "redis://127.0.0.1:6379/0",
+    }
+}
+
+async fn app(backend: Backend, extra: &[(&str, &str)]) -> TestApp {
+    let mut vars = vec![("REDIS_URL", redis_url(backend))];
+    vars.extend_from_slice(extra);
+    spawn_app_with(Db::Sqlite, &vars).await
+}
+
+fn hello() -> Value {
+    json!({"model": "mock-echo", "messages": [{"role": "user", "content": "hi"}]})
+}
+
+async fn chat(app: &TestApp, token: &str) -> reqwest::Response {
+    app.client
+        .post(app.api("/chat/completions"))
+        .bearer_auth(token)
+        .json(&hello())
+        .send()
+        .await
+        .unwrap()
+}
+
+fn header(resp: &reqwest::Response, name: &str) -> u64 {
+    resp.headers()[name].to_str().unwrap().parse().unwrap()
+}
+
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod memory {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() { super::$name(super::Backend::Memory).await }
+            )*
+        }
+        mod redis {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() { super::$name(super::Backend::Redis).await }
+            )*
+        }
+    };
+}
+
+on_both_backends!(
+    headers_count_down_then_429,
+    buckets_refill_continuously,
+    two_hundred_at_once_against_twenty,
+    login_guessing_is_stopped_by_ip_and_by_email,
+    register_and_refresh_are_limited_by_ip,
+);
+
+async fn headers_count_down_then_429(backend: Backend) {
+    let app = app(backend, &[("RATE_LIMIT_CHAT_REQUESTS", "3")]).await;
+    let health: Value = app
+        .client
+        .get(app.api("/health/detailed"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        health["rate_limiter"],
+        match backend {
+            Backend::Memory => "memory",
+            Backend::Redis => "redis",
+        }
+    );
+    assert_eq!(
+        health["checks"]["redis"]["status"],
+        match backend {
+            Backend::Memory => "not_configured",
+            Backend::Redis => "ok",
+        }
+    );
+
+    let (token, _) = app.user_tokens("limits@example.com").await;
+    for left in [2, 1, 0] {
+        let resp = chat(&app, &token).await;
+        assert_eq!(resp.status(), 200);
+        assert_eq!(header(&resp, "x-ratelimit-limit"), 3);
+        assert_eq!(header(&resp, "x-ratelimit-remaining"), left);
+        assert!(header(&resp, "x-ratelimit-reset") >= 1);
+    }
+    let resp = chat(&app, &token).await;
+    assert_eq!(resp.status(), 429);
+    let retry = header(&resp, "retry-after");
+    assert!((1..=1200).contains(&retry), "{retry}");
+    assert_eq!(header(&resp, "x-ratelimit-remaining"), 0);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "rate_limit_error");
+    assert_eq!(body["error"]["code"], "rate_limit_exceeded");
+
+    // Another user has a bucket of their own; models (no override) use the global bucket.
+    let (other, _) = app.user_tokens("other@example.com").await;
+    assert_eq!(chat(&app, &other).await.status(), 200);
+    let resp = app
+        .client
+        .get(app.api("/models"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(header(&resp, "x-ratelimit-limit"), 100_000);
+    // Health is never limited and carries no rate-limit headers.
+    let resp = app.client.get(app.api("/health")).send().await.unwrap();
+    assert!(resp.headers().get("x-ratelimit-limit").is_none());
+}
+
+async fn buckets_refill_continuously(backend: Backend) {
+    let app = app(
+        backend,
+        &[
+            ("RATE_LIMIT_CHAT_REQUESTS", "2"),
+            ("RATE_LIMIT_CHAT_WINDOW", "2"),
+        ],
+    )
+    .await;
+    let (token, _) = app.user_tokens("refill@example.com").await;
+    assert_eq!(chat(&app, &token).await.status(), 200);
+    assert_eq!(chat(&app, &token).await.status(), 200);
+    let resp = chat(&app, &token).await;
+    assert_eq!(resp.status(), 429);
+    assert_eq!(header(&resp, "retry-after"), 1, "one token a second");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(chat(&app, &token).await.status(), 200);
+    assert_eq!(chat(&app, &token).await.status(), 429);
+}
+
+async fn two_hundred_at_once_against_twenty(backend: Backend) {
+    let app = app(backend, &[("RATE_LIMIT_CHAT_REQUESTS", "20")]).await;
+    let (token, _) = app.user_tokens("burst@example.com").await;
+    let requests = (0..200).map(|_| {
+        let (client, url, token) = (
+            app.client.clone(),
+            app.api("/chat/completions"),
+            token.clone(),
+        );
+        async move {
+            client
+                .post(url)
+                .bearer_auth(token)
+                .json(&hello())
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    });
+    let statuses = futures_util::future::join_all(requests).await;
+    assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 20);
+    assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 180);
+}
+
+async fn login_guessing_is_stopped_by_ip_and_by_email(backend: Backend) {
+    let login = |app: &TestApp, email: &'static str, forwarded: Option<String>| {
+        let mut req = app
+            .client
+            .post(app.api("/auth/login"))
+            .json(&json!({"email": email, "password": "wrong-password"}));
+        if let Some(ip) = forwarded {
+            req = req.header("x-forwarded-for", ip);
+        }
+        async move { req.send().await.unwrap().status().as_u16() }
+    };
+    // From one IP.
+    let app1 = app(backend, &[("RATE_LIMIT_LOGIN_REQUESTS", "5")]).await;
+    app1.register("victim@example.com", "password-123").await;
+    let mut statuses = Vec::new();
+    for _ in 0..7 {
+        statuses.push(login(&app1, "victim@example.com", None).await);
+    }
+    assert_eq!(statuses, [401, 401, 401, 401, 401, 429, 429]);
+
+    // From many (spoofed) IPs, proxy headers trusted: the email's bucket stops it.
+    let app2 = app(
+        backend,
+        &[
+            ("RATE_LIMIT_LOGIN_REQUESTS", "5"),
+            ("TRUST_PROXY_HEADERS", "true"),
+        ],
+    )
+    .await;
+    let mut statuses = Vec::new();
+    for i in 0..7 {
+        statuses.push(login(&app2, "victim@example.com", Some(format!("203.0.113.{i}"))).await);
+    }
+    assert_eq!(statuses, [401, 401, 401, 401, 401, 429, 429]);
+    // Other emails from those IPs are still fine: it was the email that was limited.
+    assert_eq!(
+        login(&app2, "someone@example.com", Some("203.0.113.1".into())).await,
+        401
+    );
+
+    // Not trusted: the header is ignored, so many "IPs" are one IP, stopped by its bucket even
+    // across different emails.
+    let app3 = app(backend, &[("RATE_LIMIT_LOGIN_REQUESTS", "5")]).await;
+    let emails = [
+        "a@example.com",
+        "b@example.com",
+        "c@example.com",
+        "d@example.com",
+        "e@example.com",
+        "f@example.com",
+    ];
+    let mut statuses = Vec::new();
+    for (i, email) in emails.iter().enumerate() {
+        statuses.push(login(&app3, email, Some(format!("198.51.100.{i}"))).await);
+    }
+    assert_eq!(statuses, [401, 401, 401, 401, 401, 429]);
+}
+
+async fn register_and_refresh_are_limited_by_ip(backend: Backend) {
+    let app = app(
+        backend,
+        &[
+            ("RATE_LIMIT_REGISTER_REQUESTS", "2"),
+            ("RATE_LIMIT_REFRESH_REQUESTS", "1"),
+        ],
+    )
+    .await;
+    app.register("r1@example.com", "password-123").await;
+    app.register("r2@example.com", "password-123").await;
+    let resp = app
+        .client
+        .post(app.api("/auth/register"))
+        .json(&json!({"email": "r3@example.com", "password": "password-123"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 429);
+    assert!(
+        app.store
+            .user_by_email("r3@example.com")
+            .await
+            .unwrap()
+            .is_none(),
+        "nothing done when limited"
+    );
+    let pair: Value = app
+        .login("r1@example.com", "password-123")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let refresh = |token: Value| {
+        app.client
+            .post(app.api("/auth/refresh"))
+            .json(&json!({ "refresh_token": token }))
+            .send()
+    };
+    let resp = refresh(pair["refresh_token"].clone()).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(header(&resp, "x-ratelimit-limit"), 1);
+    assert_eq!(
+        refresh(pair["refresh_token"].clone())
+            .await
+            .unwrap()
+            .status(),
+        429
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_sharing_redis_share_one_limit() {
+    let prefix = format!("shared-{}", uuid::Uuid::new_v4().simple());
+    let vars = [
+        ("REDIS_URL", "redis://127.0.0.1:6379/0"),
+        ("RATE_LIMIT_CHAT_REQUESTS", "10"),
+        ("RATE_LIMIT_KEY_PREFIX", prefix.as_str()),
+    ];
+    let a = spawn_app_with(Db::Postgres, &vars).await;
+    let b = support::spawn_app_on(a.db.clone(), &vars, relay::config::Mode::Serve).await;
+    let (token, _) = a.user_tokens("shared@example.com").await;
+    let requests = (0..60).map(|i| {
+        let app = if i % 2 == 0 { &a } else { &b };
+        let (client, url, token) = (
+            app.client.clone(),
+            app.api("/chat/completions"),
+            token.clone(),
+        );
+        async move {
+            client
+                .post(url)
+                .bearer_auth(token)
+                .json(&hello())
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    });
+    let statuses = futures_util::future::join_all(requests).await;
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        10,
+        "{statuses:?}"
+    );
+}
+
+/// A `redis-server` of the test's own, on a free port.
+struct OwnRedis {
+    port: u16,
+    child: Child,
+}
+
+impl OwnRedis {
+    fn start(port: u16) -> OwnRedis {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed");
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "redis-server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        OwnRedis { port, child }
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+async fn backend_of(app: &TestApp) -> String {
+    let health: Value = app
+        .client
+        .get(app.api("/health/detailed"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    health["rate_limiter"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_outage_falls_back_to_memory_and_recovers() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut redis = OwnRedis::start(port);
+    let url = format!("redis://127.0.0.1:{}/0", redis.port);
+    let app = app(
+        Backend::Redis,
+        &[
+            ("REDIS_URL", url.as_str()),
+            ("RATE_LIMIT_CHAT_REQUESTS", "1000"),
+        ],
+    )
+    .await;
+    let (token, _) = app.user_tokens("outage@example.com").await;
+    assert_eq!(backend_of(&app).await, "redis");
+    assert_eq!(chat(&app, &token).await.status(), 200);
+
+    redis.stop();
+    // Requests keep being answered, none of them stalled by the dead Redis.
+    let mut slowest = Duration::ZERO;
+    for _ in 0..30 {
+        let start = Instant::now();
+        let resp = chat(&app, &token).await;
+        slowest = slowest.max(start.elapsed());
+        assert_eq!(resp.status(), 200);
+        assert!(resp.headers().contains_key("x-ratelimit-remaining"));
+    }
+    assert!(
+        slowest < Duration::from_millis(500),
+        "a request took {slowest:?}"
+    );
+    assert_eq!(backend_of(&app).await, "memory");
+
+    // Redis comes back on the same port: relay returns to it by itself.
+    let _redis = OwnRedis::start(port);
+    let start = Instant::now();
+    loop {
+        // Decisions are what notice the way back only through the probe, not requests.
+        if backend_of(&app).await == "redis" {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "relay did not go back to Redis"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(chat(&app, &token).await.status(), 200);
+}
