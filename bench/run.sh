@@ -18,9 +18,11 @@ RELAY_PORT=$((BASE_PORT + 10)); PACED_RELAY_PORT=$((BASE_PORT + 11)); NGINX_PORT
 command -v oha >/dev/null || cargo install oha --locked
 command -v nginx >/dev/null || { apt-get update -qq && apt-get install -y -qq nginx-light; }
 command -v taskset >/dev/null || { echo "taskset (util-linux) is needed" >&2; exit 1; }
-cargo build --release --locked --bin relay --example stream_bench >&2
+cargo build --release --locked --bin relay --example stream_bench --example limiter_bench >&2
 RELAY=$PWD/target/release/relay
 SB=$PWD/target/release/examples/stream_bench
+LB=$PWD/target/release/examples/limiter_bench
+REDIS=${BENCH_REDIS_URL:-redis://127.0.0.1:6379/0}
 
 TMP=$(mktemp -d)
 PIDS=()
@@ -33,11 +35,12 @@ wait_http() { for _ in $(seq 1 100); do curl -s -o /dev/null "$1" && return 0; s
 taskset -c "$LOAD_CPU" "$RELAY" mock-upstream --port "$MOCK" --chunks 20 2>/dev/null & PIDS+=($!)
 taskset -c "$LOAD_CPU" "$RELAY" mock-upstream --port "$PACED_MOCK" --chunks 20 --chunk-delay-ms 50 2>/dev/null & PIDS+=($!)
 
-start_relay() { # port upstream-port log-level
+start_relay() { # port upstream-port log-level [redis-url]
   (cd "$TMP" && exec env -i PATH="$PATH" HOST=127.0.0.1 PORT="$1" \
     SECRET_KEY=bench-secret-key-bench-secret-key-0123456789 OPENAI_API_KEY=sk-bench \
     OPENAI_BASE_URL="http://127.0.0.1:$2/v1" DATABASE_URL="sqlite://$TMP/relay-$1.db" \
-    REDIS_URL= RATE_LIMIT_REQUESTS=1000000000 RATE_LIMIT_WINDOW=1 LOG_LEVEL="$3" \
+    REDIS_URL="${4:-}" RATE_LIMIT_KEY_PREFIX="bench-$$" \
+    RATE_LIMIT_REQUESTS=1000000000 RATE_LIMIT_WINDOW=1 LOG_LEVEL="$3" \
     taskset -c "$PROXY_CPU" "$RELAY" serve 2>/dev/null) &
 }
 # The relay under test logs no line per request (like the nginx reference, access_log off);
@@ -45,6 +48,9 @@ start_relay() { # port upstream-port log-level
 start_relay "$RELAY_PORT" "$MOCK" warn; RELAY_PID=$!; PIDS+=($RELAY_PID)
 LOGGED_PORT=$((BASE_PORT + 12))
 start_relay "$LOGGED_PORT" "$MOCK" info; LOGGED_PID=$!; PIDS+=($LOGGED_PID)
+# A third one takes its rate-limit decisions in Redis (the others in memory).
+REDIS_PORT_RELAY=$((BASE_PORT + 13))
+start_relay "$REDIS_PORT_RELAY" "$MOCK" warn "$REDIS"; REDIS_RELAY_PID=$!; PIDS+=($REDIS_RELAY_PID)
 
 cat > "$TMP/nginx.conf" <<NGINX
 worker_processes 1;
@@ -72,6 +78,7 @@ taskset -c "$PROXY_CPU" nginx -c "$TMP/nginx.conf" -p "$TMP" 2>/dev/null & PIDS+
 wait_http "http://127.0.0.1:$MOCK/v1/models"
 wait_http "http://127.0.0.1:$RELAY_PORT/api/v1/health"
 wait_http "http://127.0.0.1:$LOGGED_PORT/api/v1/health"
+wait_http "http://127.0.0.1:$REDIS_PORT_RELAY/api/v1/health"
 wait_http "http://127.0.0.1:$NGINX_PORT/v1/models"
 
 API="http://127.0.0.1:$RELAY_PORT/api/v1"
@@ -136,6 +143,17 @@ read -r l64_50 l64_99 l64 l64ok lbad64 < <(oha_run "$LOGGED_URL" 64)
 l1=$(cpu_ticks "$LOGGED_PID")
 logged_cpu=$(python3 -c "print('%.4f' % (($l1 - $l0) / $HZ * 1000 / max($l64ok, 1)))")
 
+echo "Non-streaming, 64 connections, limits in Redis; and the limiter alone" >&2
+REDIS_RELAY_URL="http://127.0.0.1:$REDIS_PORT_RELAY/api/v1/chat/completions"
+oha_run "$REDIS_RELAY_URL" 4 >/dev/null
+read -r rr50 rr99 rr64 _ rrbad < <(oha_run "$REDIS_RELAY_URL" 64)
+read -r rr1_50 _ _ _ _ < <(oha_run "$REDIS_RELAY_URL" 1)
+limiter=$(taskset -c "$LOAD_CPU" "$LB" "$REDIS")
+mem_p50=$(python3 -c "import json,sys; print(json.loads(sys.argv[1])['memory']['p50_us'])" "$limiter")
+mem_mean=$(python3 -c "import json,sys; print(json.loads(sys.argv[1])['memory']['mean_us'])" "$limiter")
+red_p50=$(python3 -c "import json,sys; print(json.loads(sys.argv[1])['redis']['p50_us'])" "$limiter")
+red_p99=$(python3 -c "import json,sys; print(json.loads(sys.argv[1])['redis']['p99_us'])" "$limiter")
+
 echo "Streaming (20 chunks), 32 connections and time to first byte" >&2
 s_nginx=$(sb_run "$NGINX_URL" 32 --seconds "$DUR" --body "$STREAM")
 s_relay=$(sb_run "$RELAY_URL" 32 --seconds "$DUR" --body "$STREAM")
@@ -178,5 +196,9 @@ cat <<TABLE
 | 1,000 streams paced 50 ms/chunk: ok / errors | | | $(field "$paced" ok) / $(field "$paced" errors) | target: 0 errors |
 | 1,000 streams: relay peak RSS during the run (MiB) | | | $(python3 -c "print('%.1f' % ($rss_kib / 1024))") (idle before: $(python3 -c "print('%.1f' % ($base_kib / 1024))")) | target ≤ 64 |
 | 1,000 streams: relay VmHWM since start (MiB) | | | $(python3 -c "print('%.1f' % ($hwm_kib / 1024))") | includes start-up and login hashing (argon2id uses 19 MiB per hash) |
-| errors in the other relay runs | | | $((rbad1 + rbad64 + lbad64)) + $(field "$s_relay" errors) | |
+| rate-limit decision, memory backend: mean / p50 (µs) | | | $mem_mean / $mem_p50 | target < 5 |
+| rate-limit decision, Redis backend: p50 / p99 (µs) | | | $red_p50 / $red_p99 | target p50 < 150 (one round trip) |
+| non-stream, 64 conns, limits in memory vs Redis: requests/s | | | $r64 vs $rr64 | |
+| non-stream, 1 conn, limits in Redis: p50 (ms) | | | $rr1_50 | memory: $r50 |
+| errors in the other relay runs | | | $((rbad1 + rbad64 + lbad64 + rrbad)) + $(field "$s_relay" errors) | |
 TABLE
