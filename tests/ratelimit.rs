@@ -70,7 +70,48 @@ on_both_backends!(
     two_hundred_at_once_against_twenty,
     login_guessing_is_stopped_by_ip_and_by_email,
     register_and_refresh_are_limited_by_ip,
+    every_answer_of_a_limited_endpoint_carries_the_headers,
 );
+
+async fn every_answer_of_a_limited_endpoint_carries_the_headers(backend: Backend) {
+    let app = app(backend, &[]).await;
+    let cases = [
+        app.client.post(app.api("/chat/completions")).json(&hello()),
+        app.client
+            .post(app.api("/chat/completions"))
+            .bearer_auth("not-a-token")
+            .json(&hello()),
+        app.client.get(app.api("/models")),
+        app.client
+            .post(app.api("/auth/register"))
+            .json(&json!({"email": "bad"})),
+        app.client
+            .post(app.api("/auth/register"))
+            .header("content-type", "application/json")
+            .body("{"),
+        app.client
+            .post(app.api("/auth/refresh"))
+            .json(&json!({"refresh_token": "x"})),
+        app.client
+            .post(app.api("/auth/login"))
+            .json(&json!({"email": "a@example.com"})),
+        app.client
+            .post(app.api("/auth/login"))
+            .json(&json!({"email": "a@example.com", "password": "wrong-password"})),
+    ];
+    for request in cases {
+        let resp = request.send().await.unwrap();
+        assert!(resp.status().is_client_error(), "{}", resp.status());
+        assert!(
+            resp.headers().contains_key("x-ratelimit-limit"),
+            "{} {:?}",
+            resp.url(),
+            resp.status()
+        );
+        assert!(resp.headers().contains_key("x-ratelimit-remaining"));
+        assert!(resp.headers().contains_key("x-ratelimit-reset"));
+    }
+}
 
 async fn headers_count_down_then_429(backend: Backend) {
     let app = app(backend, &[("RATE_LIMIT_CHAT_REQUESTS", "3")]).await;
@@ -381,6 +422,71 @@ async fn backend_of(app: &TestApp) -> String {
         .await
         .unwrap();
     health["rate_limiter"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_redis_costs_no_stall_and_is_taken_back_when_it_wakes() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let redis = OwnRedis::start(port);
+    let url = format!("redis://127.0.0.1:{port}/0");
+    let app = app(
+        Backend::Redis,
+        &[
+            ("REDIS_URL", url.as_str()),
+            ("RATE_LIMIT_CHAT_REQUESTS", "1000"),
+        ],
+    )
+    .await;
+    let (token, _) = app.user_tokens("paused@example.com").await;
+    assert_eq!(backend_of(&app).await, "redis");
+    let pid = redis.child.id().to_string();
+    // A paused Redis accepts connections and never answers: the worst kind of outage.
+    assert!(
+        Command::new("kill")
+            .args(["-STOP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let mut slowest = Duration::ZERO;
+    for _ in 0..20 {
+        let start = Instant::now();
+        assert_eq!(chat(&app, &token).await.status(), 200);
+        slowest = slowest.max(start.elapsed());
+    }
+    assert!(
+        slowest < Duration::from_millis(500),
+        "a request took {slowest:?}"
+    );
+    assert_eq!(
+        app.client
+            .get(app.api("/health"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert!(
+        Command::new("kill")
+            .args(["-CONT", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let start = Instant::now();
+    while backend_of(&app).await != "redis" {
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "relay did not go back to Redis"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(redis);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,7 +2,7 @@
 
 use axum::Json;
 use axum::extract::{FromRequest, Request, State};
-use axum::response::{IntoResponse as _, Response};
+use axum::response::Response;
 use http::StatusCode;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -158,9 +158,14 @@ async fn issue_pair(
 pub async fn register_user(
     State(state): State<AppState>,
     limit: Limited<RegisterLimit>,
-    ApiJson(body): ApiJson<RegisterRequest>,
+    req: Request,
 ) -> Response {
-    limit.wrap(register(state, body).await)
+    // The body is read after the limit, so that its errors carry the rate-limit headers too.
+    let result = match ApiJson::<RegisterRequest>::from_request(req, &()).await {
+        Ok(ApiJson(body)) => register(state, body).await,
+        Err(e) => Err(e),
+    };
+    limit.wrap(result)
 }
 
 async fn register(
@@ -195,19 +200,23 @@ async fn register(
 pub async fn login_user(
     State(state): State<AppState>,
     ClientIp(ip): ClientIp,
-    Credentials(body): Credentials,
+    req: Request,
 ) -> Response {
-    // Limited by client IP and by the email tried, so that a password-guessing run is stopped
-    // from many addresses too. Both before any hashing.
-    let by_ip = Subject::Ip(ip);
-    let by_email = Subject::Email(body.email.trim().to_lowercase());
-    let (by_ip, by_email) = tokio::join!(
-        state.limiter.check(Endpoint::Login, &by_ip),
-        state.limiter.check(Endpoint::Login, &by_email),
-    );
-    let Some(decision) = most_restrictive(&[by_ip, by_email]) else {
-        return ApiError::internal(anyhow::anyhow!("no rate-limit decision")).into_response();
+    // Limited by client IP, then by the email tried, so that a password-guessing run is
+    // stopped from many addresses too; both before any hashing. The email's bucket is only
+    // charged for attempts the IP's bucket let through, so one refused address cannot keep a
+    // victim's email locked.
+    let by_ip = state.limiter.check(Endpoint::Login, &Subject::Ip(ip)).await;
+    if !by_ip.allowed {
+        return rejection(&by_ip);
+    }
+    let body = match Credentials::from_request(req, &()).await {
+        Ok(Credentials(body)) => body,
+        Err(e) => return Limited::<LoginLimit>::new(by_ip).wrap(Err::<(), _>(e)),
     };
+    let email = Subject::Email(body.email.trim().to_lowercase());
+    let by_email = state.limiter.check(Endpoint::Login, &email).await;
+    let decision = most_restrictive(&[by_ip, by_email]).unwrap_or(by_email);
     if !decision.allowed {
         return rejection(&decision);
     }
@@ -295,9 +304,13 @@ pub async fn get_me(State(state): State<AppState>, auth: AuthUser) -> Result<Jso
 pub async fn refresh_token(
     State(state): State<AppState>,
     limit: Limited<RefreshLimit>,
-    ApiJson(body): ApiJson<RefreshRequest>,
+    req: Request,
 ) -> Response {
-    limit.wrap(refresh(state, body).await)
+    let result = match ApiJson::<RefreshRequest>::from_request(req, &()).await {
+        Ok(ApiJson(body)) => refresh(state, body).await,
+        Err(e) => Err(e),
+    };
+    limit.wrap(result)
 }
 
 async fn refresh(state: AppState, body: RefreshRequest) -> Result<Json<TokenPair>, ApiError> {

@@ -150,11 +150,15 @@ async fn relay_chat(
 )]
 pub async fn create_chat_completion(
     State(state): State<AppState>,
-    _auth: AuthUser,
     limit: Limited<ChatLimit>,
+    auth: Result<AuthUser, ApiError>,
     req: Request,
 ) -> Response {
-    limit.wrap(relay_chat(state, req, false).await)
+    let result = match auth {
+        Ok(_) => relay_chat(state, req, false).await,
+        Err(e) => Err(e),
+    };
+    limit.wrap(result)
 }
 
 /// Create a chat completion, always streamed.
@@ -170,11 +174,15 @@ pub async fn create_chat_completion(
 )]
 pub async fn stream_chat_completion(
     State(state): State<AppState>,
-    _auth: AuthUser,
     limit: Limited<ChatLimit>,
+    auth: Result<AuthUser, ApiError>,
     req: Request,
 ) -> Response {
-    limit.wrap(relay_chat(state, req, true).await)
+    let result = match auth {
+        Ok(_) => relay_chat(state, req, true).await,
+        Err(e) => Err(e),
+    };
+    limit.wrap(result)
 }
 
 async fn allowed_models(state: &AppState) -> Result<Json<ModelList>, ApiError> {
@@ -204,10 +212,14 @@ async fn allowed_models(state: &AppState) -> Result<Json<ModelList>, ApiError> {
 )]
 pub async fn list_chat_models(
     State(state): State<AppState>,
-    _auth: AuthUser,
     limit: Limited<ModelsLimit>,
+    auth: Result<AuthUser, ApiError>,
 ) -> Response {
-    limit.wrap(allowed_models(&state).await)
+    let result = match auth {
+        Ok(_) => allowed_models(&state).await,
+        Err(e) => Err(e),
+    };
+    limit.wrap(result)
 }
 
 /// Same as `/chat/models`, at the path the official SDKs use.
@@ -218,8 +230,12 @@ pub async fn list_chat_models(
 )]
 pub async fn list_models(
     State(state): State<AppState>,
-    _auth: AuthUser,
     limit: Limited<ModelsLimit>,
+    auth: Result<AuthUser, ApiError>,
 ) -> Response {
-    limit.wrap(allowed_models(&state).await)
+    let result = match auth {
+        Ok(_) => allowed_models(&state).await,
+        Err(e) => Err(e),
+    };
+    limit.wrap(result)
 }

@@ -135,12 +135,13 @@ pub fn rejection(decision: &Decision) -> Response {
     response
 }
 
-/// Of several decisions, the one to act on: a denial if any, else the fewest remaining.
+/// Of several decisions, the one to act on: the denial with the longest wait if any, else
+/// the one with the fewest requests remaining.
 pub fn most_restrictive(decisions: &[Decision]) -> Option<Decision> {
     decisions
         .iter()
         .copied()
-        .min_by_key(|d| (d.allowed, d.remaining))
+        .min_by_key(|d| (d.allowed, std::cmp::Reverse(d.retry_after_ms), d.remaining))
 }
 
 impl<E: LimitedEndpoint + Send + Sync> FromRequestParts<AppState> for Limited<E> {

@@ -16,11 +16,19 @@ const SHARDS: usize = 32;
 /// Buckets kept before eviction starts, over all shards.
 pub const DEFAULT_MAX_KEYS: usize = 100_000;
 
+#[derive(Default)]
+struct Shard {
+    /// Bucket, its shape, and when it was last used (in `tick`s).
+    buckets: HashMap<String, (Bucket, Shape, u64)>,
+    /// Counts uses, for least-recently-used eviction.
+    tick: u64,
+}
+
 /// The memory backend.
 pub struct MemoryLimiter {
     epoch: Instant,
     hasher: std::collections::hash_map::RandomState,
-    shards: Vec<Mutex<HashMap<String, (Bucket, Shape)>>>,
+    shards: Vec<Mutex<Shard>>,
     max_per_shard: usize,
 }
 
@@ -30,7 +38,7 @@ impl MemoryLimiter {
         MemoryLimiter {
             epoch: Instant::now(),
             hasher: std::collections::hash_map::RandomState::new(),
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
             max_per_shard: (max_keys / SHARDS).max(1),
         }
     }
@@ -43,16 +51,28 @@ impl MemoryLimiter {
     pub fn check(&self, key: &str, shape: Shape) -> Decision {
         let now = self.now_ms();
         let shard = (self.hasher.hash_one(key) as usize) % SHARDS;
-        let mut map = self.shards[shard].lock().unwrap_or_else(|e| e.into_inner());
-        let stored = map.get(key).filter(|(_, s)| *s == shape).map(|(b, _)| *b);
+        let mut guard = self.shards[shard].lock().unwrap_or_else(|e| e.into_inner());
+        let shard = &mut *guard;
+        shard.tick += 1;
+        let tick = shard.tick;
+        let map = &mut shard.buckets;
+        let stored = map
+            .get(key)
+            .filter(|(_, s, _)| *s == shape)
+            .map(|(b, _, _)| *b);
         let (updated, decision) = bucket::take(stored, now, shape);
         if stored.is_none() && map.len() >= self.max_per_shard {
-            map.retain(|_, (b, s)| bucket::level_at(*b, now, *s) < s.full());
+            map.retain(|_, (b, s, _)| bucket::level_at(*b, now, *s) < s.full());
             if map.len() >= self.max_per_shard {
-                map.clear();
+                // Still full of live buckets: drop the quarter used longest ago (rather than
+                // all of them, which would reset every active limit at once).
+                let mut uses: Vec<u64> = map.values().map(|(_, _, used)| *used).collect();
+                let cut = uses.len() / 4;
+                let oldest_kept = *uses.select_nth_unstable(cut).1;
+                map.retain(|_, (_, _, used)| *used >= oldest_kept);
             }
         }
-        map.insert(key.to_owned(), (updated, shape));
+        map.insert(key.to_owned(), (updated, shape, tick));
         decision
     }
 
@@ -60,7 +80,7 @@ impl MemoryLimiter {
     pub fn len(&self) -> usize {
         self.shards
             .iter()
-            .map(|s| s.lock().map(|m| m.len()).unwrap_or(0))
+            .map(|s| s.lock().map(|m| m.buckets.len()).unwrap_or(0))
             .sum()
     }
 
@@ -85,6 +105,24 @@ mod tests {
             limiter.check(&format!("key-{i}"), shape);
         }
         assert!(limiter.len() <= 320, "{}", limiter.len());
+    }
+
+    #[test]
+    fn eviction_keeps_the_active_buckets() {
+        let limiter = MemoryLimiter::new(SHARDS * 8);
+        let shape = Shape {
+            capacity: 1,
+            window_ms: 3_600_000,
+        };
+        assert!(limiter.check("victim", shape).allowed);
+        for i in 0..2_000 {
+            limiter.check(&format!("flood-{i}"), shape);
+            // The victim keeps trying: its bucket must stay empty, never reset by eviction.
+            assert!(
+                !limiter.check("victim", shape).allowed,
+                "reset after {i} keys"
+            );
+        }
     }
 
     #[test]

@@ -44,7 +44,13 @@ impl Subject {
     fn key_part(&self) -> String {
         match self {
             Subject::User(id) => format!("user:{id}"),
-            Subject::Ip(ip) => format!("ip:{ip}"),
+            // One IPv6 client usually owns a whole /64: key by it, or rotating addresses
+            // inside it would dodge the limit.
+            Subject::Ip(IpAddr::V6(v6)) if v6.to_ipv4_mapped().is_none() => {
+                let prefix = u128::from(*v6) & !((1u128 << 64) - 1);
+                format!("ip6:{}/64", std::net::Ipv6Addr::from(prefix))
+            }
+            Subject::Ip(ip) => format!("ip:{}", ip.to_canonical()),
             Subject::Email(email) => {
                 let digest = Sha256::digest(email.to_lowercase().as_bytes());
                 format!("email:{}", hex::encode(&digest[..16]))
@@ -200,6 +206,10 @@ impl RateLimiter {
 /// Switches to memory (once) and starts the probe.
 fn fall_back(side: &Arc<RedisSide>, why: &str) {
     if side.live.swap(false, Ordering::AcqRel) {
+        // The probe dials a fresh connection: the current one may be hung.
+        if let Ok(mut current) = side.limiter.try_write() {
+            *current = None;
+        }
         tracing::warn!(
             reason = why,
             "rate limiter: Redis failed; falling back to in-memory limits"
@@ -208,21 +218,30 @@ fn fall_back(side: &Arc<RedisSide>, why: &str) {
     }
 }
 
+/// Successful probes in a row needed before decisions go back to Redis.
+const PROBES_TO_RECOVER: u32 = 3;
+
 /// Retries Redis with backoff until it answers, then switches back to it.
+///
+/// Each probe runs the real script (on a probe key) under the same budget as a decision, so a
+/// Redis that answers PING but not scripts, or answers too slowly, is not taken back. A failed
+/// probe drops the connection: a hung socket is never reused, the next probe dials afresh.
 fn start_probe(side: Arc<RedisSide>) {
     if side.probing.swap(true, Ordering::AcqRel) {
         return;
     }
     tokio::spawn(async move {
         let mut wait = PROBE_MIN;
+        let mut good = 0;
+        let probe_shape = Shape {
+            capacity: 1_000_000,
+            window_ms: 1000,
+        };
         loop {
             tokio::time::sleep(wait).await;
             let current = side.limiter.read().await.clone();
-            let healthy = match current {
-                Some(limiter) => matches!(
-                    tokio::time::timeout(Duration::from_millis(500), limiter.ping()).await,
-                    Ok(Ok(()))
-                ),
+            let limiter = match current {
+                Some(limiter) => Some(limiter),
                 None => match tokio::time::timeout(
                     Duration::from_secs(1),
                     RedisLimiter::connect(side.client.clone()),
@@ -230,20 +249,39 @@ fn start_probe(side: Arc<RedisSide>) {
                 .await
                 {
                     Ok(Ok(limiter)) => {
-                        let ok = limiter.ping().await.is_ok();
-                        *side.limiter.write().await = Some(limiter);
-                        ok
+                        *side.limiter.write().await = Some(limiter.clone());
+                        Some(limiter)
                     }
-                    _ => false,
+                    _ => None,
                 },
             };
+            let healthy = match limiter {
+                Some(limiter) => matches!(
+                    tokio::time::timeout(
+                        REDIS_BUDGET,
+                        limiter.check("relay:rl:{probe}", probe_shape)
+                    )
+                    .await,
+                    Ok(Ok(_))
+                ),
+                None => false,
+            };
             if healthy {
-                side.live.store(true, Ordering::Release);
-                side.probing.store(false, Ordering::Release);
-                tracing::info!("rate limiter: Redis is back; using shared limits again");
-                return;
+                good += 1;
+                if good >= PROBES_TO_RECOVER {
+                    // `probing` first: a decision failing right after `live` flips must be
+                    // able to start a new probe.
+                    side.probing.store(false, Ordering::Release);
+                    side.live.store(true, Ordering::Release);
+                    tracing::info!("rate limiter: Redis is back; using shared limits again");
+                    return;
+                }
+                wait = PROBE_MIN;
+            } else {
+                good = 0;
+                *side.limiter.write().await = None;
+                wait = (wait * 2).min(PROBE_MAX);
             }
-            wait = (wait * 2).min(PROBE_MAX);
         }
     });
 }

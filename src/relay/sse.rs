@@ -35,8 +35,9 @@ struct ChunkView {
 }
 
 /// Finds the end of the first complete event in `buf`: the index just past its blank line.
-fn event_end(buf: &[u8]) -> Option<usize> {
-    let mut from = 0;
+/// `from` is where to start looking (bytes before it were searched already).
+fn event_end(buf: &[u8], from: usize) -> Option<usize> {
+    let mut from = from.min(buf.len());
     while let Some(i) = memchr::memchr(b'\n', &buf[from..]) {
         let nl = from + i;
         // "\n\n" or "\n\r\n" ends an event.
@@ -73,6 +74,9 @@ pub fn error_event(message: &str, code: &str) -> Bytes {
     });
     Bytes::from(format!("data: {body}\n\n"))
 }
+
+/// The largest event held while waiting for its end.
+const MAX_EVENT_BYTES: usize = 1024 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -189,12 +193,15 @@ where
                 Poll::Ready(Some(Ok(chunk))) => {
                     let deadline = tokio::time::Instant::now() + *this.timeout;
                     this.idle.as_mut().reset(deadline);
+                    // A boundary may straddle the old and the new bytes: look back two.
+                    let mut search_from = this.buf.len().saturating_sub(2);
                     this.buf.extend_from_slice(&chunk);
                     let mut out = BytesMut::new();
                     let mut forward_from = 0;
                     let mut scanned = 0;
                     // Cut complete events; forward them in one piece unless one is dropped.
-                    while let Some(len) = event_end(&this.buf[scanned..]) {
+                    while let Some(len) = event_end(&this.buf[scanned..], search_from) {
+                        search_from = 0;
                         let end = scanned + len;
                         let keep = inspect(
                             &this.buf[scanned..end],
@@ -208,8 +215,19 @@ where
                             forward_from = end;
                         }
                         scanned = end;
+                        if *this.saw_done {
+                            // Nothing may follow `[DONE]`; do not wait for the upstream to close.
+                            *this.phase = Phase::Finished;
+                            break;
+                        }
                     }
                     if scanned == 0 {
+                        if this.buf.len() > MAX_EVENT_BYTES {
+                            // No event boundary in sight: not SSE as we know it. Relay the bytes
+                            // as they came rather than hold them without bound.
+                            let bytes = std::mem::take(this.buf).freeze();
+                            return Poll::Ready(Some(Ok(bytes)));
+                        }
                         continue;
                     }
                     let complete = this.buf.split_to(scanned).freeze();
@@ -247,17 +265,16 @@ where
                     if *this.saw_done || *this.saw_error {
                         return Poll::Ready((!rest.is_empty()).then_some(Ok(rest)));
                     }
-                    tracing::warn!("upstream stream ended without [DONE]");
-                    let mut out = BytesMut::from(&rest[..]);
-                    if !out.is_empty() {
-                        // Terminate the partial event so that the error event parses.
-                        out.extend_from_slice(b"\n\n");
-                    }
-                    out.extend_from_slice(&error_event(
+                    // A cut-off partial event is dropped: clients parse each event as JSON and
+                    // would fail on it before they saw the error event.
+                    tracing::warn!(
+                        dropped_bytes = rest.len(),
+                        "upstream stream ended without [DONE]"
+                    );
+                    return Poll::Ready(Some(Ok(error_event(
                         "the upstream stream ended unexpectedly",
                         "upstream_stream_error",
-                    ));
-                    return Poll::Ready(Some(Ok(out.freeze())));
+                    ))));
                 }
                 Poll::Pending => {
                     if this.idle.as_mut().poll(cx).is_ready() {
@@ -285,9 +302,9 @@ mod tests {
 
     #[test]
     fn events_are_found_with_either_line_ending() {
-        assert_eq!(event_end(b"data: a\n\ndata: b"), Some(9));
-        assert_eq!(event_end(b"data: a\r\n\r\n"), Some(11));
-        assert_eq!(event_end(b"data: a\n"), None);
+        assert_eq!(event_end(b"data: a\n\ndata: b", 0), Some(9));
+        assert_eq!(event_end(b"data: a\r\n\r\n", 0), Some(11));
+        assert_eq!(event_end(b"data: a\n", 0), None);
         assert_eq!(
             event_data(b"data: {\"x\":1}\n\n").as_deref(),
             Some(&b"{\"x\":1}"[..])
@@ -367,10 +384,22 @@ mod tests {
             "{out}"
         );
         let (out, _) = relay(vec![Ok("data: {\"a\":1}\n\ndata: {\"par")], false).await;
+        assert_eq!(
+            out.matches("data: ").count(),
+            2,
+            "the cut-off event is dropped: {out}"
+        );
         assert!(
             out.ends_with("\n\n") && out.matches("\"error\"").count() == 1,
             "{out}"
         );
+        // Nothing after [DONE], and no waiting for the upstream to close.
+        let (out, _) = relay(
+            vec![Ok("data: [DONE]\n\ndata: late\n\n"), Err("never seen")],
+            false,
+        )
+        .await;
+        assert_eq!(out, "data: [DONE]\n\n");
         let (out, _) = relay(
             vec![Ok("data: not json\n\n"), Ok("data: [DONE]\n\n")],
             false,

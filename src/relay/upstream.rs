@@ -214,13 +214,14 @@ impl Upstream {
             .unwrap_or("upstream error");
         let clean = serde_json::json!({
             "error": {
-                "message": self.mask(message),
+                "message": message,
                 "type": field("type"),
                 "code": field("code"),
                 "param": field("param"),
             }
         });
-        Bytes::from(clean.to_string())
+        // Masked as a whole, so that no field can carry the key out.
+        Bytes::from(self.mask(&clean.to_string()))
     }
 
     fn mask(&self, text: &str) -> String {
@@ -231,19 +232,24 @@ impl Upstream {
                 text = text.replace(key, "[redacted]");
             }
         }
-        text.split(' ')
-            .map(|word| {
-                if word
-                    .trim_start_matches(|c: char| !c.is_ascii_alphanumeric())
-                    .starts_with("sk-")
-                {
-                    "[redacted]"
-                } else {
-                    word
-                }
-            })
-            .collect::<Vec<_>>()
-            .join(" ")
+        // Anything shaped like an OpenAI key (`sk-…`), wherever it stands.
+        let mut out = String::with_capacity(text.len());
+        let mut rest = text.as_str();
+        while let Some(at) = rest.find("sk-") {
+            let boundary = at == 0 || !rest.as_bytes()[at - 1].is_ascii_alphanumeric();
+            let end = rest[at..]
+                .find(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '*')))
+                .map_or(rest.len(), |n| at + n);
+            out.push_str(&rest[..at]);
+            out.push_str(if boundary {
+                "[redacted]"
+            } else {
+                &rest[at..end]
+            });
+            rest = &rest[end..];
+        }
+        out.push_str(rest);
+        out
     }
 
     /// Reads a whole (non-streamed) completion, bounded in size.

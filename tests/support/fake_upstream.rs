@@ -121,7 +121,11 @@ async fn chat(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes
         "fake-leak-key" => {
             let auth = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).unwrap_or("");
             let key = auth.trim_start_matches("Bearer ");
-            error(400, &format!("Incorrect API key provided: {key}. Header was: {auth}"))
+            let mut r = error(400, &format!("Incorrect API key provided: {key}. Header was: {auth}"));
+            // The key in another field too, glued to other text.
+            let body = json!({"error": {"message": format!("key={key}"), "type": "invalid_request_error", "code": format!("bad_key:{key}"), "param": key}});
+            *r.body_mut() = Body::from(body.to_string());
+            r
         }
         "fake-garbage" => ([(header::CONTENT_TYPE, "text/html")], "<html>not an API</html>").into_response(),
         "fake-garbage-500" => (StatusCode::INTERNAL_SERVER_ERROR, "Internal Server Error").into_response(),
