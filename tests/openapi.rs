@@ -1,0 +1,10 @@
+//! The OpenAPI document is the API's outline: a snapshot catches accidental changes to routes,
+//! parameters and schemas. After an intended change: `INSTA_UPDATE=always cargo test --test
+//! openapi`, then review and commit the snapshot.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests panic on failure by design
+
+#[test]
+fn openapi_document_is_unchanged() {
+    let doc = serde_json::to_value(relay::http::openapi()).unwrap();
+    insta::assert_json_snapshot!("openapi", doc);
+}
