@@ -542,3 +542,126 @@ async fn a_redis_outage_falls_back_to_memory_and_recovers() {
     }
     assert_eq!(chat(&app, &token).await.status(), 200);
 }
+
+/// A `relay serve` process of its own, on a free port.
+struct RelayProcess {
+    child: Child,
+    base: String,
+}
+
+impl RelayProcess {
+    fn start(dir: &std::path::Path, vars: &[(&str, &str)]) -> RelayProcess {
+        use std::io::BufRead as _;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_relay"))
+            .arg("serve")
+            .current_dir(dir)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .envs(vars.iter().copied())
+            .envs([("PORT", "0"), ("LOG_FORMAT", "json"), ("LOG_LEVEL", "info")])
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if let Ok(v) = serde_json::from_str::<Value>(&line)
+                    && let Some(addr) = v["address"].as_str()
+                {
+                    let _ = tx.send(addr.to_owned());
+                }
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("relay did not start");
+        RelayProcess {
+            child,
+            base: format!("http://{addr}/api/v1"),
+        }
+    }
+}
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_relay_processes_sharing_redis_let_the_capacity_through_in_total() {
+    // Two real processes, each with its own database: the token is checked in memory with the
+    // shared SECRET_KEY, and the user's bucket lives in the shared Redis.
+    let mock = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}/v1", mock.local_addr().unwrap());
+    tokio::spawn(relay::mock::serve(
+        mock,
+        Default::default(),
+        std::future::pending(),
+    ));
+    let prefix = format!("procs-{}", uuid::Uuid::new_v4().simple());
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let vars = [
+        ("SECRET_KEY", support::SECRET),
+        ("OPENAI_API_KEY", "sk-test"),
+        ("OPENAI_BASE_URL", base.as_str()),
+        ("REDIS_URL", "redis://127.0.0.1:6379/0"),
+        ("RATE_LIMIT_KEY_PREFIX", prefix.as_str()),
+        ("RATE_LIMIT_CHAT_REQUESTS", "15"),
+    ];
+    let a = RelayProcess::start(dir_a.path(), &vars);
+    let b = RelayProcess::start(dir_b.path(), &vars);
+    let client = reqwest::Client::new();
+    let register = json!({"email": "procs@example.com", "password": "password-123"});
+    assert_eq!(
+        client
+            .post(format!("{}/auth/register", a.base))
+            .json(&register)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        201
+    );
+    let pair: Value = client
+        .post(format!("{}/auth/login", a.base))
+        .json(&register)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = pair["access_token"].as_str().unwrap().to_owned();
+    let requests = (0..80).map(|i| {
+        let url = format!(
+            "{}/chat/completions",
+            if i % 2 == 0 { &a.base } else { &b.base }
+        );
+        let (client, token) = (client.clone(), token.clone());
+        async move {
+            client
+                .post(url)
+                .bearer_auth(token)
+                .json(&hello())
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    });
+    let statuses = futures_util::future::join_all(requests).await;
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        15,
+        "{statuses:?}"
+    );
+    assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 65);
+}

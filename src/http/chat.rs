@@ -68,11 +68,15 @@ fn request_context(req: &Request) -> Arc<RequestContext> {
         .unwrap_or_else(|| Arc::new(RequestContext::new(HeaderValue::from_static("-"))))
 }
 
+/// The authentication result is taken as it came, so that its 401 also passes through the
+/// rate-limit headers of the caller.
 async fn relay_chat(
     state: AppState,
+    auth: Result<AuthUser, ApiError>,
     req: Request,
     force_stream: bool,
 ) -> Result<Response, ApiError> {
+    auth?;
     if body_kind(req.headers()) != BodyKind::Json {
         return Err(ApiError::UnsupportedMediaType(
             "expected Content-Type: application/json".into(),
@@ -154,11 +158,7 @@ pub async fn create_chat_completion(
     auth: Result<AuthUser, ApiError>,
     req: Request,
 ) -> Response {
-    let result = match auth {
-        Ok(_) => relay_chat(state, req, false).await,
-        Err(e) => Err(e),
-    };
-    limit.wrap(result)
+    limit.wrap(relay_chat(state, auth, req, false).await)
 }
 
 /// Create a chat completion, always streamed.
@@ -178,14 +178,14 @@ pub async fn stream_chat_completion(
     auth: Result<AuthUser, ApiError>,
     req: Request,
 ) -> Response {
-    let result = match auth {
-        Ok(_) => relay_chat(state, req, true).await,
-        Err(e) => Err(e),
-    };
-    limit.wrap(result)
+    limit.wrap(relay_chat(state, auth, req, true).await)
 }
 
-async fn allowed_models(state: &AppState) -> Result<Json<ModelList>, ApiError> {
+async fn allowed_models(
+    state: &AppState,
+    auth: Result<AuthUser, ApiError>,
+) -> Result<Json<ModelList>, ApiError> {
+    auth?;
     let models = state.upstream.models().await?;
     let data = models
         .iter()
@@ -215,11 +215,7 @@ pub async fn list_chat_models(
     limit: Limited<ModelsLimit>,
     auth: Result<AuthUser, ApiError>,
 ) -> Response {
-    let result = match auth {
-        Ok(_) => allowed_models(&state).await,
-        Err(e) => Err(e),
-    };
-    limit.wrap(result)
+    limit.wrap(allowed_models(&state, auth).await)
 }
 
 /// Same as `/chat/models`, at the path the official SDKs use.
@@ -233,9 +229,5 @@ pub async fn list_models(
     limit: Limited<ModelsLimit>,
     auth: Result<AuthUser, ApiError>,
 ) -> Response {
-    let result = match auth {
-        Ok(_) => allowed_models(&state).await,
-        Err(e) => Err(e),
-    };
-    limit.wrap(result)
+    limit.wrap(allowed_models(&state, auth).await)
 }
