@@ -102,6 +102,10 @@ impl Upstream {
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(1024)
             .tcp_nodelay(true)
+            // An API answers; it does not redirect. Neither layer is free per request, and a
+            // retried POST could run a completion twice.
+            .redirect(reqwest::redirect::Policy::none())
+            .retry(reqwest::retry::never())
             .user_agent(concat!("relay/", env!("CARGO_PKG_VERSION")))
             .build()?;
         Ok(Upstream {
