@@ -11,7 +11,12 @@
 //! 5. Per-group layers: `Cache-Control: no-store` on `/auth/*`.
 //!
 //! Routes are public only when listed here without an `AuthUser` argument: health, docs,
-//! register, login, refresh. Everything else takes `AuthUser`.
+//! register, login, refresh. Everything else takes `AuthUser` (chat and models take it as a
+//! `Result`, so that a 401 still carries the rate-limit headers).
+//!
+//! Rate limits are not a layer: limited handlers take a `ratelimit::Limited<E>` extractor,
+//! which runs before the body is read, and pass their result through `Limited::wrap` for the
+//! headers; login checks its two buckets by hand (IP, then email).
 
 pub mod auth;
 pub mod chat;
