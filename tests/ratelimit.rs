@@ -665,3 +665,66 @@ async fn two_relay_processes_sharing_redis_let_the_capacity_through_in_total() {
     );
     assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 65);
 }
+
+#[tokio::test]
+async fn the_lua_script_and_the_rust_bucket_agree_step_by_step() {
+    use relay::ratelimit::bucket::{self, Shape};
+    let client = ::redis::Client::open("redis://127.0.0.1:6379/0").unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let script = ::redis::Script::new(relay::ratelimit::redis::SCRIPT);
+    // A small deterministic generator: the same sequences every run, no extra crate.
+    let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut next = move |bound: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % bound
+    };
+    for case in 0..16 {
+        // Odd cases refill a whole token every `tick` ms and step in whole ticks, so that the
+        // bucket often lands exactly on a token boundary; even cases step at random.
+        let capacity = 1 + next(40);
+        let tick = 1 + next(500);
+        let shape = if case % 2 == 1 {
+            Shape {
+                capacity,
+                window_ms: capacity * tick,
+            }
+        } else {
+            Shape {
+                capacity,
+                window_ms: 1 + next(10_000),
+            }
+        };
+        let key = format!("lua-check-{}-{case}", uuid::Uuid::new_v4().simple());
+        let mut now = 1_700_000_000_000 + next(1_000_000);
+        let mut rust_bucket = None;
+        for step in 0..150 {
+            now += if case % 2 == 1 {
+                tick * next(3)
+            } else {
+                next(3) * next(700)
+            };
+            let (allowed, level): (u8, u64) = script
+                .key(&key)
+                .arg(shape.capacity)
+                .arg(shape.window_ms)
+                .arg(now)
+                .invoke_async(&mut conn)
+                .await
+                .unwrap();
+            let (b, d) = bucket::take(rust_bucket, now, shape);
+            rust_bucket = Some(b);
+            assert_eq!(
+                (allowed == 1, level),
+                (d.allowed, b.level),
+                "case {case} {shape:?} step {step} at {now}"
+            );
+        }
+        let _: () = ::redis::cmd("DEL")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+}

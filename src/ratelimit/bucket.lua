@@ -1,12 +1,18 @@
 -- One token-bucket decision, atomically (see bucket.rs for the arithmetic, which this mirrors).
--- KEYS[1]: the bucket. ARGV[1]: capacity, ARGV[2]: window in ms.
+-- KEYS[1]: the bucket. ARGV[1]: capacity, ARGV[2]: window in ms; ARGV[3], for tests only:
+-- the time in ms (relay never sends it).
 -- Returns {allowed (0|1), level after the decision}. Time is Redis's own clock, so every
 -- replica agrees on it.
 local capacity = tonumber(ARGV[1])
 local window = tonumber(ARGV[2])
 local full = capacity * window
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now
+if ARGV[3] then
+  now = tonumber(ARGV[3])
+else
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
 local stored = redis.call('HMGET', KEYS[1], 'l', 't')
 local level = tonumber(stored[1])
 local at = tonumber(stored[2])

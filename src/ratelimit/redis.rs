@@ -8,8 +8,8 @@ use redis::aio::ConnectionManager;
 
 use super::bucket::{self, Decision, Shape};
 
-/// The script (see `bucket.lua`).
-const SCRIPT: &str = include_str!("bucket.lua");
+/// The script (see `bucket.lua`); public so that tests can run it with their own clock.
+pub const SCRIPT: &str = include_str!("bucket.lua");
 
 /// The Redis backend.
 #[derive(Clone)]
