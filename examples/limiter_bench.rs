@@ -49,6 +49,7 @@ async fn main() {
             window: Duration::from_secs(1),
         },
         overrides: Default::default(),
+        redis_budget: relay::ratelimit::DEFAULT_REDIS_BUDGET,
     };
     let prefix = format!("bench-{}", uuid::Uuid::new_v4().simple());
     let memory = RateLimiter::new(limits.clone(), None, &prefix)

@@ -90,6 +90,8 @@ pub struct RateLimits {
     pub global: Limit,
     /// Endpoints with their own `RATE_LIMIT_<ENDPOINT>_*` settings.
     pub overrides: HashMap<Endpoint, Limit>,
+    /// `RATE_LIMIT_REDIS_TIMEOUT_MS`: how long a decision waits for Redis before memory decides.
+    pub redis_budget: Duration,
 }
 
 impl RateLimits {
@@ -380,6 +382,14 @@ impl Config {
             }
         }
 
+        let redis_budget_ms = p.parse(
+            "RATE_LIMIT_REDIS_TIMEOUT_MS",
+            50u64,
+            "is not a whole number of milliseconds",
+        );
+        if !(1..=10_000).contains(&redis_budget_ms) {
+            p.problem("RATE_LIMIT_REDIS_TIMEOUT_MS", "must be between 1 and 10000");
+        }
         let rate_limit_prefix = p.string("RATE_LIMIT_KEY_PREFIX", "relay");
         if !rate_limit_prefix
             .chars()
@@ -509,7 +519,11 @@ impl Config {
             default_model,
             allowed_models,
             allowed_origins,
-            rate_limits: RateLimits { global, overrides },
+            rate_limits: RateLimits {
+                global,
+                overrides,
+                redis_budget: Duration::from_millis(redis_budget_ms),
+            },
             rate_limit_prefix,
             database_url,
             redis_url,

@@ -24,7 +24,12 @@ fn redis_url(backend: Backend) -> &'static str {
 }
 
 async fn app(backend: Backend, extra: &[(&str, &str)]) -> TestApp {
-    let mut vars = vec![("REDIS_URL", redis_url(backend))];
+    // A generous Redis budget: under a loaded test machine a 50 ms budget could send a decision
+    // to memory and make exact counts flaky. The outage tests set the default back.
+    let mut vars = vec![
+        ("REDIS_URL", redis_url(backend)),
+        ("RATE_LIMIT_REDIS_TIMEOUT_MS", "2000"),
+    ];
     vars.extend_from_slice(extra);
     spawn_app_with(Db::Sqlite, &vars).await
 }
@@ -334,6 +339,7 @@ async fn two_replicas_sharing_redis_share_one_limit() {
     let vars = [
         ("REDIS_URL", "redis://127.0.0.1:6379/0"),
         ("RATE_LIMIT_CHAT_REQUESTS", "10"),
+        ("RATE_LIMIT_REDIS_TIMEOUT_MS", "2000"),
         ("RATE_LIMIT_KEY_PREFIX", prefix.as_str()),
     ];
     let a = spawn_app_with(Db::Postgres, &vars).await;
@@ -438,6 +444,7 @@ async fn a_paused_redis_costs_no_stall_and_is_taken_back_when_it_wakes() {
         &[
             ("REDIS_URL", url.as_str()),
             ("RATE_LIMIT_CHAT_REQUESTS", "1000"),
+            ("RATE_LIMIT_REDIS_TIMEOUT_MS", "50"),
         ],
     )
     .await;
@@ -503,6 +510,7 @@ async fn a_redis_outage_falls_back_to_memory_and_recovers() {
         &[
             ("REDIS_URL", url.as_str()),
             ("RATE_LIMIT_CHAT_REQUESTS", "1000"),
+            ("RATE_LIMIT_REDIS_TIMEOUT_MS", "50"),
         ],
     )
     .await;
@@ -543,57 +551,6 @@ async fn a_redis_outage_falls_back_to_memory_and_recovers() {
     assert_eq!(chat(&app, &token).await.status(), 200);
 }
 
-/// A `relay serve` process of its own, on a free port.
-struct RelayProcess {
-    child: Child,
-    base: String,
-}
-
-impl RelayProcess {
-    fn start(dir: &std::path::Path, vars: &[(&str, &str)]) -> RelayProcess {
-        use std::io::BufRead as _;
-        let mut child = Command::new(env!("CARGO_BIN_EXE_relay"))
-            .arg("serve")
-            .current_dir(dir)
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .envs(vars.iter().copied())
-            .envs([("PORT", "0"), ("LOG_FORMAT", "json"), ("LOG_LEVEL", "info")])
-            .stdin(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stderr)
-                .lines()
-                .map_while(Result::ok)
-            {
-                if let Ok(v) = serde_json::from_str::<Value>(&line)
-                    && let Some(addr) = v["address"].as_str()
-                {
-                    let _ = tx.send(addr.to_owned());
-                }
-            }
-        });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("relay did not start");
-        RelayProcess {
-            child,
-            base: format!("http://{addr}/api/v1"),
-        }
-    }
-}
-
-impl Drop for RelayProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_relay_processes_sharing_redis_let_the_capacity_through_in_total() {
     // Two real processes, each with its own database: the token is checked in memory with the
@@ -614,14 +571,15 @@ async fn two_relay_processes_sharing_redis_let_the_capacity_through_in_total() {
         ("REDIS_URL", "redis://127.0.0.1:6379/0"),
         ("RATE_LIMIT_KEY_PREFIX", prefix.as_str()),
         ("RATE_LIMIT_CHAT_REQUESTS", "15"),
+        ("RATE_LIMIT_REDIS_TIMEOUT_MS", "2000"),
     ];
-    let a = RelayProcess::start(dir_a.path(), &vars);
-    let b = RelayProcess::start(dir_b.path(), &vars);
+    let a = support::RelayProcess::start(dir_a.path(), &["serve"], &vars);
+    let b = support::RelayProcess::start(dir_b.path(), &["serve"], &vars);
     let client = reqwest::Client::new();
     let register = json!({"email": "procs@example.com", "password": "password-123"});
     assert_eq!(
         client
-            .post(format!("{}/auth/register", a.base))
+            .post(format!("{}/api/v1/auth/register", a.base))
             .json(&register)
             .send()
             .await
@@ -630,7 +588,7 @@ async fn two_relay_processes_sharing_redis_let_the_capacity_through_in_total() {
         201
     );
     let pair: Value = client
-        .post(format!("{}/auth/login", a.base))
+        .post(format!("{}/api/v1/auth/login", a.base))
         .json(&register)
         .send()
         .await
@@ -641,7 +599,7 @@ async fn two_relay_processes_sharing_redis_let_the_capacity_through_in_total() {
     let token = pair["access_token"].as_str().unwrap().to_owned();
     let requests = (0..80).map(|i| {
         let url = format!(
-            "{}/chat/completions",
+            "{}/api/v1/chat/completions",
             if i % 2 == 0 { &a.base } else { &b.base }
         );
         let (client, token) = (client.clone(), token.clone());

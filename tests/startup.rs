@@ -3,8 +3,8 @@
 
 mod support;
 
-use std::io::{BufRead as _, BufReader, Write as _};
-use std::process::{Child, Command, Stdio};
+use std::io::Write as _;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -218,56 +218,14 @@ async fn migrate_twice_and_create_a_user_on_both_databases() {
     }
 }
 
-struct Running {
-    child: Child,
-    base: String,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts `relay serve --dev` on a random port and waits for its "listening" line.
-fn start_dev(dir: &std::path::Path) -> Running {
-    let mut child = relay(
-        dir,
-        &["serve", "--dev"],
-        &[
-            ("PORT", "0"),
-            ("LOG_FORMAT", "json"),
-            ("SHUTDOWN_GRACE_SECONDS", "5"),
-        ],
-    )
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Ok(v) = serde_json::from_str::<Value>(&line)
-                && let Some(addr) = v["address"].as_str()
-            {
-                let _ = tx.send(addr.to_owned());
-            }
-        }
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("relay did not start");
-    Running {
-        child,
-        base: format!("http://{addr}"),
-    }
-}
-
 #[tokio::test]
 async fn dev_mode_runs_on_a_fresh_directory_and_stops_cleanly_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
-    let mut server = start_dev(dir.path());
+    let mut server = support::RelayProcess::start(
+        dir.path(),
+        &["serve", "--dev"],
+        &[("SHUTDOWN_GRACE_SECONDS", "5")],
+    );
     assert!(dir.path().join("app.db").exists(), "dev mode uses ./app.db");
     let client = reqwest::Client::new();
     let resp = client

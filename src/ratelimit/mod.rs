@@ -1,7 +1,8 @@
 //! Rate limiting: one interface, two backends (Redis shared by every replica, memory as the
 //! fallback), switched at run time.
 //!
-//! Each decision goes to Redis when it is live, with a budget of [`REDIS_BUDGET`]; a failure
+//! Each decision goes to Redis when it is live, with a budget (`RATE_LIMIT_REDIS_TIMEOUT_MS`,
+//! [`DEFAULT_REDIS_BUDGET`] by default); a failure
 //! or a timeout flips the limiter to memory (logged once), and a background probe with backoff
 //! brings it back when Redis answers again. While Redis is down, requests pay nothing for it.
 
@@ -24,8 +25,9 @@ use self::redis::RedisLimiter;
 use crate::config::{Endpoint, Limit, RateLimits};
 use memory::MemoryLimiter;
 
-/// How long a decision may wait for Redis before it is taken from memory instead.
-pub const REDIS_BUDGET: Duration = Duration::from_millis(50);
+/// How long a decision may wait for Redis before it is taken from memory instead, unless
+/// configured otherwise.
+pub const DEFAULT_REDIS_BUDGET: Duration = Duration::from_millis(50);
 const PROBE_MIN: Duration = Duration::from_millis(100);
 const PROBE_MAX: Duration = Duration::from_secs(2);
 
@@ -80,6 +82,7 @@ impl Backend {
 
 struct RedisSide {
     client: ::redis::Client,
+    budget: Duration,
     limiter: RwLock<Option<RedisLimiter>>,
     live: AtomicBool,
     probing: AtomicBool,
@@ -114,6 +117,7 @@ impl RateLimiter {
                 let client = ::redis::Client::open(url)?;
                 let side = Arc::new(RedisSide {
                     client,
+                    budget: limits.redis_budget,
                     limiter: RwLock::new(None),
                     live: AtomicBool::new(false),
                     probing: AtomicBool::new(false),
@@ -192,7 +196,7 @@ impl RateLimiter {
         {
             let limiter = side.limiter.read().await.clone();
             if let Some(limiter) = limiter {
-                match tokio::time::timeout(REDIS_BUDGET, limiter.check(key, shape)).await {
+                match tokio::time::timeout(side.budget, limiter.check(key, shape)).await {
                     Ok(Ok(decision)) => return decision,
                     Ok(Err(e)) => fall_back(side, &e.to_string()),
                     Err(_) => fall_back(side, "no answer within the budget"),
@@ -258,7 +262,7 @@ fn start_probe(side: Arc<RedisSide>) {
             let healthy = match limiter {
                 Some(limiter) => matches!(
                     tokio::time::timeout(
-                        REDIS_BUDGET,
+                        side.budget,
                         limiter.check("relay:rl:{probe}", probe_shape)
                     )
                     .await,

@@ -249,3 +249,57 @@ macro_rules! on_both_databases {
         }
     };
 }
+
+/// A `relay` process started from the built binary in `dir`, with a clean environment (only
+/// PATH and `vars`), on a free port; killed when dropped.
+pub struct RelayProcess {
+    pub child: std::process::Child,
+    /// `http://127.0.0.1:PORT`
+    pub base: String,
+}
+
+impl RelayProcess {
+    /// Runs `relay <args>` and waits for its "listening" log line.
+    pub fn start(dir: &std::path::Path, args: &[&str], vars: &[(&str, &str)]) -> RelayProcess {
+        use std::io::BufRead as _;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_relay"))
+            .args(args)
+            .current_dir(dir)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .envs(vars.iter().copied())
+            .envs([("PORT", "0"), ("LOG_FORMAT", "json")])
+            .stdin(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if let Ok(v) = serde_json::from_str::<Value>(&line)
+                    && let Some(addr) = v["address"].as_str()
+                {
+                    let _ = tx.send(addr.to_owned());
+                }
+            }
+        });
+        let addr = rx
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("relay did not start");
+        RelayProcess {
+            child,
+            base: format!("http://{addr}"),
+        }
+    }
+}
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
