@@ -72,6 +72,7 @@ impl App {
             passwords,
             started_at: Instant::now(),
         });
+        spawn_token_purge(state.store.clone());
         let router = crate::http::router(state.clone());
         Ok(App {
             listener,
@@ -127,6 +128,21 @@ impl App {
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// Deletes expired refresh tokens now and every hour, so that the table stays bounded.
+fn spawn_token_purge(store: Store) {
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(std::time::Duration::from_secs(3600));
+        loop {
+            every.tick().await;
+            match store.purge_expired_tokens(chrono::Utc::now()).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(deleted = n, "expired refresh tokens purged"),
+                Err(e) => tracing::warn!(error = %e, "could not purge expired refresh tokens"),
+            }
+        }
+    });
 }
 
 /// Starts the built-in mock upstream on a free loopback port, for the life of the runtime.

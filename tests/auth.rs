@@ -24,7 +24,36 @@ on_both_databases!(
     passlib_bcrypt_hash_logs_in_and_is_rehashed,
     inactive_users_are_refused,
     database_down_is_503,
+    expired_refresh_tokens_are_purged,
 );
+
+async fn expired_refresh_tokens_are_purged(db: Db) {
+    let app = spawn_app(db).await;
+    let (_, live) = app.user_tokens("purge@example.com").await;
+    let user = app
+        .store
+        .user_by_email("purge@example.com")
+        .await
+        .unwrap()
+        .unwrap();
+    app.store
+        .insert_refresh_token(relay::store::NewRefreshToken {
+            id: uuid::Uuid::new_v4(),
+            user_id: user.id,
+            family_id: uuid::Uuid::new_v4(),
+            token_hash: "0".repeat(64),
+            expires_at: chrono::Utc::now() - chrono::Duration::days(1),
+        })
+        .await
+        .unwrap();
+    let purged = app
+        .store
+        .purge_expired_tokens(chrono::Utc::now())
+        .await
+        .unwrap();
+    assert_eq!(purged, 1);
+    assert_eq!(refresh(&app, &live).await.status(), 200, "live tokens stay");
+}
 
 async fn error_of(resp: reqwest::Response) -> (u16, Value) {
     let status = resp.status().as_u16();
