@@ -562,14 +562,8 @@ async fn database_down_is_503(db: Db) {
     app.store.close().await;
     let (status, err) = error_of(app.login("kim@example.com", "password-123").await).await;
     assert_eq!((status, err["type"].as_str()), (503, Some("server_error")));
-    let resp = app
-        .client
-        .get(app.api("/health/detailed"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 503);
-    let health: Value = resp.json().await.unwrap();
+    let (status, health) = app.health_detailed().await;
+    assert_eq!(status, 503);
     assert_eq!(health["status"], "down");
     assert_eq!(health["checks"]["database"]["status"], "down");
     // Liveness touches no dependency.

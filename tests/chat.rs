@@ -300,15 +300,7 @@ async fn garbage_and_unreachable_upstreams_are_502() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 502);
-    let health: Value = app
-        .client
-        .get(app.api("/health/detailed"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let health = app.health_detailed().await.1;
     assert_eq!(health["checks"]["upstream"]["status"], "down");
     assert_eq!(health["status"], "degraded");
 }

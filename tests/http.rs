@@ -260,14 +260,8 @@ async fn docs_only_in_debug() {
 #[tokio::test]
 async fn detailed_health_reports_each_check() {
     let app = spawn_app(Db::Sqlite).await;
-    let resp = app
-        .client
-        .get(app.api("/health/detailed"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    let body: Value = resp.json().await.unwrap();
+    let (status, body) = app.health_detailed().await;
+    assert_eq!(status, 200);
     assert_eq!(body["status"], "ok");
     assert_eq!(body["checks"]["database"]["status"], "ok");
     assert!(body["checks"]["database"]["latency_ms"].is_number());

@@ -52,6 +52,19 @@ fn header(resp: &reqwest::Response, name: &str) -> u64 {
     resp.headers()[name].to_str().unwrap().parse().unwrap()
 }
 
+/// Sends one chat request to each URL, all at once; returns the statuses.
+async fn chats_at_once(
+    client: &reqwest::Client,
+    urls: impl Iterator<Item = String>,
+    token: &str,
+) -> Vec<u16> {
+    let requests = urls.map(|url| {
+        let request = client.post(url).bearer_auth(token).json(&hello());
+        async move { request.send().await.unwrap().status().as_u16() }
+    });
+    futures_util::future::join_all(requests).await
+}
+
 macro_rules! on_both_backends {
     ($($name:ident),* $(,)?) => {
         mod memory {
@@ -120,15 +133,7 @@ async fn every_answer_of_a_limited_endpoint_carries_the_headers(backend: Backend
 
 async fn headers_count_down_then_429(backend: Backend) {
     let app = app(backend, &[("RATE_LIMIT_CHAT_REQUESTS", "3")]).await;
-    let health: Value = app
-        .client
-        .get(app.api("/health/detailed"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let health = app.health_detailed().await.1;
     assert_eq!(
         health["rate_limiter"],
         match backend {
@@ -201,25 +206,8 @@ async fn buckets_refill_continuously(backend: Backend) {
 async fn two_hundred_at_once_against_twenty(backend: Backend) {
     let app = app(backend, &[("RATE_LIMIT_CHAT_REQUESTS", "20")]).await;
     let (token, _) = app.user_tokens("burst@example.com").await;
-    let requests = (0..200).map(|_| {
-        let (client, url, token) = (
-            app.client.clone(),
-            app.api("/chat/completions"),
-            token.clone(),
-        );
-        async move {
-            client
-                .post(url)
-                .bearer_auth(token)
-                .json(&hello())
-                .send()
-                .await
-                .unwrap()
-                .status()
-                .as_u16()
-        }
-    });
-    let statuses = futures_util::future::join_all(requests).await;
+    let urls = (0..200).map(|_| app.api("/chat/completions"));
+    let statuses = chats_at_once(&app.client, urls, &token).await;
     assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 20);
     assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 180);
 }
@@ -345,26 +333,8 @@ async fn two_replicas_sharing_redis_share_one_limit() {
     let a = spawn_app_with(Db::Postgres, &vars).await;
     let b = support::spawn_app_on(a.db.clone(), &vars, relay::config::Mode::Serve).await;
     let (token, _) = a.user_tokens("shared@example.com").await;
-    let requests = (0..60).map(|i| {
-        let app = if i % 2 == 0 { &a } else { &b };
-        let (client, url, token) = (
-            app.client.clone(),
-            app.api("/chat/completions"),
-            token.clone(),
-        );
-        async move {
-            client
-                .post(url)
-                .bearer_auth(token)
-                .json(&hello())
-                .send()
-                .await
-                .unwrap()
-                .status()
-                .as_u16()
-        }
-    });
-    let statuses = futures_util::future::join_all(requests).await;
+    let urls = (0..60).map(|i| if i % 2 == 0 { &a } else { &b }.api("/chat/completions"));
+    let statuses = chats_at_once(&a.client, urls, &token).await;
     assert_eq!(
         statuses.iter().filter(|s| **s == 200).count(),
         10,
@@ -418,15 +388,7 @@ impl Drop for OwnRedis {
 }
 
 async fn backend_of(app: &TestApp) -> String {
-    let health: Value = app
-        .client
-        .get(app.api("/health/detailed"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let health = app.health_detailed().await.1;
     health["rate_limiter"].as_str().unwrap().to_owned()
 }
 
@@ -597,25 +559,11 @@ async fn two_relay_processes_sharing_redis_let_the_capacity_through_in_total() {
         .await
         .unwrap();
     let token = pair["access_token"].as_str().unwrap().to_owned();
-    let requests = (0..80).map(|i| {
-        let url = format!(
-            "{}/api/v1/chat/completions",
-            if i % 2 == 0 { &a.base } else { &b.base }
-        );
-        let (client, token) = (client.clone(), token.clone());
-        async move {
-            client
-                .post(url)
-                .bearer_auth(token)
-                .json(&hello())
-                .send()
-                .await
-                .unwrap()
-                .status()
-                .as_u16()
-        }
+    let urls = (0..80).map(|i| {
+        let base = if i % 2 == 0 { &a.base } else { &b.base };
+        format!("{base}/api/v1/chat/completions")
     });
-    let statuses = futures_util::future::join_all(requests).await;
+    let statuses = chats_at_once(&client, urls, &token).await;
     assert_eq!(
         statuses.iter().filter(|s| **s == 200).count(),
         15,

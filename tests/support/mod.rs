@@ -161,6 +161,17 @@ impl TestApp {
             .unwrap()
     }
 
+    /// `GET /api/v1/health/detailed`: the status and the body.
+    pub async fn health_detailed(&self) -> (u16, Value) {
+        let resp = self
+            .client
+            .get(self.api("/health/detailed"))
+            .send()
+            .await
+            .unwrap();
+        (resp.status().as_u16(), resp.json().await.unwrap())
+    }
+
     /// Registers and logs in a fresh user; returns (access, refresh).
     pub async fn user_tokens(&self, email: &str) -> (String, String) {
         self.register(email, "password-123").await;
