@@ -4,11 +4,15 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use axum::serve::ListenerExt as _;
+use axum::extract::ConnectInfo;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
+use tower::ServiceExt as _;
 
 use crate::auth::{JwtKeys, Passwords};
 use crate::config::Config;
@@ -93,42 +97,72 @@ impl App {
 
     /// Serves until `shutdown` completes, then lets in-flight requests and streams finish for
     /// at most `SHUTDOWN_GRACE_SECONDS`.
+    ///
+    /// The accept loop is hyper's HTTP/1.1 server, configured here rather than through
+    /// `axum::serve`: it bounds how long a client may take to send its request head (slow
+    /// clients cannot hold connections open for free) and how large that head may be, and
+    /// serves each connection without protocol sniffing. relay speaks HTTP/1.1; TLS and HTTP/2
+    /// belong to the proxy or load balancer in front of it.
     pub async fn run_until_stopped(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let grace = self.state.config.shutdown_grace;
-        let (stopping_tx, mut stopping_rx) = tokio::sync::watch::channel(false);
-        // Small writes (SSE chunks) must leave at once, not wait for Nagle's algorithm.
-        let listener = self.listener.tap_io(|tcp| {
+        let mut http = hyper::server::conn::http1::Builder::new();
+        http.timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .max_header_size(MAX_HEAD_BYTES);
+        let graceful = GracefulShutdown::new();
+        let mut shutdown = std::pin::pin!(shutdown);
+        loop {
+            let (tcp, remote) = tokio::select! {
+                () = &mut shutdown => break,
+                accepted = self.listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(err) => {
+                        // Out of file descriptors, or a connection reset before it was
+                        // accepted: wait a moment rather than spin.
+                        tracing::warn!(error = %err, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            // Small writes (SSE chunks) must leave at once, not wait for Nagle's algorithm.
             let _ = tcp.set_nodelay(true);
-        });
-        let server = axum::serve(
-            listener,
-            self.router
-                .into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            tracing::info!(
-                grace_seconds = grace.as_secs(),
-                "shutting down: draining requests"
-            );
-            let _ = stopping_tx.send(true);
-        });
-        let deadline = async move {
-            let _ = stopping_rx.wait_for(|stopping| *stopping).await;
-            tokio::time::sleep(grace).await;
-        };
+            let router = self.router.clone();
+            let service = hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
+                req.extensions_mut().insert(ConnectInfo(remote));
+                router.clone().oneshot(req)
+            });
+            let connection = graceful.watch(http.serve_connection(TokioIo::new(tcp), service));
+            tokio::spawn(async move {
+                if let Err(err) = connection.await {
+                    tracing::debug!(error = %err, "connection ended with an error");
+                }
+            });
+        }
+        drop(self.listener);
+        tracing::info!(
+            grace_seconds = grace.as_secs(),
+            "shutting down: draining requests"
+        );
         tokio::select! {
-            result = server => result.context("server error")?,
-            () = deadline => tracing::warn!("grace period over: closing remaining connections"),
+            () = graceful.shutdown() => {}
+            () = tokio::time::sleep(grace) => {
+                tracing::warn!("grace period over: closing remaining connections");
+            }
         }
         self.state.store.close().await;
         tracing::info!("stopped");
         Ok(())
     }
 }
+
+/// How long a client may take to send a request's line and headers.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// The largest request head (line and headers) accepted; hyper answers 431 above it.
+const MAX_HEAD_BYTES: usize = 64 * 1024;
 
 /// Deletes expired refresh tokens now and every hour, so that the table stays bounded.
 fn spawn_token_purge(store: Store) {

@@ -293,3 +293,35 @@ async fn a_panicking_handler_becomes_a_500_envelope() {
     assert_eq!(err["type"], "server_error");
     assert_eq!(err["message"], "internal server error");
 }
+
+#[tokio::test]
+async fn oversized_request_heads_are_refused_and_the_server_keeps_serving() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let app = spawn_app(Db::Sqlite).await;
+    let mut tcp = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let big = "a".repeat(70 * 1024);
+    let head = format!("GET /api/v1/health HTTP/1.1\r\nhost: x\r\nx-big: {big}\r\n\r\n");
+    // The server may stop reading (and close) before the whole head is written.
+    let _ = tcp.write_all(head.as_bytes()).await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        tcp.read_to_end(&mut answer),
+    )
+    .await
+    .expect("the connection is answered and closed, not left open");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 431"),
+        "a 70 KiB head is refused: {answer:?}"
+    );
+    // Large but reasonable heads (big cookies, long tokens) still pass.
+    let resp = app
+        .client
+        .get(app.url("/api/v1/health"))
+        .header("x-big", "a".repeat(32 * 1024))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+}

@@ -243,6 +243,14 @@ async fn dev_mode_runs_on_a_fresh_directory_and_stops_cleanly_on_sigterm() {
     assert_eq!(docs.status(), 200, "docs are on in dev mode");
 
     let pid = server.child.id().to_string();
+    if cfg!(target_os = "linux") {
+        // Huge pages would make each touched connection buffer cost 2 MiB of resident memory.
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        assert!(
+            status.contains("THP_enabled:\t0"),
+            "transparent huge pages are off for relay"
+        );
+    }
     assert!(
         Command::new("kill")
             .args(["-TERM", &pid])
@@ -262,4 +270,126 @@ async fn dev_mode_runs_on_a_fresh_directory_and_stops_cleanly_on_sigterm() {
         std::thread::sleep(Duration::from_millis(20));
     };
     assert_eq!(status.code(), Some(0));
+}
+
+/// Registers a user on a running relay and returns an access token.
+async fn token_for(client: &reqwest::Client, base: &str) -> String {
+    let creds = serde_json::json!({"email": "drain@example.com", "password": "password-123"});
+    let resp = client
+        .post(format!("{base}/api/v1/auth/register"))
+        .json(&creds)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    let resp = client
+        .post(format!("{base}/api/v1/auth/login"))
+        .json(&creds)
+        .send()
+        .await
+        .unwrap();
+    let body: Value = resp.json().await.unwrap();
+    body["access_token"].as_str().unwrap().to_owned()
+}
+
+/// Starts a stream, sends SIGTERM after its first bytes, and returns what the client read, how
+/// long the process took to exit after the signal, and its exit code.
+async fn sigterm_mid_stream(grace_seconds: &str, chunks: usize) -> (String, Duration, i32) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = format!("http://{}/v1", listener.local_addr().unwrap());
+    let options = relay::mock::MockOptions {
+        latency: Duration::ZERO,
+        chunks: Some(chunks),
+        chunk_delay: Duration::from_millis(100),
+    };
+    tokio::spawn(relay::mock::serve(
+        listener,
+        options,
+        std::future::pending(),
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}/relay.db", dir.path().display());
+    let vars = support::test_vars(
+        &db,
+        &[
+            ("OPENAI_BASE_URL", &upstream),
+            ("SHUTDOWN_GRACE_SECONDS", grace_seconds),
+            ("LOG_LEVEL", "info"),
+            ("REDIS_URL", ""),
+        ],
+    );
+    let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let mut server = support::RelayProcess::start(dir.path(), &["serve"], &vars);
+    let client = reqwest::Client::new();
+    let token = token_for(&client, &server.base).await;
+    let mut resp = client
+        .post(format!("{}/api/v1/chat/completions", server.base))
+        .bearer_auth(&token)
+        .json(&serde_json::json!({
+            "model": "mock-echo", "stream": true,
+            "messages": [{"role": "user", "content": "hello"}]
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut seen = String::from_utf8(resp.chunk().await.unwrap().unwrap().to_vec()).unwrap();
+
+    let pid = server.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let signalled = Instant::now();
+    // New connections are refused once the listener is closed.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        client
+            .get(format!("{}/api/v1/health", server.base))
+            .send()
+            .await
+            .is_err(),
+        "no new connections while draining"
+    );
+    while let Ok(Some(chunk)) = resp.chunk().await {
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    let status = loop {
+        if let Some(status) = server.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            signalled.elapsed() < Duration::from_secs(15),
+            "relay did not stop"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    (seen, signalled.elapsed(), status.code().unwrap_or(-1))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_a_running_stream_finish_within_the_grace_period() {
+    // A one-second stream, five seconds of grace: the stream ends normally, then relay exits.
+    let (seen, took, code) = sigterm_mid_stream("5", 10).await;
+    assert!(seen.contains("data: [DONE]"), "the stream finished: {seen}");
+    assert_eq!(code, 0);
+    assert!(
+        took < Duration::from_secs(4),
+        "relay exited once drained ({took:?})"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_cuts_streams_that_outlast_the_grace_period() {
+    // A six-second stream, one second of grace: relay exits after the grace, cutting it.
+    let (seen, took, code) = sigterm_mid_stream("1", 60).await;
+    assert!(!seen.contains("[DONE]"), "the stream was cut: {seen}");
+    assert_eq!(code, 0);
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(4),
+        "relay waited for the grace period, then exited ({took:?})"
+    );
 }

@@ -95,7 +95,7 @@ async fn relay_chat(
         .is_some_and(|ct| ct.starts_with("text/event-stream"));
     if chat.stream && is_sse {
         let relay = SseRelay::new(
-            upstream.bytes_stream(),
+            http_body_util::BodyDataStream::new(upstream.into_body()),
             state.config.upstream.timeout,
             chat.forward_usage,
             ctx,

@@ -164,9 +164,9 @@ pub trait BodyError: std::fmt::Display {
     fn is_timeout(&self) -> bool;
 }
 
-impl BodyError for reqwest::Error {
+impl BodyError for hyper::Error {
     fn is_timeout(&self) -> bool {
-        reqwest::Error::is_timeout(self)
+        hyper::Error::is_timeout(self)
     }
 }
 
@@ -245,7 +245,6 @@ where
                 Poll::Ready(Some(Err(err))) => {
                     *this.phase = Phase::Finished;
                     tracing::warn!(error = %err, "upstream stream failed");
-                    // The upstream client's read timeout usually fires just before our idle timer.
                     let event = if err.is_timeout() || this.idle.is_elapsed() {
                         error_event(
                             "the upstream stopped sending for too long",

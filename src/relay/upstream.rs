@@ -1,17 +1,27 @@
-//! The upstream client: one pooled `reqwest::Client` for the whole process.
+//! The upstream client: one pooled HTTP client (hyper's, with rustls) for the whole process.
 //!
 //! Timeouts are per phase, never per request, so that long streams live: a connect timeout,
 //! `UPSTREAM_TIMEOUT_SECONDS` for the response headers (the first byte), and the same as an idle
 //! (between reads) timeout for bodies. The client's `Authorization` never reaches the upstream:
 //! requests are built fresh with relay's key, and no client header is copied, which also drops
 //! every hop-by-hop header.
+//!
+//! The client is hyper's own pooled client, without a layer on top: an API answers and does not
+//! redirect, a retried POST could run (and bill) a completion twice, and every layer costs time
+//! and memory on each request.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
-use http::{HeaderValue, StatusCode};
+use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER, USER_AGENT};
+use http::{HeaderValue, Request, StatusCode, Uri};
+use http_body_util::{BodyExt as _, Full};
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use secrecy::{ExposeSecret as _, SecretString};
 use serde::{Deserialize, Serialize};
 use tokio::sync::RwLock;
@@ -19,6 +29,9 @@ use url::Url;
 
 use crate::config::UpstreamConfig;
 use crate::error::ApiError;
+
+/// An upstream answer whose headers arrived; its body is read (or streamed) by the caller.
+pub type UpstreamResponse = http::Response<Incoming>;
 
 /// How long the model list is cached.
 const MODELS_TTL: Duration = Duration::from_secs(300);
@@ -58,9 +71,9 @@ struct ModelList {
 
 /// The shared upstream client.
 pub struct Upstream {
-    client: reqwest::Client,
-    chat_url: Url,
-    models_url: Url,
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    chat_uri: Uri,
+    models_uri: Uri,
     authorization: HeaderValue,
     api_key: Option<SecretString>,
     timeout: Duration,
@@ -70,18 +83,21 @@ pub struct Upstream {
 impl std::fmt::Debug for Upstream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Upstream")
-            .field("chat_url", &self.chat_url.as_str())
+            .field("chat_uri", &self.chat_uri)
             .field("timeout", &self.timeout)
             .finish_non_exhaustive()
     }
 }
 
-fn join(base: &Url, path: &str) -> anyhow::Result<Url> {
-    Ok(Url::parse(&format!(
+fn join(base: &Url, path: &str) -> anyhow::Result<Uri> {
+    Ok(Uri::try_from(format!(
         "{}/{path}",
         base.as_str().trim_end_matches('/')
     ))?)
 }
+
+const USER_AGENT_VALUE: HeaderValue =
+    HeaderValue::from_static(concat!("relay/", env!("CARGO_PKG_VERSION")));
 
 impl Upstream {
     /// Builds the client. `api_key` must be set (dev mode sets the mock's).
@@ -95,23 +111,25 @@ impl Upstream {
             anyhow::anyhow!("OPENAI_API_KEY contains characters not allowed in a header")
         })?;
         authorization.set_sensitive(true);
-        let client = reqwest::Client::builder()
-            .no_proxy()
-            .connect_timeout(config.timeout.min(Duration::from_secs(10)))
-            .read_timeout(config.timeout)
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(config.timeout.min(Duration::from_secs(10))));
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .try_with_platform_verifier()
+            .map_err(|e| anyhow::anyhow!("cannot load the system's TLS roots: {e}"))?
+            .https_or_http()
+            .enable_all_versions()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(1024)
-            .tcp_nodelay(true)
-            // An API answers; it does not redirect. Neither layer is free per request, and a
-            // retried POST could run a completion twice.
-            .redirect(reqwest::redirect::Policy::none())
-            .retry(reqwest::retry::never())
-            .user_agent(concat!("relay/", env!("CARGO_PKG_VERSION")))
-            .build()?;
+            .build(https);
         Ok(Upstream {
             client,
-            chat_url: join(&config.base_url, "chat/completions")?,
-            models_url: join(&config.base_url, "models")?,
+            chat_uri: join(&config.base_url, "chat/completions")?,
+            models_uri: join(&config.base_url, "models")?,
             authorization,
             api_key,
             timeout: config.timeout,
@@ -121,30 +139,34 @@ impl Upstream {
 
     /// Sends a chat completion request. Returns the upstream's response once its headers
     /// arrived with a success status; every failure is already mapped to the client's error.
-    pub async fn post_chat(
-        &self,
-        body: Bytes,
-        stream: bool,
-    ) -> Result<reqwest::Response, ApiError> {
+    pub async fn post_chat(&self, body: Bytes, stream: bool) -> Result<UpstreamResponse, ApiError> {
         let accept = if stream {
             HeaderValue::from_static("text/event-stream")
         } else {
             HeaderValue::from_static("application/json")
         };
-        let request = self
-            .client
-            .post(self.chat_url.clone())
+        let request = Request::post(self.chat_uri.clone())
             .header(AUTHORIZATION, self.authorization.clone())
             .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
             .header(ACCEPT, accept)
-            .body(body);
+            .header(USER_AGENT, USER_AGENT_VALUE)
+            .body(Full::new(body));
         self.send(request).await
     }
 
-    async fn send(&self, request: reqwest::RequestBuilder) -> Result<reqwest::Response, ApiError> {
-        let response = match tokio::time::timeout(self.timeout, request.send()).await {
-            Err(_) => return Err(ApiError::GatewayTimeout),
-            Ok(Err(err)) => return Err(self.transport_error(&err)),
+    async fn send(
+        &self,
+        request: http::Result<Request<Full<Bytes>>>,
+    ) -> Result<UpstreamResponse, ApiError> {
+        // Built from values checked when the client was made; this cannot fail.
+        let request = request.map_err(|e| ApiError::Internal(e.into()))?;
+        let response = match tokio::time::timeout(self.timeout, self.client.request(request)).await
+        {
+            Err(_) => {
+                tracing::warn!("upstream sent no answer in time");
+                return Err(ApiError::GatewayTimeout);
+            }
+            Ok(Err(err)) => return Err(transport_error(&err, err.is_connect())),
             Ok(Ok(response)) => response,
         };
         if response.status().is_success() {
@@ -154,28 +176,15 @@ impl Upstream {
         }
     }
 
-    /// Maps a transport failure (no HTTP answer) to 502 or 504, logging the cause.
-    pub fn transport_error(&self, err: &reqwest::Error) -> ApiError {
-        // reqwest's errors name the URL, never the headers: safe to log.
-        tracing::warn!(error = %err, "upstream request failed");
-        if err.is_timeout() {
-            ApiError::GatewayTimeout
-        } else if err.is_connect() {
-            ApiError::BadGateway("the upstream is unreachable".into())
-        } else {
-            ApiError::BadGateway("the upstream connection failed".into())
-        }
-    }
-
     /// Turns an upstream error answer into the client's error: the same status and the
     /// upstream's error body when it is an OpenAI error envelope (with anything key-like
     /// masked), else a 502.
-    async fn error_response(&self, response: reqwest::Response) -> ApiError {
+    async fn error_response(&self, response: UpstreamResponse) -> ApiError {
         let status = response.status();
         let retry_after = response.headers().get(RETRY_AFTER).cloned();
-        let body = match read_limited(response, MAX_ERROR_BODY).await {
+        let body = match self.read_limited(response, MAX_ERROR_BODY).await {
             Ok(body) => body,
-            Err(err) => return self.transport_error(&err),
+            Err(err) => return err,
         };
         let envelope = serde_json::from_slice::<serde_json::Value>(&body)
             .ok()
@@ -257,10 +266,39 @@ impl Upstream {
     }
 
     /// Reads a whole (non-streamed) completion, bounded in size.
-    pub async fn read_completion(&self, response: reqwest::Response) -> Result<Bytes, ApiError> {
-        read_limited(response, MAX_COMPLETION_BODY)
-            .await
-            .map_err(|e| self.transport_error(&e))
+    pub async fn read_completion(&self, response: UpstreamResponse) -> Result<Bytes, ApiError> {
+        self.read_limited(response, MAX_COMPLETION_BODY).await
+    }
+
+    /// Reads a body up to `limit` bytes, each read within the idle timeout; a longer body is
+    /// cut at the limit (and then fails to parse, which the callers report as a 502).
+    async fn read_limited(
+        &self,
+        response: UpstreamResponse,
+        limit: usize,
+    ) -> Result<Bytes, ApiError> {
+        let mut body = response.into_body();
+        let mut buf = bytes::BytesMut::new();
+        loop {
+            let frame = match tokio::time::timeout(self.timeout, body.frame()).await {
+                Err(_) => {
+                    tracing::warn!("upstream stopped sending its answer");
+                    return Err(ApiError::GatewayTimeout);
+                }
+                Ok(None) => break,
+                Ok(Some(Err(err))) => return Err(transport_error(&err, false)),
+                Ok(Some(Ok(frame))) => frame,
+            };
+            let Ok(chunk) = frame.into_data() else {
+                continue; // trailers
+            };
+            let room = limit.saturating_sub(buf.len());
+            buf.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            if buf.len() >= limit {
+                break;
+            }
+        }
+        Ok(buf.freeze())
     }
 
     /// The upstream's models, cached for five minutes.
@@ -276,14 +314,13 @@ impl Upstream {
     }
 
     async fn fetch_models(&self) -> Result<Vec<Model>, ApiError> {
-        let request = self
-            .client
-            .get(self.models_url.clone())
-            .header(AUTHORIZATION, self.authorization.clone());
+        let request = Request::get(self.models_uri.clone())
+            .header(AUTHORIZATION, self.authorization.clone())
+            .header(ACCEPT, HeaderValue::from_static("application/json"))
+            .header(USER_AGENT, USER_AGENT_VALUE)
+            .body(Full::new(Bytes::new()));
         let response = self.send(request).await?;
-        let body = read_limited(response, MAX_ERROR_BODY * 64)
-            .await
-            .map_err(|e| self.transport_error(&e))?;
+        let body = self.read_limited(response, MAX_ERROR_BODY * 64).await?;
         serde_json::from_slice::<ModelList>(&body)
             .map(|list| list.data)
             .map_err(|_| {
@@ -299,19 +336,20 @@ impl Upstream {
     }
 }
 
-/// Reads a body up to `limit` bytes; a longer body is cut at the limit (and then fails to
-/// parse, which the callers report as a 502).
-async fn read_limited(
-    mut response: reqwest::Response,
-    limit: usize,
-) -> Result<Bytes, reqwest::Error> {
-    let mut buf = bytes::BytesMut::new();
-    while let Some(chunk) = response.chunk().await? {
-        let room = limit.saturating_sub(buf.len());
-        buf.extend_from_slice(&chunk[..chunk.len().min(room)]);
-        if buf.len() >= limit {
-            break;
-        }
+/// Maps a transport failure (no usable HTTP answer) to a 502, logging the cause. hyper's
+/// errors name neither the URL nor any header: safe to log.
+fn transport_error(err: &(dyn std::error::Error + 'static), connect: bool) -> ApiError {
+    let mut cause = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        cause.push_str(": ");
+        cause.push_str(&s.to_string());
+        source = s.source();
     }
-    Ok(buf.freeze())
+    tracing::warn!(error = %cause, "upstream request failed");
+    if connect {
+        ApiError::BadGateway("the upstream is unreachable".into())
+    } else {
+        ApiError::BadGateway("the upstream connection failed".into())
+    }
 }
