@@ -412,15 +412,9 @@ async fn a_paused_redis_costs_no_stall_and_is_taken_back_when_it_wakes() {
     .await;
     let (token, _) = app.user_tokens("paused@example.com").await;
     assert_eq!(backend_of(&app).await, "redis");
-    let pid = redis.child.id().to_string();
+    let pid = redis.child.id();
     // A paused Redis accepts connections and never answers: the worst kind of outage.
-    assert!(
-        Command::new("kill")
-            .args(["-STOP", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    support::send_signal(pid, "STOP");
     let mut slowest = Duration::ZERO;
     for _ in 0..20 {
         let start = Instant::now();
@@ -440,13 +434,7 @@ async fn a_paused_redis_costs_no_stall_and_is_taken_back_when_it_wakes() {
             .status(),
         200
     );
-    assert!(
-        Command::new("kill")
-            .args(["-CONT", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    support::send_signal(pid, "CONT");
     let start = Instant::now();
     while backend_of(&app).await != "redis" {
         assert!(

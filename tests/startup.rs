@@ -242,7 +242,7 @@ async fn dev_mode_runs_on_a_fresh_directory_and_stops_cleanly_on_sigterm() {
         .unwrap();
     assert_eq!(docs.status(), 200, "docs are on in dev mode");
 
-    let pid = server.child.id().to_string();
+    let pid = server.child.id();
     if cfg!(target_os = "linux") {
         // Huge pages would make each touched connection buffer cost 2 MiB of resident memory.
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -251,25 +251,9 @@ async fn dev_mode_runs_on_a_fresh_directory_and_stops_cleanly_on_sigterm() {
             "transparent huge pages are off for relay"
         );
     }
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let start = Instant::now();
-    let status = loop {
-        if let Some(status) = server.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "relay did not stop"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    assert_eq!(status.code(), Some(0));
+    support::send_signal(pid, "TERM");
+    let code = support::wait_for_exit(&mut server.child, Duration::from_secs(10));
+    assert_eq!(code, Some(0));
 }
 
 /// Registers a user on a running relay and returns an access token.
@@ -335,14 +319,8 @@ async fn sigterm_mid_stream(grace_seconds: &str, chunks: usize) -> (String, Dura
     assert_eq!(resp.status(), 200);
     let mut seen = String::from_utf8(resp.chunk().await.unwrap().unwrap().to_vec()).unwrap();
 
-    let pid = server.child.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    let pid = server.child.id();
+    support::send_signal(pid, "TERM");
     let signalled = Instant::now();
     // New connections are refused once the listener is closed.
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -357,17 +335,8 @@ async fn sigterm_mid_stream(grace_seconds: &str, chunks: usize) -> (String, Dura
     while let Ok(Some(chunk)) = resp.chunk().await {
         seen.push_str(&String::from_utf8_lossy(&chunk));
     }
-    let status = loop {
-        if let Some(status) = server.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            signalled.elapsed() < Duration::from_secs(15),
-            "relay did not stop"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    (seen, signalled.elapsed(), status.code().unwrap_or(-1))
+    let code = support::wait_for_exit(&mut server.child, Duration::from_secs(15));
+    (seen, signalled.elapsed(), code.unwrap_or(-1))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
