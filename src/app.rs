@@ -119,11 +119,11 @@ impl App {
                 () = &mut shutdown => break,
                 accepted = self.listener.accept() => match accepted {
                     Ok(accepted) => accepted,
+                    Err(err) if is_connection_error(&err) => continue,
                     Err(err) => {
-                        // Out of file descriptors, or a connection reset before it was
-                        // accepted: wait a moment rather than spin.
-                        tracing::warn!(error = %err, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        // Out of file descriptors (or memory): wait a moment rather than spin.
+                        tracing::error!(error = %err, "cannot accept connections");
+                        tokio::time::sleep(ACCEPT_BACKOFF).await;
                         continue;
                     }
                 },
@@ -159,8 +159,23 @@ impl App {
     }
 }
 
-/// How long a client may take to send a request's line and headers.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a client may take to send a request's line and headers; hyper counts the idle time
+/// of a keep-alive connection waiting for its next request in it too. Longer than the idle
+/// timeouts of common proxies and load balancers (60 s), so that they close idle connections
+/// first: a connection closed by relay just as a proxy reuses it would fail that request.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(75);
+/// Pause after an accept error that is not about one connection (out of file descriptors).
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// An accept error that concerns only the connection being accepted.
+fn is_connection_error(err: &std::io::Error) -> bool {
+    matches!(
+        err.kind(),
+        std::io::ErrorKind::ConnectionRefused
+            | std::io::ErrorKind::ConnectionAborted
+            | std::io::ErrorKind::ConnectionReset
+    )
+}
 /// The largest request head (line and headers) accepted; hyper answers 431 above it.
 const MAX_HEAD_BYTES: usize = 64 * 1024;
 

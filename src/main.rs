@@ -29,12 +29,16 @@ const MI_OPTION_ALLOW_THP: libmimalloc_sys::mi_option_t = 43;
 /// during 1,000 streams was 24 MiB larger for nothing. mimalloc asks for huge pages on its
 /// arenas (before `main` runs, so its own option comes too late for the first one); this
 /// turns them off for the whole process.
-fn disable_transparent_huge_pages() {
+fn disable_transparent_huge_pages() -> std::io::Result<()> {
     #[cfg(target_os = "linux")]
-    // SAFETY: PR_SET_THP_DISABLE takes integer arguments and touches no memory of ours.
-    unsafe {
-        let _ = libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
+    {
+        let (on, unused): (libc::c_ulong, libc::c_ulong) = (1, 0);
+        // SAFETY: PR_SET_THP_DISABLE takes integer arguments and touches no memory of ours.
+        if unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, on, unused, unused, unused) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
     }
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -47,7 +51,7 @@ fn main() -> ExitCode {
         libmimalloc_sys::mi_option_set(MI_OPTION_ARENA_PURGE_MULT, 1);
         libmimalloc_sys::mi_option_set(MI_OPTION_ALLOW_THP, 0);
     }
-    disable_transparent_huge_pages();
+    let thp = disable_transparent_huge_pages();
     let cli = Cli::parse();
     let command = cli.command.unwrap_or(Command::Serve(ServeArgs::default()));
     if let Command::MockUpstream(args) = command {
@@ -66,6 +70,9 @@ fn main() -> ExitCode {
         }
     };
     let _log_guard = relay::telemetry::init(&config.log_level, config.log_format);
+    if let Err(err) = thp {
+        tracing::warn!(error = %err, "cannot turn off transparent huge pages");
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -115,6 +115,12 @@ impl Upstream {
         http.enforce_http(false);
         http.set_nodelay(true);
         http.set_connect_timeout(Some(config.timeout.min(Duration::from_secs(10))));
+        // TCP keep-alive probes keep a silent connection (a long wait for a completion's
+        // headers, an idle pooled connection) alive through NATs and firewalls, and find a
+        // dead peer.
+        http.set_keepalive(Some(Duration::from_secs(15)));
+        http.set_keepalive_interval(Some(Duration::from_secs(15)));
+        http.set_keepalive_retries(Some(3));
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .try_with_platform_verifier()
             .map_err(|e| anyhow::anyhow!("cannot load the system's TLS roots: {e}"))?
@@ -336,20 +342,69 @@ impl Upstream {
     }
 }
 
-/// Maps a transport failure (no usable HTTP answer) to a 502, logging the cause. hyper's
-/// errors name neither the URL nor any header: safe to log.
+/// Maps a transport failure (no usable HTTP answer) to a 504 when something timed out (the TCP
+/// connect, or the system's timeouts on a socket), else a 502; logs the cause. hyper's errors
+/// name neither the URL nor any header: safe to log.
 fn transport_error(err: &(dyn std::error::Error + 'static), connect: bool) -> ApiError {
     let mut cause = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        cause.push_str(": ");
-        cause.push_str(&s.to_string());
-        source = s.source();
+    let mut timed_out = false;
+    let mut source = Some(err);
+    while let Some(e) = source {
+        timed_out |= e
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+            || e.downcast_ref::<hyper::Error>()
+                .is_some_and(hyper::Error::is_timeout);
+        if !std::ptr::addr_eq(e, err) {
+            cause.push_str(": ");
+            cause.push_str(&e.to_string());
+        }
+        source = e.source();
     }
     tracing::warn!(error = %cause, "upstream request failed");
-    if connect {
+    if timed_out {
+        ApiError::GatewayTimeout
+    } else if connect {
         ApiError::BadGateway("the upstream is unreachable".into())
     } else {
         ApiError::BadGateway("the upstream connection failed".into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An error that wraps another, as hyper-util's connect errors do.
+    #[derive(Debug)]
+    struct Wrapped(std::io::Error);
+
+    impl std::fmt::Display for Wrapped {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("tcp connect error")
+        }
+    }
+
+    impl std::error::Error for Wrapped {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[test]
+    fn timeouts_anywhere_in_the_chain_are_504_other_failures_502() {
+        let timed_out = Wrapped(std::io::Error::from(std::io::ErrorKind::TimedOut));
+        assert!(matches!(
+            transport_error(&timed_out, true),
+            ApiError::GatewayTimeout
+        ));
+        let refused = Wrapped(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        assert!(
+            matches!(transport_error(&refused, true), ApiError::BadGateway(m) if m.contains("unreachable"))
+        );
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        assert!(
+            matches!(transport_error(&reset, false), ApiError::BadGateway(m) if m.contains("failed"))
+        );
     }
 }
