@@ -164,6 +164,8 @@ impl App {
 /// timeouts of common proxies and load balancers (60 s), so that they close idle connections
 /// first: a connection closed by relay just as a proxy reuses it would fail that request.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(75);
+/// The largest request head (line and headers) accepted; hyper answers 431 above it.
+const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// Pause after an accept error that is not about one connection (out of file descriptors).
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -176,8 +178,6 @@ fn is_connection_error(err: &std::io::Error) -> bool {
             | std::io::ErrorKind::ConnectionReset
     )
 }
-/// The largest request head (line and headers) accepted; hyper answers 431 above it.
-const MAX_HEAD_BYTES: usize = 64 * 1024;
 
 /// Deletes expired refresh tokens now and every hour, so that the table stays bounded.
 fn spawn_token_purge(store: Store) {
