@@ -101,14 +101,18 @@ fn now() -> i64 {
     chrono::Utc::now().timestamp()
 }
 
+fn missing_key() -> Response {
+    error(
+        StatusCode::UNAUTHORIZED,
+        "missing API key",
+        "invalid_request_error",
+        "invalid_api_key",
+    )
+}
+
 async fn list_models(headers: HeaderMap) -> Response {
     if !authorized(&headers) {
-        return error(
-            StatusCode::UNAUTHORIZED,
-            "missing API key",
-            "invalid_request_error",
-            "invalid_api_key",
-        );
+        return missing_key();
     }
     axum::Json(json!({
         "object": "list",
@@ -123,12 +127,7 @@ async fn chat_completions(
     body: Bytes,
 ) -> Response {
     if !authorized(&headers) {
-        return error(
-            StatusCode::UNAUTHORIZED,
-            "missing API key",
-            "invalid_request_error",
-            "invalid_api_key",
-        );
+        return missing_key();
     }
     let Ok(request) = serde_json::from_slice::<Value>(&body) else {
         return error(

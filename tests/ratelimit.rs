@@ -387,13 +387,8 @@ impl Drop for OwnRedis {
     }
 }
 
-async fn backend_of(app: &TestApp) -> String {
-    let health = app.health_detailed().await.1;
-    health["rate_limiter"].as_str().unwrap().to_owned()
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_paused_redis_costs_no_stall_and_is_taken_back_when_it_wakes() {
+/// An app whose limits live in a redis-server of the test's own (on a free port), and a token.
+async fn app_on_own_redis(email: &str) -> (OwnRedis, TestApp, String) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -410,7 +405,18 @@ async fn a_paused_redis_costs_no_stall_and_is_taken_back_when_it_wakes() {
         ],
     )
     .await;
-    let (token, _) = app.user_tokens("paused@example.com").await;
+    let (token, _) = app.user_tokens(email).await;
+    (redis, app, token)
+}
+
+async fn backend_of(app: &TestApp) -> String {
+    let health = app.health_detailed().await.1;
+    health["rate_limiter"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_redis_costs_no_stall_and_is_taken_back_when_it_wakes() {
+    let (redis, app, token) = app_on_own_redis("paused@example.com").await;
     assert_eq!(backend_of(&app).await, "redis");
     let pid = redis.child.id();
     // A paused Redis accepts connections and never answers: the worst kind of outage.
@@ -448,23 +454,8 @@ async fn a_paused_redis_costs_no_stall_and_is_taken_back_when_it_wakes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_outage_falls_back_to_memory_and_recovers() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut redis = OwnRedis::start(port);
-    let url = format!("redis://127.0.0.1:{}/0", redis.port);
-    let app = app(
-        Backend::Redis,
-        &[
-            ("REDIS_URL", url.as_str()),
-            ("RATE_LIMIT_CHAT_REQUESTS", "1000"),
-            ("RATE_LIMIT_REDIS_TIMEOUT_MS", "50"),
-        ],
-    )
-    .await;
-    let (token, _) = app.user_tokens("outage@example.com").await;
+    let (mut redis, app, token) = app_on_own_redis("outage@example.com").await;
+    let port = redis.port;
     assert_eq!(backend_of(&app).await, "redis");
     assert_eq!(chat(&app, &token).await.status(), 200);
 
@@ -526,27 +517,7 @@ async fn two_relay_processes_sharing_redis_let_the_capacity_through_in_total() {
     let a = support::RelayProcess::start(dir_a.path(), &["serve"], &vars);
     let b = support::RelayProcess::start(dir_b.path(), &["serve"], &vars);
     let client = reqwest::Client::new();
-    let register = json!({"email": "procs@example.com", "password": "password-123"});
-    assert_eq!(
-        client
-            .post(format!("{}/api/v1/auth/register", a.base))
-            .json(&register)
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        201
-    );
-    let pair: Value = client
-        .post(format!("{}/api/v1/auth/login", a.base))
-        .json(&register)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let token = pair["access_token"].as_str().unwrap().to_owned();
+    let token = a.access_token(&client, "procs@example.com").await;
     let urls = (0..80).map(|i| {
         let base = if i % 2 == 0 { &a.base } else { &b.base };
         format!("{base}/api/v1/chat/completions")

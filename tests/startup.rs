@@ -256,26 +256,6 @@ async fn dev_mode_runs_on_a_fresh_directory_and_stops_cleanly_on_sigterm() {
     assert_eq!(code, Some(0));
 }
 
-/// Registers a user on a running relay and returns an access token.
-async fn token_for(client: &reqwest::Client, base: &str) -> String {
-    let creds = serde_json::json!({"email": "drain@example.com", "password": "password-123"});
-    let resp = client
-        .post(format!("{base}/api/v1/auth/register"))
-        .json(&creds)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 201);
-    let resp = client
-        .post(format!("{base}/api/v1/auth/login"))
-        .json(&creds)
-        .send()
-        .await
-        .unwrap();
-    let body: Value = resp.json().await.unwrap();
-    body["access_token"].as_str().unwrap().to_owned()
-}
-
 /// Starts a stream, sends SIGTERM after its first bytes, and returns what the client read, how
 /// long the process took to exit after the signal, and its exit code.
 async fn sigterm_mid_stream(grace_seconds: &str, chunks: usize) -> (String, Duration, i32) {
@@ -305,7 +285,7 @@ async fn sigterm_mid_stream(grace_seconds: &str, chunks: usize) -> (String, Dura
     let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let mut server = support::RelayProcess::start(dir.path(), &["serve"], &vars);
     let client = reqwest::Client::new();
-    let token = token_for(&client, &server.base).await;
+    let token = server.access_token(&client, "drain@example.com").await;
     let mut resp = client
         .post(format!("{}/api/v1/chat/completions", server.base))
         .bearer_auth(&token)

@@ -308,6 +308,30 @@ impl RelayProcess {
     }
 }
 
+impl RelayProcess {
+    /// Registers `email` (password `password-123`) and returns an access token.
+    pub async fn access_token(&self, client: &reqwest::Client, email: &str) -> String {
+        let creds = json!({"email": email, "password": "password-123"});
+        let resp = client
+            .post(format!("{}/api/v1/auth/register", self.base))
+            .json(&creds)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 201);
+        let pair: Value = client
+            .post(format!("{}/api/v1/auth/login", self.base))
+            .json(&creds)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        pair["access_token"].as_str().unwrap().to_owned()
+    }
+}
+
 impl Drop for RelayProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
