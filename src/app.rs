@@ -33,7 +33,7 @@ impl App {
     pub async fn build(mut config: Config) -> anyhow::Result<App> {
         if config.upstream.api_key.is_none() {
             // Only dev/debug mode gets here (config refuses it otherwise).
-            let addr = spawn_mock().await?;
+            let addr = crate::mock::spawn(crate::mock::MockOptions::default()).await?;
             config.upstream.base_url = url::Url::parse(&format!("http://{addr}/v1"))?;
             config.upstream.api_key = Some(secrecy::SecretString::from("mock-key"));
             tracing::warn!(
@@ -192,18 +192,6 @@ fn spawn_token_purge(store: Store) {
             }
         }
     });
-}
-
-/// Starts the built-in mock upstream on a free loopback port, for the life of the runtime.
-async fn spawn_mock() -> anyhow::Result<SocketAddr> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(crate::mock::serve(
-        listener,
-        crate::mock::MockOptions::default(),
-        std::future::pending(),
-    ));
-    Ok(addr)
 }
 
 /// Completes on SIGTERM or Ctrl-C.

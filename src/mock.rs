@@ -67,6 +67,16 @@ pub async fn serve(
         .await
 }
 
+/// Starts the mock on a free loopback port, for the life of the async runtime, and returns its
+/// address (`http://ADDR/v1` is the base URL to point relay at). Used by `relay serve --dev`
+/// without an upstream key, and by the tests.
+pub async fn spawn(options: MockOptions) -> std::io::Result<std::net::SocketAddr> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(serve(listener, options, std::future::pending()));
+    Ok(addr)
+}
+
 fn error(status: StatusCode, message: &str, kind: &str, code: &str) -> Response {
     let body = json!({"error": {"message": message, "type": kind, "code": code, "param": null}});
     let mut response = (status, axum::Json(body)).into_response();
