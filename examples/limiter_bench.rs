@@ -50,16 +50,18 @@ async fn main() {
         },
         overrides: Default::default(),
         redis_budget: relay::ratelimit::DEFAULT_REDIS_BUDGET,
+        key_prefix: format!("bench-{}", uuid::Uuid::new_v4().simple()),
+        redis_url: None,
     };
-    let prefix = format!("bench-{}", uuid::Uuid::new_v4().simple());
-    let memory = RateLimiter::new(limits.clone(), None, &prefix)
-        .await
-        .unwrap();
+    let memory = RateLimiter::new(limits.clone()).await.unwrap();
     measure(&memory, 20_000).await;
     let mem = summary(measure(&memory, 200_000).await);
-    let redis = RateLimiter::new(limits, Some(&redis_url), &prefix)
-        .await
-        .unwrap();
+    let redis = RateLimiter::new(RateLimits {
+        redis_url: Some(redis_url.clone()),
+        ..limits
+    })
+    .await
+    .unwrap();
     assert_eq!(
         redis.backend().as_str(),
         "redis",

@@ -43,14 +43,10 @@ impl App {
         }
         let upstream =
             Upstream::new(&config.upstream).context("cannot build the upstream client")?;
-        let limiter = RateLimiter::new(
-            config.rate_limits.clone(),
-            config.redis_url.as_deref(),
-            &config.rate_limit_prefix,
-        )
-        .await
-        .context("cannot set up rate limiting")?;
-        let store = Store::connect(&config.database_url)
+        let limiter = RateLimiter::new(config.rate_limits.clone())
+            .await
+            .context("cannot set up rate limiting")?;
+        let store = Store::connect(&config.database)
             .await
             .context("cannot open the database")?;
         store
@@ -60,13 +56,14 @@ impl App {
         let parallelism = std::thread::available_parallelism().map_or(2, |n| n.get());
         let passwords = Passwords::new(parallelism).await?;
         let jwt = JwtKeys::new(
-            config.secret_key_bytes(),
-            config.access_token_ttl,
-            config.refresh_token_ttl,
+            config.auth.secret_key_bytes(),
+            config.auth.access_token_ttl,
+            config.auth.refresh_token_ttl,
         );
-        let listener = TcpListener::bind((config.host.as_str(), config.port))
+        let server = &config.server;
+        let listener = TcpListener::bind((server.host.as_str(), server.port))
             .await
-            .with_context(|| format!("cannot listen on {}:{}", config.host, config.port))?;
+            .with_context(|| format!("cannot listen on {}:{}", server.host, server.port))?;
         let state = AppState::new(Inner {
             config: Arc::new(config),
             store,
@@ -107,7 +104,7 @@ impl App {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        let grace = self.state.config.shutdown_grace;
+        let grace = self.state.config.server.shutdown_grace;
         let mut http = hyper::server::conn::http1::Builder::new();
         http.timer(TokioTimer::new())
             .header_read_timeout(HEADER_READ_TIMEOUT)

@@ -4,10 +4,14 @@
 //! id); the client only ever sees a plain message. There is deliberately no blanket `From` for
 //! arbitrary errors: a client mistake must never turn into a 500 by accident.
 
+use std::borrow::Cow;
+
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::{HeaderValue, StatusCode, header};
 use serde::Serialize;
+
+use crate::store::StoreError;
 
 /// Everything a handler can answer with besides success.
 #[derive(Debug, thiserror::Error)]
@@ -105,17 +109,59 @@ pub struct ErrorBody {
     pub message: String,
     /// OpenAI error type, e.g. `invalid_request_error`.
     #[serde(rename = "type")]
-    pub kind: &'static str,
+    #[schema(value_type = String)]
+    pub kind: Cow<'static, str>,
     /// Machine-readable code.
     pub code: Option<String>,
     /// The request field the error is about, if any.
     pub param: Option<String>,
 }
 
+impl ErrorEnvelope {
+    /// An envelope of type `kind` (see [`error_type_for`]).
+    pub fn new(
+        kind: impl Into<Cow<'static, str>>,
+        message: impl Into<String>,
+        code: Option<String>,
+        param: Option<String>,
+    ) -> Self {
+        ErrorEnvelope {
+            error: ErrorBody {
+                message: message.into(),
+                kind: kind.into(),
+                code,
+                param,
+            },
+        }
+    }
+
+    /// The envelope as JSON bytes.
+    pub fn to_bytes(&self) -> Bytes {
+        // Strings only: serialising cannot fail; the fallback is never reached.
+        Bytes::from(serde_json::to_vec(self).unwrap_or_else(|_| b"{\"error\":{}}".to_vec()))
+    }
+
+    /// The envelope as one server-sent event (`data: {...}` and a blank line): how a stream
+    /// that already started reports a failure.
+    pub fn to_sse_event(&self) -> Bytes {
+        let json = self.to_bytes();
+        let mut event = Vec::with_capacity(json.len() + 8);
+        event.extend_from_slice(b"data: ");
+        event.extend_from_slice(&json);
+        event.extend_from_slice(b"\n\n");
+        Bytes::from(event)
+    }
+}
+
 impl ApiError {
     /// A 500 whose cause is logged but not shown.
     pub fn internal(err: impl Into<anyhow::Error>) -> Self {
         Self::Internal(err.into())
+    }
+
+    /// A 401 with this message and code.
+    pub fn unauthorized(message: &'static str, code: &'static str) -> Self {
+        Self::Unauthorized { message, code }
     }
 
     /// A 422 about `param`.
@@ -208,14 +254,12 @@ pub fn envelope_response(
     code: &str,
     param: Option<String>,
 ) -> Response {
-    let body = ErrorEnvelope {
-        error: ErrorBody {
-            message: message.into(),
-            kind: error_type_for(status),
-            code: Some(code.to_owned()),
-            param,
-        },
-    };
+    let body = ErrorEnvelope::new(
+        error_type_for(status),
+        message,
+        Some(code.to_owned()),
+        param,
+    );
     let mut response = (status, axum::Json(body)).into_response();
     if status == StatusCode::UNAUTHORIZED {
         response
@@ -223,6 +267,21 @@ pub fn envelope_response(
             .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
     }
     response
+}
+
+impl From<StoreError> for ApiError {
+    /// A conflict the caller did not map to its own message is a plain 409; an unreachable
+    /// database a 503 (logged here); anything else a 500.
+    fn from(err: StoreError) -> Self {
+        match err {
+            StoreError::Conflict => ApiError::Conflict("already exists".into()),
+            StoreError::Unavailable(e) => {
+                tracing::error!(error = %e, "database unavailable");
+                ApiError::ServiceUnavailable("the database is unavailable, try again later".into())
+            }
+            StoreError::Other(e) => ApiError::internal(e),
+        }
+    }
 }
 
 impl IntoResponse for ApiError {

@@ -6,10 +6,10 @@ use std::process::ExitCode;
 use clap::Parser as _;
 use relay::app::{App, shutdown_signal};
 use relay::auth::Passwords;
+use relay::auth::users::{Registration, create_user};
 use relay::cli::{Cli, Command, MockArgs, ServeArgs, UserCommand, UserCreateArgs};
 use relay::config::{Config, Mode};
 use relay::store::Store;
-use relay::users::{Registration, create_user};
 
 // A faster allocator than glibc's for many small, short-lived allocations across threads,
 // which is what a proxy does all day.
@@ -69,7 +69,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let _log_guard = relay::telemetry::init(&config.log_level, config.log_format);
+    let _log_guard = relay::telemetry::init(&config.log.level, config.log.format);
     if let Err(err) = thp {
         tracing::warn!(error = %err, "cannot turn off transparent huge pages");
     }
@@ -107,10 +107,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             "DEV MODE: ephemeral secret key, SQLite, in-memory rate limits. NOT FOR PRODUCTION."
         );
     }
-    if config.secret_key_weak {
+    if config.auth.secret_key_weak {
         tracing::warn!("SECRET_KEY is shorter than 32 bytes: accepted only because of DEBUG/--dev");
     }
-    if config.secret_key_ephemeral && !config.dev {
+    if config.auth.secret_key_ephemeral && !config.dev {
         tracing::warn!("DEBUG without SECRET_KEY: tokens are signed with an ephemeral key");
     }
     let app = App::build(config).await?;
@@ -120,7 +120,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
 }
 
 async fn migrate(config: Config) -> anyhow::Result<()> {
-    let store = Store::connect(&config.database_url).await?;
+    let store = Store::connect(&config.database).await?;
     store.migrate().await?;
     store.close().await;
     tracing::info!(engine = store.engine(), "migrations applied");
@@ -131,7 +131,7 @@ async fn user_create(config: Config, args: UserCreateArgs) -> anyhow::Result<()>
     let mut password = String::new();
     std::io::stdin().lock().read_line(&mut password)?;
     let password = password.trim_end_matches(['\r', '\n']).to_owned();
-    let store = Store::connect(&config.database_url).await?;
+    let store = Store::connect(&config.database).await?;
     store.migrate().await?;
     let passwords = Passwords::new(1).await?;
     let user = create_user(

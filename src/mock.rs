@@ -21,6 +21,8 @@ use axum::routing::{get, post};
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use serde_json::{Value, json};
 
+use crate::error::ErrorEnvelope;
+
 /// The model the mock offers.
 pub const MOCK_MODEL: &str = "mock-echo";
 
@@ -78,8 +80,16 @@ pub async fn spawn(options: MockOptions) -> std::io::Result<std::net::SocketAddr
 }
 
 fn error(status: StatusCode, message: &str, kind: &str, code: &str) -> Response {
-    let body = json!({"error": {"message": message, "type": kind, "code": code, "param": null}});
-    let mut response = (status, axum::Json(body)).into_response();
+    let body = ErrorEnvelope::new(kind.to_owned(), message, Some(code.to_owned()), None);
+    let mut response = (
+        status,
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        body.to_bytes(),
+    )
+        .into_response();
     if status == StatusCode::TOO_MANY_REQUESTS {
         response
             .headers_mut()

@@ -4,7 +4,7 @@ use std::ops::Deref;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::auth::{JwtKeys, Passwords};
+use crate::auth::{JwtKeys, Passwords, Sessions};
 use crate::config::Config;
 use crate::ratelimit::RateLimiter;
 use crate::relay::Upstream;
@@ -36,6 +36,15 @@ impl AppState {
     /// Wraps the parts.
     pub fn new(inner: Inner) -> Self {
         AppState(Arc::new(inner))
+    }
+
+    /// Logins, refreshes and logouts, over this state's keys, store and hasher.
+    pub fn sessions(&self) -> Sessions<'_> {
+        Sessions {
+            jwt: &self.jwt,
+            store: &self.store,
+            passwords: &self.passwords,
+        }
     }
 }
 

@@ -1,9 +1,22 @@
-//! Authentication: JWTs, password hashing and the Bearer extractor.
+//! Authentication and accounts: JWTs, password hashing, users and sessions. Nothing here knows
+//! about HTTP; `http::extract` turns a Bearer header into an [`AuthUser`].
 
-pub mod extractor;
 pub mod jwt;
 pub mod password;
+pub mod session;
+pub mod users;
 
-pub use extractor::AuthUser;
+use uuid::Uuid;
+
 pub use jwt::{Claims, JwtKeys, TokenKind};
 pub use password::Passwords;
+pub use session::{Sessions, TokenPair};
+
+/// The authenticated caller of a request, from a verified access token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuthUser {
+    /// The user's id (the token's `sub`).
+    pub id: Uuid,
+    /// Whether the token says the user is an admin.
+    pub is_admin: bool,
+}

@@ -1,16 +1,117 @@
-//! Request-body extractors whose rejections use our error envelope.
+//! Extractors whose rejections use our error envelope: the Bearer token ([`AuthUser`]), the
+//! request's context ([`Ctx`]), and bodies ([`ApiJson`], [`RawJson`]).
 //!
 //! axum's own `Json` answers rejections in plain text; these answer 400 for broken JSON, 415
 //! for a wrong content type, 413 for a body over `MAX_REQUEST_BYTES`, and 422 with `param`
 //! naming the field for JSON of the wrong shape.
+//!
+//! `AuthUser` checks the access token in memory only (signature, algorithm, expiry, issuer,
+//! kind): no database query on the request path, which is what lets the relay stay fast. The
+//! price is that a deactivated user keeps a working access token until it expires (minutes);
+//! login and refresh, which do touch the database, refuse inactive users.
 
-use axum::extract::{FromRequest, Request};
+use std::sync::Arc;
+
+use axum::extract::{FromRequest, FromRequestParts, Request};
 use bytes::Bytes;
-use http::HeaderMap;
-use http::header::CONTENT_TYPE;
+use http::header::{AUTHORIZATION, CONTENT_TYPE};
+use http::request::Parts;
+use http::{HeaderMap, HeaderValue};
 use serde::de::DeserializeOwned;
 
+use crate::auth::AuthUser;
+use crate::context::RequestContext;
 use crate::error::ApiError;
+use crate::state::AppState;
+
+/// Takes the token out of `Authorization: Bearer <token>` (scheme case-insensitive).
+pub fn bearer_token(headers: &HeaderMap) -> Result<&str, ApiError> {
+    let value = headers.get(AUTHORIZATION).ok_or(ApiError::unauthorized(
+        "missing bearer token",
+        "missing_token",
+    ))?;
+    let value = value
+        .to_str()
+        .map_err(|_| ApiError::unauthorized("malformed authorization header", "invalid_token"))?;
+    match value.split_once(' ') {
+        Some((scheme, token))
+            if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() =>
+        {
+            Ok(token.trim())
+        }
+        _ => Err(ApiError::unauthorized(
+            "authorization header must be `Bearer <token>`",
+            "invalid_token",
+        )),
+    }
+}
+
+/// Verifies the request's access token (in memory) and records the user on its context.
+pub fn authenticate(parts: &Parts, state: &AppState) -> Result<AuthUser, ApiError> {
+    let token = bearer_token(&parts.headers)?;
+    let access = state.jwt.verify_access(token)?;
+    if let Some(ctx) = parts.extensions.get::<Arc<RequestContext>>() {
+        ctx.set_user(access.user_id);
+    }
+    Ok(AuthUser {
+        id: access.user_id,
+        is_admin: access.is_admin,
+    })
+}
+
+impl FromRequestParts<AppState> for AuthUser {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        // A rate-limit layer keyed by user has verified the token already.
+        match parts.extensions.get::<AuthUser>() {
+            Some(user) => Ok(*user),
+            None => authenticate(parts, state),
+        }
+    }
+}
+
+/// The request's [`RequestContext`] (see `http::middleware`).
+pub struct Ctx(pub Arc<RequestContext>);
+
+impl<S: Send + Sync> FromRequestParts<S> for Ctx {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        // Always there behind the `observe` middleware; a fresh one keeps handlers usable
+        // without it (in unit tests).
+        Ok(Ctx(parts
+            .extensions
+            .get::<Arc<RequestContext>>()
+            .cloned()
+            .unwrap_or_else(|| {
+                Arc::new(RequestContext::new(HeaderValue::from_static("-")))
+            })))
+    }
+}
+
+/// A JSON body as bytes, unparsed (the relay validates and forwards it): checks the content
+/// type and reads the body with our rejections.
+pub struct RawJson(pub Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for RawJson {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, _state: &S) -> Result<Self, ApiError> {
+        expect_json(req.headers())?;
+        read_body(req).await.map(RawJson)
+    }
+}
+
+fn expect_json(headers: &HeaderMap) -> Result<(), ApiError> {
+    if body_kind(headers) == BodyKind::Json {
+        Ok(())
+    } else {
+        Err(ApiError::UnsupportedMediaType(
+            "expected Content-Type: application/json".into(),
+        ))
+    }
+}
 
 /// A JSON body of type `T`.
 pub struct ApiJson<T>(pub T);
@@ -123,11 +224,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, _state: &S) -> Result<Self, ApiError> {
-        if body_kind(req.headers()) != BodyKind::Json {
-            return Err(ApiError::UnsupportedMediaType(
-                "expected Content-Type: application/json".into(),
-            ));
-        }
+        expect_json(req.headers())?;
         let bytes = read_body(req).await?;
         parse_json(&bytes).map(ApiJson)
     }

@@ -8,7 +8,7 @@
 //! carries its full duration and its token usage.
 
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -19,8 +19,8 @@ use axum::response::Response;
 use bytes::Bytes;
 use http::header::{CONTENT_SECURITY_POLICY, CONTENT_TYPE};
 use http::{HeaderName, HeaderValue, Method, StatusCode};
-use uuid::Uuid;
 
+use crate::context::RequestContext;
 use crate::error::{ErrorDetail, envelope_response, error_code_for};
 
 /// `X-Request-ID`.
@@ -28,52 +28,6 @@ pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// The CSP for API responses: nothing may be loaded or framed.
 pub const API_CSP: &str = "default-src 'none'; frame-ancestors 'none'";
-
-/// Token counts of one request, when the upstream reported them.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
-pub struct Usage {
-    /// Prompt tokens.
-    pub prompt_tokens: u64,
-    /// Completion tokens.
-    pub completion_tokens: u64,
-}
-
-/// What is learnt about a request while it is handled, for its log line.
-#[derive(Debug)]
-pub struct RequestContext {
-    /// The request id echoed in `X-Request-ID`.
-    pub request_id: HeaderValue,
-    user_id: OnceLock<Uuid>,
-    usage: Mutex<Option<Usage>>,
-}
-
-impl RequestContext {
-    /// A context for a request with this id.
-    pub fn new(request_id: HeaderValue) -> Self {
-        RequestContext {
-            request_id,
-            user_id: OnceLock::new(),
-            usage: Mutex::new(None),
-        }
-    }
-
-    /// Records the authenticated user.
-    pub fn set_user(&self, id: Uuid) {
-        let _ = self.user_id.set(id);
-    }
-
-    /// Records the request's token usage (the last report wins).
-    pub fn set_usage(&self, usage: Usage) {
-        if let Ok(mut slot) = self.usage.lock() {
-            *slot = Some(usage);
-        }
-    }
-
-    /// The usage recorded so far.
-    pub fn usage(&self) -> Option<Usage> {
-        self.usage.lock().ok().and_then(|u| *u)
-    }
-}
 
 fn sane_request_id(value: &HeaderValue) -> bool {
     let bytes = value.as_bytes();
@@ -202,7 +156,7 @@ struct RequestLog {
 impl RequestLog {
     fn emit(self, completed: bool) {
         let latency_ms = self.start.elapsed().as_secs_f64() * 1000.0;
-        let user_id = self.ctx.user_id.get().map(|u| u.to_string());
+        let user_id = self.ctx.user().map(|u| u.to_string());
         let usage = self.ctx.usage();
         tracing::info!(
             target: "relay::request",

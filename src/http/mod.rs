@@ -1,4 +1,6 @@
-//! The HTTP surface: routes and the layers around them.
+//! The HTTP surface: routes and the layers around them. The layer on top: it may import from
+//! every module below it (`relay`, `auth`, `ratelimit`, `store`, `config`, `error`,
+//! `context`); none of them imports from here.
 //!
 //! Layer order, outermost first (a request passes them top to bottom, a response bottom to top):
 //!
@@ -8,15 +10,23 @@
 //!    (to every response below it, so that a browser can read errors too).
 //! 3. `CatchPanicLayer` — a panicking handler becomes a 500 envelope, not a dropped connection.
 //! 4. `DefaultBodyLimit` — bodies over `MAX_REQUEST_BYTES` are refused (413) while being read.
-//! 5. Per-group layers: `Cache-Control: no-store` on `/auth/*`.
+//! 5. Per-group layers: `Cache-Control: no-store` on `/auth/*`; the rate limit
+//!    (`ratelimit::limit`, a `route_layer`, so unknown paths are not limited) on chat and
+//!    models (per user), register and refresh (per IP). Login checks its limits (IP, then
+//!    email) in its handler.
 //!
 //! Routes are public only when listed here without an `AuthUser` argument: health, docs,
-//! register, login, refresh. Everything else takes `AuthUser` (chat and models take it as a
-//! `Result`, so that a 401 still carries the rate-limit headers).
+//! register, login, refresh. Everything else takes `AuthUser`.
 //!
-//! Rate limits are not a layer: limited handlers take a `ratelimit::Limited<E>` extractor,
-//! which runs before the body is read, and pass their result through `Limited::wrap` for the
-//! headers; login checks its two buckets by hand (IP, then email).
+//! Request and response extensions, the way layers and handlers talk to each other:
+//!
+//! | extension | inserted by | read by |
+//! |---|---|---|
+//! | `ConnectInfo<SocketAddr>` (request) | the accept loop (`app.rs`) | `ratelimit::client_ip` |
+//! | `Arc<RequestContext>` (request) | `middleware::observe` | `extract::authenticate` (sets the user), `extract::Ctx` → `relay` (sets the usage), `observe` again for the log line |
+//! | `MatchedPath` (request) | axum's router | `observe` (the route on the log line) |
+//! | `AuthUser` (request) | `ratelimit::limit` on per-user groups, after verifying the token | the `AuthUser` extractor (so the token is verified once) |
+//! | `ErrorDetail` (response) | `ApiError::into_response` for 500 and 503 | `observe`, which logs it with the request id and removes it |
 
 pub mod auth;
 pub mod chat;
@@ -24,6 +34,7 @@ pub mod docs;
 pub mod extract;
 pub mod health;
 pub mod middleware;
+pub mod models;
 pub mod ratelimit;
 
 use axum::Router;
@@ -38,9 +49,10 @@ use utoipa::OpenApi as _;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::config::{Config, Origins};
+use crate::config::{Config, Endpoint, Origins};
 use crate::error::ApiError;
 use crate::state::AppState;
+use ratelimit::{KeyBy, LimitState};
 
 /// Headers a browser may read from our responses.
 const EXPOSED_HEADERS: [&str; 5] = [
@@ -51,33 +63,57 @@ const EXPOSED_HEADERS: [&str; 5] = [
     "x-ratelimit-reset",
 ];
 
-/// The API routes with their OpenAPI description, before state is attached.
+/// The API routes with their OpenAPI description, before state is attached (without the
+/// rate-limit layers, which need the state; the document is the same).
 pub fn api_routes() -> OpenApiRouter<AppState> {
+    routes(None)
+}
+
+/// The OpenAPI document (also what `/openapi.json` serves).
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    api_routes().split_for_parts().1
+}
+
+/// The API routes; with `state`, each limited group gets its rate-limit `route_layer`.
+fn routes(state: Option<&AppState>) -> OpenApiRouter<AppState> {
+    let limited = |group: OpenApiRouter<AppState>, endpoint: Endpoint, by: KeyBy| match state {
+        Some(app) => group.route_layer(axum::middleware::from_fn_with_state(
+            LimitState {
+                app: app.clone(),
+                endpoint,
+                by,
+            },
+            ratelimit::limit,
+        )),
+        None => group,
+    };
+    let register = OpenApiRouter::new().routes(routes!(auth::register_user));
+    let refresh = OpenApiRouter::new().routes(routes!(auth::refresh_token));
     let auth = OpenApiRouter::new()
-        .routes(routes!(auth::register_user))
         .routes(routes!(auth::login_user))
         .routes(routes!(auth::get_me))
-        .routes(routes!(auth::refresh_token))
         .routes(routes!(auth::logout_user))
+        .merge(limited(register, Endpoint::Register, KeyBy::Ip))
+        .merge(limited(refresh, Endpoint::Refresh, KeyBy::Ip))
         .layer(SetResponseHeaderLayer::overriding(
             header::CACHE_CONTROL,
             HeaderValue::from_static("no-store"),
         ));
     let chat = OpenApiRouter::new()
         .routes(routes!(chat::create_chat_completion))
-        .routes(routes!(chat::stream_chat_completion))
-        .routes(routes!(chat::list_chat_models))
-        .routes(routes!(chat::list_models));
+        .routes(routes!(chat::stream_chat_completion));
+    let models = OpenApiRouter::new()
+        .routes(routes!(models::list_chat_models))
+        .routes(routes!(models::list_models));
     let health = OpenApiRouter::new()
         .routes(routes!(health::get_health))
         .routes(routes!(health::get_health_detailed));
-    OpenApiRouter::with_openapi(docs::ApiDoc::openapi())
-        .nest("/api/v1", auth.merge(chat).merge(health))
-}
-
-/// The OpenAPI document (also what `/openapi.json` serves).
-pub fn openapi() -> utoipa::openapi::OpenApi {
-    api_routes().split_for_parts().1
+    OpenApiRouter::with_openapi(docs::ApiDoc::openapi()).nest(
+        "/api/v1",
+        auth.merge(limited(chat, Endpoint::Chat, KeyBy::User))
+            .merge(limited(models, Endpoint::Models, KeyBy::User))
+            .merge(health),
+    )
 }
 
 fn cors(origins: &Origins) -> CorsLayer {
@@ -112,7 +148,7 @@ async fn not_found() -> ApiError {
 /// The whole application router.
 pub fn router(state: AppState) -> Router {
     let config = state.config.clone();
-    let (api, doc) = api_routes().split_for_parts();
+    let (api, doc) = routes(Some(&state)).split_for_parts();
     let mut app = api;
     if config.docs_enabled() {
         app = app.merge(docs::router(doc));
@@ -127,8 +163,8 @@ pub fn with_layers<S: Clone + Send + Sync + 'static>(
 ) -> Router<S> {
     routes
         .fallback(not_found)
-        .layer(DefaultBodyLimit::max(config.max_request_bytes))
+        .layer(DefaultBodyLimit::max(config.server.max_request_bytes))
         .layer(CatchPanicLayer::custom(panic_response))
-        .layer(cors(&config.allowed_origins))
+        .layer(cors(&config.server.allowed_origins))
         .layer(axum::middleware::from_fn(middleware::observe))
 }

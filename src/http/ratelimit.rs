@@ -1,49 +1,74 @@
-//! Applying rate limits to endpoints: the `Limited<E>` extractor, the client IP, and the
-//! `X-RateLimit-*` headers.
+//! Applying rate limits to routes: a `route_layer` per limited route group, the client IP, and
+//! the `X-RateLimit-*` headers.
 //!
-//! The extractor runs before the body is read, so a limited request never reaches the
-//! upstream or the password hasher. Handlers pass their result through [`Limited::wrap`], so
-//! that every answer of a limited endpoint — success or error — carries the headers.
+//! The layer decides before any extractor runs, so a limited request never reaches the body,
+//! the upstream or the password hasher; a refused one gets a 429 with `Retry-After`. Every
+//! answer that passes through it — success, handler error or extractor rejection — carries
+//! the headers. Groups keyed by user verify the Bearer token once, here, and leave the
+//! [`AuthUser`] in the request's extensions for the handler's extractor; a request without a
+//! valid token is keyed by its IP (and then refused by the extractor, with the headers).
+//! Login checks its two buckets (IP, then email) in its handler, since the second key is in
+//! the body.
 
-use std::marker::PhantomData;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
-use axum::extract::{ConnectInfo, FromRequestParts};
+use axum::extract::{ConnectInfo, FromRequestParts, Request, State};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use http::request::Parts;
 use http::{HeaderName, HeaderValue};
 
-use crate::auth::extractor::bearer_token;
 use crate::config::Endpoint;
 use crate::error::ApiError;
+use crate::http::extract::authenticate;
 use crate::ratelimit::{Decision, Subject};
 use crate::state::AppState;
 
-/// An endpoint with a rate limit.
-pub trait LimitedEndpoint {
-    /// Which one.
-    const ENDPOINT: Endpoint;
-    /// Keyed by the user when a valid token is presented (else by IP).
-    const BY_USER: bool;
+/// Whose bucket a limited route group takes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyBy {
+    /// The user of a valid access token, else the client IP.
+    User,
+    /// The client IP.
+    Ip,
 }
 
-macro_rules! endpoints {
-    ($($name:ident => $endpoint:ident, $by_user:expr;)*) => {$(
-        #[doc = concat!("Marker for the `", stringify!($endpoint), "` limit.")]
-        pub struct $name;
-        impl LimitedEndpoint for $name {
-            const ENDPOINT: Endpoint = Endpoint::$endpoint;
-            const BY_USER: bool = $by_user;
+/// What [`limit`] needs: the app, and which limit applies how.
+#[derive(Clone)]
+pub struct LimitState {
+    /// The app (limiter, JWT keys, proxy settings).
+    pub app: AppState,
+    /// Which endpoint's limit.
+    pub endpoint: Endpoint,
+    /// Whose bucket.
+    pub by: KeyBy,
+}
+
+/// The middleware of a limited route group (see the module documentation); installed with
+/// `axum::middleware::from_fn_with_state(LimitState { .. }, limit)` as a `route_layer`.
+pub async fn limit(State(limit): State<LimitState>, req: Request, next: Next) -> Response {
+    let (mut parts, body) = req.into_parts();
+    let user = match limit.by {
+        KeyBy::User => authenticate(&parts, &limit.app).ok(),
+        KeyBy::Ip => None,
+    };
+    let subject = match user {
+        Some(user) => {
+            parts.extensions.insert(user);
+            Subject::User(user.id)
         }
-    )*};
-}
-
-endpoints! {
-    ChatLimit => Chat, true;
-    ModelsLimit => Models, true;
-    RegisterLimit => Register, false;
-    RefreshLimit => Refresh, false;
-    LoginLimit => Login, false;
+        None => Subject::Ip(client_ip(
+            &parts,
+            limit.app.config.server.trust_proxy_headers,
+        )),
+    };
+    let decision = limit.app.limiter.check(limit.endpoint, &subject).await;
+    if !decision.allowed {
+        return rejection(&decision);
+    }
+    let mut response = next.run(Request::from_parts(parts, body)).await;
+    set_headers(&mut response, &decision);
+    response
 }
 
 /// The client's IP: the connection's peer, or with `TRUST_PROXY_HEADERS` the right-most
@@ -78,31 +103,10 @@ impl FromRequestParts<AppState> for ClientIp {
         parts: &mut Parts,
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
-        Ok(ClientIp(client_ip(parts, state.config.trust_proxy_headers)))
-    }
-}
-
-/// A request that passed its endpoint's limit; holds the decision for the headers.
-pub struct Limited<E> {
-    /// The (most restrictive) decision.
-    pub decision: Decision,
-    _endpoint: PhantomData<E>,
-}
-
-impl<E> Limited<E> {
-    /// Wraps a decision.
-    pub fn new(decision: Decision) -> Self {
-        Limited {
-            decision,
-            _endpoint: PhantomData,
-        }
-    }
-
-    /// Turns the handler's result into a response carrying the rate-limit headers.
-    pub fn wrap<T: IntoResponse>(self, result: Result<T, ApiError>) -> Response {
-        let mut response = result.into_response();
-        set_headers(&mut response, &self.decision);
-        response
+        Ok(ClientIp(client_ip(
+            parts,
+            state.config.server.trust_proxy_headers,
+        )))
     }
 }
 
@@ -142,27 +146,4 @@ pub fn most_restrictive(decisions: &[Decision]) -> Option<Decision> {
         .iter()
         .copied()
         .min_by_key(|d| (d.allowed, std::cmp::Reverse(d.retry_after_ms), d.remaining))
-}
-
-impl<E: LimitedEndpoint + Send + Sync> FromRequestParts<AppState> for Limited<E> {
-    type Rejection = Response;
-
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Response> {
-        let user = if E::BY_USER {
-            bearer_token(parts)
-                .ok()
-                .and_then(|token| state.jwt.verify_access(token).ok())
-                .map(|access| Subject::User(access.user_id))
-        } else {
-            None
-        };
-        let subject =
-            user.unwrap_or_else(|| Subject::Ip(client_ip(parts, state.config.trust_proxy_headers)));
-        let decision = state.limiter.check(E::ENDPOINT, &subject).await;
-        if decision.allowed {
-            Ok(Limited::new(decision))
-        } else {
-            Err(rejection(&decision))
-        }
-    }
 }

@@ -7,7 +7,7 @@
 //! `capacity × window_ms` under 2^53, where doubles are still exact.
 
 /// The largest `capacity × window_ms` allowed (2^53: doubles are exact below it).
-pub const MAX_UNITS: u64 = 1 << 53;
+pub const MAX_UNITS: u64 = crate::config::MAX_LIMIT_UNITS;
 
 /// A bucket's shape, in the units above.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -104,14 +104,10 @@ fn shape(limit: Limit) -> Shape {
 }
 
 impl RateLimiter {
-    /// A limiter over `redis_url` (or memory only when `None`). An unreachable Redis at
+    /// A limiter over `limits.redis_url` (or memory only when `None`). An unreachable Redis at
     /// start-up is not an error: the limiter starts on memory and keeps probing.
-    pub async fn new(
-        limits: RateLimits,
-        redis_url: Option<&str>,
-        prefix: &str,
-    ) -> anyhow::Result<Self> {
-        let redis = match redis_url {
+    pub async fn new(limits: RateLimits) -> anyhow::Result<Self> {
+        let redis = match limits.redis_url.as_deref() {
             None => None,
             Some(url) => {
                 let client = ::redis::Client::open(url)?;
@@ -144,8 +140,8 @@ impl RateLimiter {
             }
         };
         Ok(RateLimiter {
+            prefix: limits.key_prefix.clone(),
             limits,
-            prefix: prefix.to_owned(),
             memory: MemoryLimiter::new(memory::DEFAULT_MAX_KEYS),
             redis,
         })

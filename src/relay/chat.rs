@@ -1,10 +1,20 @@
-//! Preparing a chat completion request: validate what relay relies on, fill in the default
-//! model, ask for usage on streams, and forward every other field unchanged.
+//! Chat completions: [`prepare`] validates what relay relies on, fills in the default model,
+//! asks for usage on streams and forwards every other field unchanged; [`complete`] sends the
+//! request upstream and hands back either a relayed stream or a checked JSON body.
+
+use std::sync::Arc;
 
 use bytes::Bytes;
+use http::header::CONTENT_TYPE;
+use http_body_util::BodyDataStream;
+use hyper::body::Incoming;
+use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use crate::config::Config;
+use super::Upstream;
+use super::models::ModelPolicy;
+use super::sse::SseRelay;
+use crate::context::{RequestContext, Usage};
 use crate::error::ApiError;
 
 /// A request ready to send upstream.
@@ -120,7 +130,7 @@ fn validate(body: &Map<String, Value>) -> Result<(), ApiError> {
 pub fn prepare(
     value: Value,
     original: Bytes,
-    config: &Config,
+    policy: &ModelPolicy,
     force_stream: bool,
 ) -> Result<PreparedChat, ApiError> {
     let Value::Object(mut body) = value else {
@@ -135,19 +145,13 @@ pub fn prepare(
     let model = match body.get("model").and_then(Value::as_str) {
         Some(model) => model.to_owned(),
         None => {
-            body.insert("model".into(), Value::String(config.default_model.clone()));
+            let model = policy.default_model().to_owned();
+            body.insert("model".into(), Value::String(model.clone()));
             changed = true;
-            config.default_model.clone()
+            model
         }
     };
-    if let Some(allowed) = &config.allowed_models
-        && !allowed.iter().any(|m| m == &model)
-    {
-        return Err(ApiError::Forbidden {
-            message: format!("the model {model:?} is not allowed on this server"),
-            code: "model_not_allowed",
-        });
-    }
+    policy.check(&model)?;
 
     let stream = force_stream || body.get("stream").and_then(Value::as_bool) == Some(true);
     if force_stream && body.get("stream").and_then(Value::as_bool) != Some(true) {
@@ -184,18 +188,66 @@ pub fn prepare(
     })
 }
 
+/// What the upstream answered, ready for the client.
+pub enum Completion {
+    /// Server-sent events, relayed as they arrive (usage recorded in the request's context).
+    Stream(SseRelay<BodyDataStream<Incoming>>),
+    /// A whole JSON completion, checked to be one, usage recorded, bytes untouched.
+    Json(Bytes),
+}
+
+#[derive(Deserialize)]
+struct CompletionView {
+    #[allow(dead_code)] // required, so that an answer without it is not taken for a completion
+    choices: Vec<serde::de::IgnoredAny>,
+    #[serde(default)]
+    usage: Option<Usage>,
+}
+
+/// Sends a prepared request upstream: the one way a chat completion leaves relay.
+pub async fn complete(
+    upstream: &Upstream,
+    chat: PreparedChat,
+    ctx: Arc<RequestContext>,
+) -> Result<Completion, ApiError> {
+    let response = upstream.post_chat(chat.body, chat.stream).await?;
+    let is_sse = response
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("text/event-stream"));
+    if chat.stream && is_sse {
+        return Ok(Completion::Stream(SseRelay::new(
+            BodyDataStream::new(response.into_body()),
+            upstream.timeout(),
+            chat.forward_usage,
+            ctx,
+        )));
+    }
+    // A whole JSON answer (also when an upstream ignored `stream`).
+    let body = upstream.read_completion(response).await?;
+    let view: CompletionView = serde_json::from_slice(&body).map_err(|_| {
+        tracing::warn!(model = %chat.model, "upstream answer is not a chat completion");
+        ApiError::BadGateway("the upstream's answer is not in the OpenAI format".into())
+    })?;
+    if let Some(usage) = view.usage {
+        ctx.set_usage(usage);
+    }
+    Ok(Completion::Json(body))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Mode;
+    use crate::config::{Config, Mode};
     use serde_json::json;
 
-    fn config(extra: &[(&str, &str)]) -> Config {
+    fn config(extra: &[(&str, &str)]) -> ModelPolicy {
         let vars = extra
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect();
-        Config::from_vars(&vars, Mode::Dev).unwrap()
+        ModelPolicy::new(&Config::from_vars(&vars, Mode::Dev).unwrap().upstream)
     }
 
     fn run(body: Value, force: bool) -> Result<PreparedChat, ApiError> {

@@ -1,10 +1,15 @@
-//! The relay proper: the one upstream client, request preparation, and SSE pass-through.
+//! The relay proper: the one entry point to the upstream ([`Upstream`]), request preparation,
+//! SSE pass-through, model policy, and what the client is told when the upstream fails.
 //!
 //! Everything that talks to the upstream lives here, so that failover across several keys or
-//! providers can later replace [`upstream::Upstream`] without touching the handlers.
+//! providers can later replace what is behind [`Upstream`] without touching the handlers.
+//! Handlers call one function per endpoint (e.g. [`chat::complete`]).
 
 pub mod chat;
+pub mod client;
+pub mod errors;
+pub mod models;
 pub mod sse;
-pub mod upstream;
 
-pub use upstream::Upstream;
+pub use client::Upstream;
+pub use models::{Model, ModelPolicy};

@@ -5,8 +5,6 @@
 //! deliberately not sqlx's `Any` driver, which loses types such as UUIDs and timestamps.
 //! Nothing here is on the chat request path: JWTs are verified in memory.
 
-use std::path::PathBuf;
-use std::str::FromStr as _;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -14,46 +12,10 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
 use uuid::Uuid;
 
+use crate::config::Database;
+
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
-
-/// Which engine a `DATABASE_URL` names.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum DatabaseKind {
-    /// An SQLite file at this path.
-    Sqlite(PathBuf),
-    /// A PostgreSQL server.
-    Postgres,
-}
-
-impl DatabaseKind {
-    /// Reads a `DATABASE_URL`. `sqlite://./x.db` and the seed's `sqlite:///./x.db` both mean
-    /// `./x.db`; `sqlite:///abs/x.db` means `/abs/x.db`.
-    pub fn of_url(url: &str) -> Result<DatabaseKind, String> {
-        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            return Ok(DatabaseKind::Postgres);
-        }
-        let rest = url
-            .strip_prefix("sqlite://")
-            .or_else(|| url.strip_prefix("sqlite:"))
-            .ok_or_else(|| {
-                format!(
-                    "{url:?} is neither sqlite://PATH nor postgres://…",
-                    url = crate::config::redact_url(url)
-                )
-            })?;
-        let path = rest.split('?').next().unwrap_or_default();
-        let path = if let Some(relative) = path.strip_prefix("/./") {
-            format!("./{relative}")
-        } else {
-            path.to_owned()
-        };
-        if path.is_empty() || path == ":memory:" {
-            return Err("an SQLite database needs a file path, e.g. sqlite://./app.db".into());
-        }
-        Ok(DatabaseKind::Sqlite(PathBuf::from(path)))
-    }
-}
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -82,21 +44,6 @@ impl From<sqlx::Error> for StoreError {
             | sqlx::Error::Io(_)
             | sqlx::Error::Tls(_) => StoreError::Unavailable(err),
             _ => StoreError::Other(err),
-        }
-    }
-}
-
-impl From<StoreError> for crate::error::ApiError {
-    fn from(err: StoreError) -> Self {
-        match err {
-            StoreError::Conflict => crate::error::ApiError::Conflict("already exists".into()),
-            StoreError::Unavailable(e) => {
-                tracing::error!(error = %e, "database unavailable");
-                crate::error::ApiError::ServiceUnavailable(
-                    "the database is unavailable, try again later".into(),
-                )
-            }
-            StoreError::Other(e) => crate::error::ApiError::internal(e),
         }
     }
 }
@@ -204,12 +151,11 @@ macro_rules! on_pool {
 const USER_COLUMNS: &str = "id, email, password_hash, full_name, is_active, is_admin, created_at";
 
 impl Store {
-    /// Opens a pool for `url`. SQLite files are created if missing. Connections are made
+    /// Opens a pool for `database`. SQLite files are created if missing. Connections are made
     /// lazily, so a database that is down does not stop start-up; it shows in health checks.
-    pub async fn connect(url: &str) -> anyhow::Result<Store> {
-        let kind = DatabaseKind::of_url(url).map_err(|e| anyhow::anyhow!("DATABASE_URL: {e}"))?;
-        match kind {
-            DatabaseKind::Sqlite(path) => {
+    pub async fn connect(database: &Database) -> anyhow::Result<Store> {
+        match database {
+            Database::Sqlite(path) => {
                 let options = SqliteConnectOptions::new()
                     .filename(path)
                     .create_if_missing(true)
@@ -223,8 +169,8 @@ impl Store {
                     .await?;
                 Ok(Store::Sqlite(pool))
             }
-            DatabaseKind::Postgres => {
-                let options = PgConnectOptions::from_str(url)?;
+            Database::Postgres(options) => {
+                let options = PgConnectOptions::clone(options);
                 let pool = PgPoolOptions::new()
                     .max_connections(16)
                     .acquire_timeout(Duration::from_secs(5))
@@ -448,33 +394,5 @@ impl Store {
                 .rows_affected()
         });
         Ok(done)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sqlite_url_forms() {
-        for (url, path) in [
-            ("sqlite://./app.db", "./app.db"),
-            ("sqlite:///./app.db", "./app.db"),
-            ("sqlite:///abs/x.db", "/abs/x.db"),
-            ("sqlite://x.db?mode=rwc", "x.db"),
-            ("sqlite:data/x.db", "data/x.db"),
-        ] {
-            assert_eq!(
-                DatabaseKind::of_url(url).unwrap(),
-                DatabaseKind::Sqlite(PathBuf::from(path)),
-                "{url}"
-            );
-        }
-        assert_eq!(
-            DatabaseKind::of_url("postgres://u@h/db").unwrap(),
-            DatabaseKind::Postgres
-        );
-        assert!(DatabaseKind::of_url("mysql://h/db").is_err());
-        assert!(DatabaseKind::of_url("sqlite://").is_err());
     }
 }

@@ -221,7 +221,7 @@ pub async fn spawn_app_on(test_db: Arc<TestDb>, extra: &[(&str, &str)], mode: Mo
     let config = Config::from_vars(&vars, mode).unwrap();
     static LOG_GUARD: std::sync::OnceLock<Option<relay::telemetry::LogGuard>> =
         std::sync::OnceLock::new();
-    LOG_GUARD.get_or_init(|| relay::telemetry::init(&config.log_level, config.log_format));
+    LOG_GUARD.get_or_init(|| relay::telemetry::init(&config.log.level, config.log.format));
     let app = App::build(config).await.unwrap();
     let addr = app.local_addr().unwrap();
     let store = app.state().store.clone();

@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use uuid::Uuid;
 
-use crate::auth::Passwords;
+use super::Passwords;
 use crate::error::ApiError;
 use crate::store::{NewUser, Store, StoreError, UserRecord};
 

@@ -1,0 +1,212 @@
+//! Sessions: login, refresh with rotation and reuse detection, logout, and the signed-in user.
+//!
+//! A session is a family of refresh tokens: login starts one, each refresh spends a token and
+//! adds its successor, and presenting a spent token again revokes the whole family (a stolen
+//! token dies together with its legitimate copy). Access tokens are never stored: they are
+//! checked in memory and expire on their own.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use super::jwt::{JwtKeys, TokenError, TokenKind, token_hash};
+use super::password::{Passwords, Verdict};
+use super::users::{User, normalize_email};
+use crate::error::ApiError;
+use crate::store::{NewRefreshToken, Spend, Store};
+
+/// A new token pair.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct TokenPair {
+    /// Send as `Authorization: Bearer …`.
+    pub access_token: String,
+    /// Exchange at `/auth/refresh`; single use.
+    pub refresh_token: String,
+    /// Always `bearer`.
+    #[schema(example = "bearer")]
+    pub token_type: String,
+    /// Seconds until the access token expires.
+    pub expires_in: u64,
+}
+
+impl From<TokenError> for ApiError {
+    /// The 401 a client sees for a token that failed verification.
+    fn from(err: TokenError) -> Self {
+        match err {
+            TokenError::Expired => ApiError::unauthorized("token expired", "token_expired"),
+            TokenError::Invalid => invalid_token(),
+            TokenError::WrongKind => ApiError::unauthorized("wrong token type", "invalid_token"),
+        }
+    }
+}
+
+fn invalid_credentials() -> ApiError {
+    ApiError::unauthorized("incorrect email or password", "invalid_credentials")
+}
+
+fn invalid_token() -> ApiError {
+    ApiError::unauthorized("invalid token", "invalid_token")
+}
+
+fn user_gone() -> ApiError {
+    ApiError::unauthorized("the token's user no longer exists", "invalid_token")
+}
+
+fn inactive() -> ApiError {
+    ApiError::Forbidden {
+        message: "this account is disabled".into(),
+        code: "user_inactive",
+    }
+}
+
+/// What sessions need: the keys, the store and the hasher (borrowed from the app's state).
+#[derive(Clone, Copy)]
+pub struct Sessions<'a> {
+    /// Signs and verifies tokens.
+    pub jwt: &'a JwtKeys,
+    /// Users and refresh tokens.
+    pub store: &'a Store,
+    /// Password hashing on the blocking pool.
+    pub passwords: &'a Passwords,
+}
+
+impl Sessions<'_> {
+    /// Checks an email and password and starts a session. Unknown emails cost one hash too,
+    /// so that the answer's timing says nothing; old hashes are upgraded on the way.
+    pub async fn login(&self, email: &str, password: String) -> Result<TokenPair, ApiError> {
+        // An address that cannot be valid cannot be registered either.
+        let email = normalize_email(email).ok();
+        let user = match &email {
+            Some(email) => self.store.user_by_email(email).await?,
+            None => None,
+        };
+        let verdict = self
+            .passwords
+            .verify(
+                password.clone(),
+                user.as_ref().map(|u| u.password_hash.clone()),
+            )
+            .await
+            .map_err(ApiError::internal)?;
+        let user = match (user, verdict) {
+            (Some(user), Verdict::Match | Verdict::MatchNeedsRehash) => {
+                if verdict == Verdict::MatchNeedsRehash {
+                    self.rehash(user.id, password).await;
+                }
+                user
+            }
+            _ => return Err(invalid_credentials()),
+        };
+        if !user.is_active {
+            return Err(inactive());
+        }
+        self.issue_pair(user.id, user.is_admin, Uuid::new_v4())
+            .await
+    }
+
+    /// Spends a refresh token and issues the next pair of its session. A token presented
+    /// twice revokes its whole family.
+    pub async fn refresh(&self, refresh_token: &str) -> Result<TokenPair, ApiError> {
+        let claims = self.jwt.verify(refresh_token, TokenKind::Refresh)?;
+        match self
+            .store
+            .spend_refresh_token(&token_hash(refresh_token))
+            .await?
+        {
+            Spend::Spent { user_id, family_id } if user_id == claims.sub => {
+                let user = self
+                    .store
+                    .user_by_id(user_id)
+                    .await?
+                    .ok_or_else(user_gone)?;
+                if !user.is_active {
+                    self.store.revoke_family(family_id).await?;
+                    return Err(inactive());
+                }
+                self.issue_pair(user.id, user.is_admin, family_id).await
+            }
+            Spend::Reused { user_id } => {
+                tracing::warn!(user_id = %user_id, "refresh token reused; its family is revoked");
+                Err(ApiError::unauthorized(
+                    "refresh token already used; the session has been revoked",
+                    "token_reused",
+                ))
+            }
+            Spend::Spent { .. } | Spend::Revoked | Spend::Unknown => Err(invalid_token()),
+        }
+    }
+
+    /// Ends the session `refresh_token` belongs to, if `user_id` owns it.
+    pub async fn logout(&self, user_id: Uuid, refresh_token: &str) -> Result<(), ApiError> {
+        // The signature is checked so that garbage never reaches the database; expiry is not,
+        // so that an expired session can still be closed cleanly.
+        match self.jwt.verify(refresh_token, TokenKind::Refresh) {
+            Ok(_) | Err(TokenError::Expired) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let family = self
+            .store
+            .refresh_token_family(&token_hash(refresh_token), user_id)
+            .await?
+            .ok_or_else(invalid_token)?;
+        self.store.revoke_family(family).await?;
+        Ok(())
+    }
+
+    /// The signed-in user, if they still exist and are active.
+    pub async fn me(&self, user_id: Uuid) -> Result<User, ApiError> {
+        let user = self
+            .store
+            .user_by_id(user_id)
+            .await?
+            .ok_or_else(user_gone)?;
+        if !user.is_active {
+            return Err(inactive());
+        }
+        Ok(user.into())
+    }
+
+    /// Signs a new pair and records the refresh token in `family_id`.
+    async fn issue_pair(
+        &self,
+        user_id: Uuid,
+        is_admin: bool,
+        family_id: Uuid,
+    ) -> Result<TokenPair, ApiError> {
+        let access = self
+            .jwt
+            .issue(TokenKind::Access, user_id, is_admin)
+            .map_err(ApiError::internal)?;
+        let refresh = self
+            .jwt
+            .issue(TokenKind::Refresh, user_id, false)
+            .map_err(ApiError::internal)?;
+        self.store
+            .insert_refresh_token(NewRefreshToken {
+                id: refresh.jti,
+                user_id,
+                family_id,
+                token_hash: token_hash(&refresh.token),
+                expires_at: refresh.expires_at,
+            })
+            .await?;
+        Ok(TokenPair {
+            access_token: access.token,
+            refresh_token: refresh.token,
+            token_type: "bearer".to_owned(),
+            expires_in: self.jwt.access_ttl().as_secs(),
+        })
+    }
+
+    /// Upgrades an old hash (bcrypt, or weaker argon2) to current argon2id. Best effort: the
+    /// login succeeds even if this fails, and it is tried again at the next login.
+    async fn rehash(&self, user_id: Uuid, password: String) {
+        match self.passwords.hash(password).await {
+            Ok(hash) => match self.store.set_password_hash(user_id, &hash).await {
+                Ok(()) => tracing::info!(user_id = %user_id, "password rehashed to argon2id"),
+                Err(e) => tracing::warn!(user_id = %user_id, error = %e, "could not store rehash"),
+            },
+            Err(e) => tracing::warn!(user_id = %user_id, error = %e, "could not rehash"),
+        }
+    }
+}

@@ -1,0 +1,140 @@
+//! Loading settings: defaults, every problem at once, lists, overrides, dev mode, `.env`.
+
+use super::*;
+
+fn vars(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+const KEY: &str = "0123456789abcdef0123456789abcdef";
+
+#[test]
+fn defaults_apply_when_secrets_are_given() {
+    let c = Config::from_vars(
+        &vars(&[("SECRET_KEY", KEY), ("OPENAI_API_KEY", "sk-test")]),
+        Mode::Serve,
+    )
+    .unwrap();
+    assert_eq!(c.server.host, "127.0.0.1");
+    assert_eq!(c.server.port, 8000);
+    assert_eq!(c.upstream.base_url.as_str(), "https://api.openai.com/v1");
+    assert_eq!(c.upstream.default_model, "gpt-4o-mini");
+    assert_eq!(
+        c.server.allowed_origins,
+        Origins::List(vec!["http://localhost:3000".into()])
+    );
+    assert_eq!(c.rate_limits.global.requests, 100);
+    assert_eq!(c.rate_limits.global.window, Duration::from_secs(3600));
+    assert!(matches!(&c.database, Database::Sqlite(p) if p == Path::new("./app.db")));
+    assert_eq!(c.auth.access_token_ttl, Duration::from_secs(1800));
+    assert_eq!(c.auth.refresh_token_ttl, Duration::from_secs(7 * 86400));
+    assert_eq!(c.server.max_request_bytes, 8_388_608);
+    assert_eq!(c.log.format, LogFormat::Json);
+    assert!(!c.docs_enabled());
+}
+
+#[test]
+fn every_problem_is_named_at_once_and_no_secret_is_printed() {
+    let err = Config::from_vars(
+        &vars(&[
+            ("SECRET_KEY", "short-secret-value"),
+            ("PORT", "eighty"),
+            ("ALLOWED_ORIGINS", "[not json"),
+            ("OPENAI_BASE_URL", "api.openai.com"),
+        ]),
+        Mode::Serve,
+    )
+    .unwrap_err();
+    let text = err.to_string();
+    for name in [
+        "SECRET_KEY",
+        "OPENAI_API_KEY",
+        "PORT",
+        "ALLOWED_ORIGINS",
+        "OPENAI_BASE_URL",
+    ] {
+        assert!(text.contains(name), "{name} missing from: {text}");
+    }
+    assert!(!text.contains("short-secret-value"));
+    assert_eq!(err.problems.len(), 5, "{text}");
+}
+
+#[test]
+fn origins_accept_json_and_comma_lists() {
+    for raw in [
+        r#"["https://a.example", "http://localhost:5173"]"#,
+        "https://a.example, http://localhost:5173",
+    ] {
+        let c = Config::from_vars(&vars(&[("ALLOWED_ORIGINS", raw)]), Mode::Dev).unwrap();
+        assert_eq!(
+            c.server.allowed_origins,
+            Origins::List(vec![
+                "https://a.example".into(),
+                "http://localhost:5173".into()
+            ])
+        );
+    }
+}
+
+#[test]
+fn endpoint_overrides_inherit_the_global_values() {
+    let c = Config::from_vars(
+        &vars(&[
+            ("RATE_LIMIT_REQUESTS", "50"),
+            ("RATE_LIMIT_WINDOW", "60"),
+            ("RATE_LIMIT_LOGIN_REQUESTS", "5"),
+        ]),
+        Mode::Dev,
+    )
+    .unwrap();
+    let login = c.rate_limits.for_endpoint(Endpoint::Login);
+    assert_eq!(login.requests, 5);
+    assert_eq!(login.window, Duration::from_secs(60));
+    assert_eq!(c.rate_limits.for_endpoint(Endpoint::Chat).requests, 50);
+}
+
+#[test]
+fn dev_mode_needs_nothing() {
+    let c = Config::from_vars(&HashMap::new(), Mode::Dev).unwrap();
+    assert!(c.auth.secret_key_ephemeral);
+    assert!(c.auth.secret_key_bytes().len() >= MIN_SECRET_BYTES);
+    assert!(c.upstream.api_key.is_none());
+    assert!(c.rate_limits.redis_url.is_none());
+    assert!(c.docs_enabled());
+    assert_eq!(c.log.format, LogFormat::Pretty);
+}
+
+#[test]
+fn dotenv_is_read_and_the_environment_wins() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(".env");
+    std::fs::write(&path, "PORT=9001\nDEFAULT_MODEL=from-dotenv\n").unwrap();
+    let c = Config::load_from(&path, [("PORT".to_owned(), "9002".to_owned())], Mode::Dev).unwrap();
+    assert_eq!(c.server.port, 9002);
+    assert_eq!(c.upstream.default_model, "from-dotenv");
+}
+
+#[test]
+fn admin_commands_need_no_secrets() {
+    assert!(Config::from_vars(&HashMap::new(), Mode::Admin).is_ok());
+}
+
+#[test]
+fn debug_output_redacts_secrets() {
+    let c = Config::from_vars(
+        &vars(&[
+            ("SECRET_KEY", KEY),
+            ("OPENAI_API_KEY", "sk-very-secret"),
+            ("DATABASE_URL", "postgres://u:hunter2@db/relay"),
+        ]),
+        Mode::Serve,
+    )
+    .unwrap();
+    let text = format!("{c:?}");
+    assert!(!text.contains(KEY));
+    assert!(!text.contains("sk-very-secret"));
+    assert!(!text.contains("hunter2"));
+}

@@ -1,0 +1,246 @@
+//! [`Upstream`], the one entry point to the upstream: one pooled HTTP client (hyper's, with
+//! rustls) for the whole process, with the model policy and the model list cache beside it.
+//!
+//! Timeouts are per phase, never per request, so that long streams live: a connect timeout,
+//! `UPSTREAM_TIMEOUT_SECONDS` for the response headers (the first byte), and the same as an idle
+//! (between reads) timeout for bodies. The client's `Authorization` never reaches the upstream:
+//! requests are built fresh with relay's key, and no client header is copied, which also drops
+//! every hop-by-hop header.
+//!
+//! The client is hyper's own pooled client, without a layer on top: an API answers and does not
+//! redirect, a retried POST could run (and bill) a completion twice, and every layer costs time
+//! and memory on each request.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, USER_AGENT};
+use http::{HeaderValue, Request, Uri};
+use http_body_util::{BodyExt as _, Full};
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use secrecy::ExposeSecret as _;
+use url::Url;
+
+use super::errors::{KeyMask, transport_error, upstream_error};
+use super::models::{Model, ModelCache, ModelPolicy, UpstreamModelList};
+use crate::config::UpstreamConfig;
+use crate::error::ApiError;
+
+/// An upstream answer whose headers arrived; its body is read (or streamed) by the caller.
+pub type UpstreamResponse = http::Response<Incoming>;
+
+/// Largest upstream error body read (they are small; anything bigger is not an OpenAI error).
+const MAX_ERROR_BODY: usize = 64 * 1024;
+/// Largest non-streamed completion read from the upstream.
+const MAX_COMPLETION_BODY: usize = 64 * 1024 * 1024;
+/// Largest model list read from the upstream.
+const MAX_MODELS_BODY: usize = 4 * 1024 * 1024;
+
+/// The shared upstream client.
+pub struct Upstream {
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    chat_uri: Uri,
+    models_uri: Uri,
+    authorization: HeaderValue,
+    mask: KeyMask,
+    timeout: Duration,
+    policy: ModelPolicy,
+    models: ModelCache,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream")
+            .field("chat_uri", &self.chat_uri)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+fn join(base: &Url, path: &str) -> anyhow::Result<Uri> {
+    Ok(Uri::try_from(format!(
+        "{}/{path}",
+        base.as_str().trim_end_matches('/')
+    ))?)
+}
+
+const USER_AGENT_VALUE: HeaderValue =
+    HeaderValue::from_static(concat!("relay/", env!("CARGO_PKG_VERSION")));
+
+impl Upstream {
+    /// Builds the client. `api_key` must be set (dev mode sets the mock's).
+    pub fn new(config: &UpstreamConfig) -> anyhow::Result<Upstream> {
+        let api_key = config.api_key.clone();
+        let key = api_key
+            .as_ref()
+            .map(|k| k.expose_secret().to_owned())
+            .unwrap_or_default();
+        let mut authorization = HeaderValue::try_from(format!("Bearer {key}")).map_err(|_| {
+            anyhow::anyhow!("OPENAI_API_KEY contains characters not allowed in a header")
+        })?;
+        authorization.set_sensitive(true);
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(config.timeout.min(Duration::from_secs(10))));
+        // TCP keep-alive probes keep a silent connection (a long wait for a completion's
+        // headers, an idle pooled connection) alive through NATs and firewalls, and find a
+        // dead peer.
+        http.set_keepalive(Some(Duration::from_secs(15)));
+        http.set_keepalive_interval(Some(Duration::from_secs(15)));
+        http.set_keepalive_retries(Some(3));
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .try_with_platform_verifier()
+            .map_err(|e| anyhow::anyhow!("cannot load the system's TLS roots: {e}"))?
+            .https_or_http()
+            .enable_all_versions()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(1024)
+            .build(https);
+        Ok(Upstream {
+            client,
+            chat_uri: join(&config.base_url, "chat/completions")?,
+            models_uri: join(&config.base_url, "models")?,
+            authorization,
+            mask: KeyMask::new(api_key),
+            timeout: config.timeout,
+            policy: ModelPolicy::new(config),
+            models: ModelCache::default(),
+        })
+    }
+
+    /// `UPSTREAM_TIMEOUT_SECONDS`: for the first byte, and between reads.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Which models clients may use.
+    pub fn policy(&self) -> &ModelPolicy {
+        &self.policy
+    }
+
+    /// Sends a chat completion request. Returns the upstream's response once its headers
+    /// arrived with a success status; every failure is already mapped to the client's error.
+    pub async fn post_chat(&self, body: Bytes, stream: bool) -> Result<UpstreamResponse, ApiError> {
+        let accept = if stream {
+            HeaderValue::from_static("text/event-stream")
+        } else {
+            HeaderValue::from_static("application/json")
+        };
+        let request = Request::post(self.chat_uri.clone())
+            .header(AUTHORIZATION, self.authorization.clone())
+            .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
+            .header(ACCEPT, accept)
+            .header(USER_AGENT, USER_AGENT_VALUE)
+            .body(Full::new(body));
+        self.send(request).await
+    }
+
+    async fn send(
+        &self,
+        request: http::Result<Request<Full<Bytes>>>,
+    ) -> Result<UpstreamResponse, ApiError> {
+        // Built from values checked when the client was made; this cannot fail.
+        let request = request.map_err(|e| ApiError::Internal(e.into()))?;
+        let response = match tokio::time::timeout(self.timeout, self.client.request(request)).await
+        {
+            Err(_) => {
+                tracing::warn!("upstream sent no answer in time");
+                return Err(ApiError::GatewayTimeout);
+            }
+            Ok(Err(err)) => return Err(transport_error(&err, err.is_connect())),
+            Ok(Ok(response)) => response,
+        };
+        if response.status().is_success() {
+            return Ok(response);
+        }
+        let (status, headers) = (response.status(), response.headers().clone());
+        let body = self.read_limited(response, MAX_ERROR_BODY).await?;
+        Err(upstream_error(status, &headers, &body, &self.mask))
+    }
+
+    /// Reads a whole (non-streamed) completion, bounded in size.
+    pub async fn read_completion(&self, response: UpstreamResponse) -> Result<Bytes, ApiError> {
+        self.read_limited(response, MAX_COMPLETION_BODY).await
+    }
+
+    /// Reads a body up to `limit` bytes, each read within the idle timeout; a longer body is
+    /// cut at the limit (and then fails to parse, which the callers report as a 502).
+    async fn read_limited(
+        &self,
+        response: UpstreamResponse,
+        limit: usize,
+    ) -> Result<Bytes, ApiError> {
+        let mut body = response.into_body();
+        let mut buf = bytes::BytesMut::new();
+        loop {
+            let frame = match tokio::time::timeout(self.timeout, body.frame()).await {
+                Err(_) => {
+                    tracing::warn!("upstream stopped sending its answer");
+                    return Err(ApiError::GatewayTimeout);
+                }
+                Ok(None) => break,
+                Ok(Some(Err(err))) => return Err(transport_error(&err, false)),
+                Ok(Some(Ok(frame))) => frame,
+            };
+            let Ok(chunk) = frame.into_data() else {
+                continue; // trailers
+            };
+            let room = limit.saturating_sub(buf.len());
+            buf.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            if buf.len() >= limit {
+                break;
+            }
+        }
+        Ok(buf.freeze())
+    }
+
+    /// The models clients may use: the upstream's list (cached for five minutes), filtered by
+    /// `ALLOWED_MODELS`.
+    pub async fn allowed_models(&self) -> Result<Vec<Model>, ApiError> {
+        let models = match self.models.fresh().await {
+            Some(models) => models,
+            None => {
+                let models = Arc::new(self.fetch_models().await?);
+                self.models.store(models.clone()).await;
+                models
+            }
+        };
+        Ok(models
+            .iter()
+            .filter(|m| self.policy.allows(&m.id))
+            .cloned()
+            .collect())
+    }
+
+    async fn fetch_models(&self) -> Result<Vec<Model>, ApiError> {
+        let request = Request::get(self.models_uri.clone())
+            .header(AUTHORIZATION, self.authorization.clone())
+            .header(ACCEPT, HeaderValue::from_static("application/json"))
+            .header(USER_AGENT, USER_AGENT_VALUE)
+            .body(Full::new(Bytes::new()));
+        let response = self.send(request).await?;
+        let body = self.read_limited(response, MAX_MODELS_BODY).await?;
+        serde_json::from_slice::<UpstreamModelList>(&body)
+            .map(|list| list.data)
+            .map_err(|_| {
+                ApiError::BadGateway("the upstream's model list is not in the OpenAI format".into())
+            })
+    }
+
+    /// For `/health/detailed`: can the upstream list its models right now? (Refreshes the
+    /// cache when it can.)
+    pub async fn check(&self) -> Result<(), ApiError> {
+        let models = Arc::new(self.fetch_models().await?);
+        self.models.store(models).await;
+        Ok(())
+    }
+}
