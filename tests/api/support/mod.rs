@@ -1,5 +1,4 @@
 //! Test support: start a whole relay on 127.0.0.1:0 with its own database, and talk HTTP to it.
-#![allow(dead_code)]
 
 pub mod fake_upstream;
 
@@ -238,8 +237,8 @@ pub async fn spawn_app_on(test_db: Arc<TestDb>, extra: &[(&str, &str)], mode: Mo
     }
 }
 
-/// Runs each named `async fn name(db: Db)` on SQLite and on PostgreSQL.
-#[macro_export]
+/// Runs each named `async fn name(db: Db)` on SQLite and on PostgreSQL, as tests
+/// `sqlite::name` and `postgres::name` of the calling module.
 macro_rules! on_both_databases {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -260,6 +259,7 @@ macro_rules! on_both_databases {
         }
     };
 }
+pub(crate) use on_both_databases;
 
 /// A `relay` process started from the built binary in `dir`, with a clean environment (only
 /// PATH and `vars`), on a free port; killed when dropped.

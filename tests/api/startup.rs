@@ -1,14 +1,12 @@
 //! The `relay` binary as an operator meets it: start-up checks, migrate, user create, signals.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests panic on failure by design
-
-mod support;
 
 use std::io::Write as _;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::{Db, TestDb};
+
+use crate::support::{self, Db, TestDb};
 
 const RELAY: &str = env!("CARGO_BIN_EXE_relay");
 

@@ -1,13 +1,11 @@
 //! The authentication story over real HTTP, on SQLite and on PostgreSQL.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests panic on failure by design
-
-mod support;
 
 use base64::Engine as _;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use relay::store::NewUser;
 use serde_json::{Value, json};
-use support::{Db, SECRET, TestApp, spawn_app};
+
+use crate::support::{Db, SECRET, TestApp, on_both_databases, spawn_app};
 
 on_both_databases!(
     register_returns_the_user,
@@ -479,7 +477,7 @@ async fn bad_tokens_are_401_with_www_authenticate(db: Db) {
 
 async fn passlib_bcrypt_hash_logs_in_and_is_rehashed(db: Db) {
     let app = spawn_app(db).await;
-    let hash = include_str!("fixtures/passlib_bcrypt.txt")
+    let hash = include_str!("../fixtures/passlib_bcrypt.txt")
         .trim()
         .to_owned();
     assert!(hash.starts_with("$2b$12$"));

@@ -1,14 +1,12 @@
 //! Rate limits over real HTTP, on the memory backend and on the real Redis, plus the Redis
 //! outage story with a `redis-server` of the test's own.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests panic on failure by design
-
-mod support;
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::{Db, TestApp, spawn_app_with};
+
+use crate::support::{self, Db, TestApp, spawn_app_with};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Backend {

@@ -1,7 +1,6 @@
 //! The OpenAPI document is the API's outline: a snapshot catches accidental changes to routes,
-//! parameters and schemas. After an intended change: `INSTA_UPDATE=always cargo test --test
-//! openapi`, then review and commit the snapshot.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests panic on failure by design
+//! parameters and schemas. After an intended change: `INSTA_UPDATE=always cargo test --test api
+//! openapi::`, then review and commit `snapshots/api__openapi__openapi.snap`.
 
 #[test]
 fn openapi_document_is_unchanged() {

@@ -1,15 +1,13 @@
 //! The chat relay over real HTTP: the built-in mock for round trips, a fault-injecting fake
 //! upstream for everything that can go wrong.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests panic on failure by design
-
-mod support;
 
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt as _;
 use serde_json::{Value, json};
-use support::fake_upstream::{self, FakeUpstream};
-use support::{Db, TestApp, spawn_app_with};
+
+use crate::support::fake_upstream::{self, FakeUpstream};
+use crate::support::{self, Db, TestApp, spawn_app_with};
 
 /// A relay whose upstream is the fake; returns the app, the fake and an access token.
 async fn with_fake(extra: &[(&str, &str)]) -> (TestApp, FakeUpstream, String) {

@@ -1,11 +1,9 @@
 //! The HTTP surface every endpoint shares: headers, CORS, request ids, error envelopes, docs.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests panic on failure by design
-
-mod support;
 
 use relay::config::{Config, Mode};
 use serde_json::Value;
-use support::{Db, spawn_app, spawn_app_with};
+
+use crate::support::{self, Db, spawn_app, spawn_app_with};
 
 async fn envelope(resp: reqwest::Response) -> Value {
     assert_eq!(resp.headers()["content-type"], "application/json");

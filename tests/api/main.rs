@@ -1,0 +1,13 @@
+//! The integration tests, one crate: the whole relay over real HTTP on SQLite and PostgreSQL,
+//! the memory and the Redis rate limiter, the `relay` binary, and the OpenAPI snapshot. One
+//! crate means `support` is compiled once and the tests link into a single binary.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests panic on failure by design
+
+mod support;
+
+mod auth;
+mod chat;
+mod http;
+mod openapi;
+mod ratelimit;
+mod startup;
