@@ -494,13 +494,7 @@ async fn a_redis_outage_falls_back_to_memory_and_recovers() {
 async fn two_relay_processes_sharing_redis_let_the_capacity_through_in_total() {
     // Two real processes, each with its own database: the token is checked in memory with the
     // shared SECRET_KEY, and the user's bucket lives in the shared Redis.
-    let mock = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}/v1", mock.local_addr().unwrap());
-    tokio::spawn(relay::mock::serve(
-        mock,
-        Default::default(),
-        std::future::pending(),
-    ));
+    let base = support::spawn_mock(Default::default()).await;
     let prefix = format!("procs-{}", uuid::Uuid::new_v4().simple());
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let vars = [

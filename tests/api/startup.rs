@@ -257,18 +257,12 @@ async fn dev_mode_runs_on_a_fresh_directory_and_stops_cleanly_on_sigterm() {
 /// Starts a stream, sends SIGTERM after its first bytes, and returns what the client read, how
 /// long the process took to exit after the signal, and its exit code.
 async fn sigterm_mid_stream(grace_seconds: &str, chunks: usize) -> (String, Duration, i32) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let upstream = format!("http://{}/v1", listener.local_addr().unwrap());
-    let options = relay::mock::MockOptions {
+    let upstream = support::spawn_mock(relay::mock::MockOptions {
         latency: Duration::ZERO,
         chunks: Some(chunks),
         chunk_delay: Duration::from_millis(100),
-    };
-    tokio::spawn(relay::mock::serve(
-        listener,
-        options,
-        std::future::pending(),
-    ));
+    })
+    .await;
     let dir = tempfile::tempdir().unwrap();
     let db = format!("sqlite://{}/relay.db", dir.path().display());
     let vars = support::test_vars(

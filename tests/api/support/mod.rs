@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use relay::app::App;
 use relay::config::{Config, Mode};
+use relay::mock::MockOptions;
 use relay::store::Store;
 use serde_json::{Value, json};
 use sqlx::Connection as _;
@@ -192,6 +193,13 @@ impl Drop for TestApp {
     }
 }
 
+/// Starts the built-in mock upstream on a free port for the rest of the test; returns its base
+/// URL (`OPENAI_BASE_URL`).
+pub async fn spawn_mock(options: MockOptions) -> String {
+    let addr = relay::mock::spawn(options).await.unwrap();
+    format!("http://{addr}/v1")
+}
+
 /// Starts relay on a random port with a fresh database of kind `db`.
 pub async fn spawn_app(db: Db) -> TestApp {
     spawn_app_with(db, &[]).await
@@ -208,13 +216,7 @@ pub async fn spawn_app_on(test_db: Arc<TestDb>, extra: &[(&str, &str)], mode: Mo
     let mut vars = test_vars(&test_db.url, extra);
     if !vars.contains_key("OPENAI_BASE_URL") {
         // Never the real OpenAI: each app gets its own built-in mock upstream.
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}/v1", listener.local_addr().unwrap());
-        tokio::spawn(relay::mock::serve(
-            listener,
-            Default::default(),
-            std::future::pending(),
-        ));
+        let base = spawn_mock(MockOptions::default()).await;
         vars.insert("OPENAI_BASE_URL".to_owned(), base);
     }
     let config = Config::from_vars(&vars, mode).unwrap();
