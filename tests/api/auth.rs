@@ -28,12 +28,7 @@ on_both_databases!(
 async fn expired_refresh_tokens_are_purged(db: Db) {
     let app = spawn_app(db).await;
     let (_, live) = app.user_tokens("purge@example.com").await;
-    let user = app
-        .store
-        .user_by_email("purge@example.com")
-        .await
-        .unwrap()
-        .unwrap();
+    let user = app.stored_user("purge@example.com").await;
     app.store
         .insert_refresh_token(relay::store::NewRefreshToken {
             id: uuid::Uuid::new_v4(),
@@ -50,7 +45,7 @@ async fn expired_refresh_tokens_are_purged(db: Db) {
         .await
         .unwrap();
     assert_eq!(purged, 1);
-    assert_eq!(refresh(&app, &live).await.status(), 200, "live tokens stay");
+    assert_eq!(app.refresh(&live).await.status(), 200, "live tokens stay");
 }
 
 async fn error_of(resp: reqwest::Response) -> (u16, Value) {
@@ -67,34 +62,19 @@ async fn error_of(resp: reqwest::Response) -> (u16, Value) {
 }
 
 async fn me(app: &TestApp, token: &str) -> reqwest::Response {
-    app.client
-        .get(app.api("/auth/me"))
-        .bearer_auth(token)
-        .send()
-        .await
-        .unwrap()
+    app.get_authed("/auth/me", token).await
 }
 
-async fn refresh(app: &TestApp, refresh_token: &str) -> reqwest::Response {
-    app.client
-        .post(app.api("/auth/refresh"))
-        .json(&json!({ "refresh_token": refresh_token }))
-        .send()
-        .await
-        .unwrap()
+async fn logout(app: &TestApp, token: &str, refresh_token: &str) -> reqwest::Response {
+    let body = json!({ "refresh_token": refresh_token });
+    app.post_json_authed("/auth/logout", token, &body).await
 }
 
 async fn register_returns_the_user(db: Db) {
     let app = spawn_app(db).await;
-    let resp = app
-        .client
-        .post(app.api("/auth/register"))
-        .json(
-            &json!({"email": "  Ann@Example.COM", "password": "password-123", "full_name": "Ann"}),
-        )
-        .send()
-        .await
-        .unwrap();
+    let body =
+        json!({"email": "  Ann@Example.COM", "password": "password-123", "full_name": "Ann"});
+    let resp = app.post_json("/auth/register", &body).await;
     assert_eq!(resp.status(), 201);
     assert_eq!(resp.headers()["cache-control"], "no-store");
     let user: Value = resp.json().await.unwrap();
@@ -105,12 +85,7 @@ async fn register_returns_the_user(db: Db) {
     assert!(uuid::Uuid::parse_str(user["id"].as_str().unwrap()).is_ok());
     assert!(chrono::DateTime::parse_from_rfc3339(user["created_at"].as_str().unwrap()).is_ok());
     assert!(user.get("password_hash").is_none() && user.get("password").is_none());
-    let stored = app
-        .store
-        .user_by_email("ann@example.com")
-        .await
-        .unwrap()
-        .unwrap();
+    let stored = app.stored_user("ann@example.com").await;
     assert!(
         stored.password_hash.starts_with("$argon2id$"),
         "{}",
@@ -122,13 +97,8 @@ async fn duplicate_email_in_any_case_is_409(db: Db) {
     let app = spawn_app(db).await;
     app.register("bob@example.com", "password-123").await;
     for email in ["bob@example.com", "BOB@Example.com", " Bob@EXAMPLE.COM "] {
-        let resp = app
-            .client
-            .post(app.api("/auth/register"))
-            .json(&json!({"email": email, "password": "password-456"}))
-            .send()
-            .await
-            .unwrap();
+        let body = json!({"email": email, "password": "password-456"});
+        let resp = app.post_json("/auth/register", &body).await;
         let (status, err) = error_of(resp).await;
         assert_eq!(status, 409, "{email}");
         assert_eq!(err["type"], "conflict_error");
@@ -137,21 +107,17 @@ async fn duplicate_email_in_any_case_is_409(db: Db) {
 
 async fn concurrent_registrations_of_one_email_give_one_201(db: Db) {
     let app = spawn_app(db).await;
+    let app = &app;
     let attempts = (0..8).map(|i| {
-        let client = app.client.clone();
-        let url = app.api("/auth/register");
         let email = if i % 2 == 0 {
             "race@example.com"
         } else {
             "RACE@example.com"
         };
+        let body = json!({"email": email, "password": "password-123"});
         async move {
-            client
-                .post(url)
-                .json(&json!({"email": email, "password": "password-123"}))
-                .send()
+            app.post_json("/auth/register", &body)
                 .await
-                .unwrap()
                 .status()
                 .as_u16()
         }
@@ -192,37 +158,20 @@ async fn registration_is_validated(db: Db) {
         ),
     ];
     for (body, param) in cases {
-        let resp = app
-            .client
-            .post(app.api("/auth/register"))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        let (status, err) = error_of(resp).await;
+        let (status, err) = error_of(app.post_json("/auth/register", &body).await).await;
         assert_eq!(status, 422, "{body}");
         assert_eq!(err["param"], param, "{body}");
         assert_eq!(err["type"], "invalid_request_error");
     }
     // Broken JSON is a 400, a wrong content type a 415.
     let resp = app
-        .client
-        .post(app.api("/auth/register"))
-        .header("content-type", "application/json")
-        .body("{\"email\": ")
-        .send()
-        .await
-        .unwrap();
+        .post_raw("/auth/register", "application/json", "{\"email\": ")
+        .await;
     let (status, err) = error_of(resp).await;
     assert_eq!((status, err["code"].as_str()), (400, Some("invalid_json")));
     let resp = app
-        .client
-        .post(app.api("/auth/register"))
-        .header("content-type", "text/plain")
-        .body("email=a")
-        .send()
-        .await
-        .unwrap();
+        .post_raw("/auth/register", "text/plain", "email=a")
+        .await;
     assert_eq!(error_of(resp).await.0, 415);
     // Nothing was stored by any of these.
     assert!(
@@ -290,7 +239,7 @@ async fn me_needs_a_valid_access_token(db: Db) {
     let (access, _) = app.user_tokens("eve@example.com").await;
     let user: Value = me(&app, &access).await.json().await.unwrap();
     assert_eq!(user["email"], "eve@example.com");
-    let resp = app.client.get(app.api("/auth/me")).send().await.unwrap();
+    let resp = app.get("/auth/me").await;
     assert_eq!(resp.headers()["www-authenticate"], "Bearer");
     let (status, err) = error_of(resp).await;
     assert_eq!(
@@ -310,7 +259,7 @@ async fn me_needs_a_valid_access_token(db: Db) {
 async fn refresh_rotates_and_detects_reuse(db: Db) {
     let app = spawn_app(db).await;
     let (_, first) = app.user_tokens("fay@example.com").await;
-    let resp = refresh(&app, &first).await;
+    let resp = app.refresh(&first).await;
     assert_eq!(resp.status(), 200);
     let second: Value = resp.json().await.unwrap();
     let second_refresh = second["refresh_token"].as_str().unwrap().to_owned();
@@ -321,26 +270,22 @@ async fn refresh_rotates_and_detects_reuse(db: Db) {
             .status(),
         200
     );
-    let resp = refresh(&app, &second_refresh).await;
+    let resp = app.refresh(&second_refresh).await;
     assert_eq!(resp.status(), 200);
     let third: Value = resp.json().await.unwrap();
     let third_refresh = third["refresh_token"].as_str().unwrap().to_owned();
 
     // Replaying a spent token is refused, and revokes its whole family…
-    let (status, err) = error_of(refresh(&app, &first).await).await;
+    let (status, err) = error_of(app.refresh(&first).await).await;
     assert_eq!((status, err["code"].as_str()), (401, Some("token_reused")));
     // …including the newest descendant, which was still live.
-    assert_eq!(refresh(&app, &third_refresh).await.status(), 401);
+    assert_eq!(app.refresh(&third_refresh).await.status(), 401);
 
     // Another session of the same user is untouched.
     let resp = app.login("fay@example.com", "password-123").await;
     let other: Value = resp.json().await.unwrap();
-    assert_eq!(
-        refresh(&app, other["refresh_token"].as_str().unwrap())
-            .await
-            .status(),
-        200
-    );
+    let other_refresh = other["refresh_token"].as_str().unwrap();
+    assert_eq!(app.refresh(other_refresh).await.status(), 200);
 }
 
 async fn token_kinds_cannot_be_swapped(db: Db) {
@@ -349,9 +294,9 @@ async fn token_kinds_cannot_be_swapped(db: Db) {
     let resp = me(&app, &refresh_token).await;
     assert_eq!(resp.status(), 401);
     assert_eq!(resp.headers()["www-authenticate"], "Bearer");
-    assert_eq!(refresh(&app, &access).await.status(), 401);
+    assert_eq!(app.refresh(&access).await.status(), 401);
     // The refresh token was not spent by those attempts.
-    assert_eq!(refresh(&app, &refresh_token).await.status(), 200);
+    assert_eq!(app.refresh(&refresh_token).await.status(), 200);
 }
 
 async fn logout_revokes_the_refresh_token(db: Db) {
@@ -363,43 +308,24 @@ async fn logout_revokes_the_refresh_token(db: Db) {
         ((), v["refresh_token"].as_str().unwrap().to_owned())
     };
     // Needs a Bearer token.
-    let resp = app
-        .client
-        .post(app.api("/auth/logout"))
-        .json(&json!({ "refresh_token": refresh_token }))
-        .send()
-        .await
-        .unwrap();
+    let body = json!({ "refresh_token": refresh_token });
+    let resp = app.post_json("/auth/logout", &body).await;
     assert_eq!(resp.status(), 401);
     // Another user cannot log this session out.
     let (intruder, _) = app.user_tokens("ivy@example.com").await;
-    let resp = app
-        .client
-        .post(app.api("/auth/logout"))
-        .bearer_auth(&intruder)
-        .json(&json!({ "refresh_token": refresh_token }))
-        .send()
-        .await
-        .unwrap();
+    let resp = logout(&app, &intruder, &refresh_token).await;
     assert_eq!(resp.status(), 401);
 
-    let resp = app
-        .client
-        .post(app.api("/auth/logout"))
-        .bearer_auth(&access)
-        .json(&json!({ "refresh_token": refresh_token }))
-        .send()
-        .await
-        .unwrap();
+    let resp = logout(&app, &access, &refresh_token).await;
     assert_eq!(resp.status(), 204);
-    let (status, err) = error_of(refresh(&app, &refresh_token).await).await;
+    let (status, err) = error_of(app.refresh(&refresh_token).await).await;
     assert_eq!(
         (status, err["code"].as_str()),
         (401, Some("invalid_token")),
         "logged out, not reused"
     );
     // Only that session ended.
-    assert_eq!(refresh(&app, &other_refresh).await.status(), 200);
+    assert_eq!(app.refresh(&other_refresh).await.status(), 200);
 }
 
 fn forge(claims: &Value, key: &[u8]) -> String {
@@ -490,60 +416,26 @@ async fn passlib_bcrypt_hash_logs_in_and_is_rehashed(db: Db) {
         })
         .await
         .unwrap();
-    assert_eq!(
-        app.login("old@example.com", "legacy-password-2")
-            .await
-            .status(),
-        401
-    );
-    let stored = app
-        .store
-        .user_by_email("old@example.com")
-        .await
-        .unwrap()
-        .unwrap();
+    let login = |password| app.login("old@example.com", password);
+    assert_eq!(login("legacy-password-2").await.status(), 401);
+    let stored = app.stored_user("old@example.com").await;
     assert_eq!(stored.password_hash, hash, "a failed login changes nothing");
 
-    assert_eq!(
-        app.login("old@example.com", "legacy-password-1")
-            .await
-            .status(),
-        200
-    );
-    let stored = app
-        .store
-        .user_by_email("old@example.com")
-        .await
-        .unwrap()
-        .unwrap();
+    assert_eq!(login("legacy-password-1").await.status(), 200);
+    let stored = app.stored_user("old@example.com").await;
     assert!(
         stored.password_hash.starts_with("$argon2id$"),
         "{}",
         stored.password_hash
     );
-    assert_eq!(
-        app.login("old@example.com", "legacy-password-1")
-            .await
-            .status(),
-        200
-    );
-    assert_eq!(
-        app.login("old@example.com", "legacy-password-2")
-            .await
-            .status(),
-        401
-    );
+    assert_eq!(login("legacy-password-1").await.status(), 200);
+    assert_eq!(login("legacy-password-2").await.status(), 401);
 }
 
 async fn inactive_users_are_refused(db: Db) {
     let app = spawn_app(db).await;
     let (access, refresh_token) = app.user_tokens("jon@example.com").await;
-    let user = app
-        .store
-        .user_by_email("jon@example.com")
-        .await
-        .unwrap()
-        .unwrap();
+    let user = app.stored_user("jon@example.com").await;
     app.store.set_active(user.id, false).await.unwrap();
     let (status, err) = error_of(app.login("jon@example.com", "password-123").await).await;
     assert_eq!(
@@ -551,7 +443,7 @@ async fn inactive_users_are_refused(db: Db) {
         (403, Some("permission_error"))
     );
     assert_eq!(me(&app, &access).await.status(), 403);
-    assert_eq!(refresh(&app, &refresh_token).await.status(), 403);
+    assert_eq!(app.refresh(&refresh_token).await.status(), 403);
 }
 
 async fn database_down_is_503(db: Db) {
@@ -565,13 +457,5 @@ async fn database_down_is_503(db: Db) {
     assert_eq!(health["status"], "down");
     assert_eq!(health["checks"]["database"]["status"], "down");
     // Liveness touches no dependency.
-    assert_eq!(
-        app.client
-            .get(app.api("/health"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(app.get("/health").await.status(), 200);
 }

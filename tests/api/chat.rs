@@ -27,16 +27,6 @@ async fn with_mock() -> (TestApp, String) {
     (app, token)
 }
 
-async fn chat(app: &TestApp, token: &str, body: Value) -> reqwest::Response {
-    app.client
-        .post(app.api("/chat/completions"))
-        .bearer_auth(token)
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-}
-
 fn hello(model: &str) -> Value {
     json!({"model": model, "messages": [{"role": "user", "content": "hello relay world"}]})
 }
@@ -65,7 +55,7 @@ fn content_of(events: &[String]) -> String {
 #[tokio::test]
 async fn non_streaming_round_trip_through_the_mock() {
     let (app, token) = with_mock().await;
-    let resp = chat(&app, &token, hello("mock-echo")).await;
+    let resp = app.chat(&token, &hello("mock-echo")).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["content-type"], "application/json");
     let body: Value = resp.json().await.unwrap();
@@ -82,7 +72,7 @@ async fn streaming_round_trip_through_the_mock() {
     let (app, token) = with_mock().await;
     let mut body = hello("mock-echo");
     body["stream"] = json!(true);
-    let resp = chat(&app, &token, body.clone()).await;
+    let resp = app.chat(&token, &body).await;
     assert_eq!(resp.status(), 200);
     let h = resp.headers();
     assert_eq!(h["content-type"], "text/event-stream");
@@ -97,20 +87,15 @@ async fn streaming_round_trip_through_the_mock() {
     );
 
     body["stream_options"] = json!({"include_usage": true});
-    let ev = events(&chat(&app, &token, body).await.text().await.unwrap());
+    let ev = events(&app.chat(&token, &body).await.text().await.unwrap());
     let usage: Value = serde_json::from_str(&ev[ev.len() - 2]).unwrap();
     assert_eq!(usage["choices"], json!([]));
     assert_eq!(usage["usage"]["completion_tokens"], 3);
 
     // The /stream endpoint always streams.
     let resp = app
-        .client
-        .post(app.api("/chat/completions/stream"))
-        .bearer_auth(&token)
-        .json(&hello("mock-echo"))
-        .send()
-        .await
-        .unwrap();
+        .post_json_authed("/chat/completions/stream", &token, &hello("mock-echo"))
+        .await;
     assert_eq!(resp.headers()["content-type"], "text/event-stream");
     assert_eq!(
         content_of(&events(&resp.text().await.unwrap())),
@@ -162,15 +147,11 @@ async fn missing_model_means_default_model_and_allowed_models_are_enforced() {
         ("ALLOWED_MODELS", "gpt-4o,gpt-4o-mini"),
     ])
     .await;
-    let resp = chat(
-        &app,
-        &token,
-        json!({"messages": [{"role": "user", "content": "x"}]}),
-    )
-    .await;
+    let no_model = json!({"messages": [{"role": "user", "content": "x"}]});
+    let resp = app.chat(&token, &no_model).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(fake.received()[0].body["model"], "gpt-4o");
-    let resp = chat(&app, &token, hello("o1")).await;
+    let resp = app.chat(&token, &hello("o1")).await;
     assert_eq!(resp.status(), 403);
     let err: Value = resp.json().await.unwrap();
     assert_eq!(err["error"]["code"], "model_not_allowed");
@@ -210,7 +191,7 @@ async fn validation_errors_never_reach_the_upstream() {
         ),
     ];
     for (body, param) in cases {
-        let resp = chat(&app, &token, body.clone()).await;
+        let resp = app.chat(&token, &body).await;
         assert_eq!(resp.status(), 422, "{body}");
         let err: Value = resp.json().await.unwrap();
         assert_eq!(err["error"]["param"], param, "{body}");
@@ -225,13 +206,7 @@ async fn validation_errors_never_reach_the_upstream() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 400);
-    let resp = app
-        .client
-        .post(app.api("/chat/completions"))
-        .json(&hello("m"))
-        .send()
-        .await
-        .unwrap();
+    let resp = app.post_json("/chat/completions", &hello("m")).await;
     assert_eq!(resp.status(), 401);
     assert_eq!(resp.headers()["www-authenticate"], "Bearer");
     assert!(fake.received().is_empty());
@@ -240,32 +215,32 @@ async fn validation_errors_never_reach_the_upstream() {
 #[tokio::test]
 async fn upstream_errors_pass_through_with_their_status() {
     let (app, _fake, token) = with_fake(&[]).await;
-    let resp = chat(&app, &token, hello("fake-500")).await;
+    let resp = app.chat(&token, &hello("fake-500")).await;
     assert_eq!(resp.status(), 500);
     let err: Value = resp.json().await.unwrap();
     assert_eq!(err["error"]["message"], "the upstream broke");
     assert_eq!(err["error"]["type"], "upstream_type");
     assert!(err["error"].get("extra").is_none());
 
-    let resp = chat(&app, &token, hello("fake-404")).await;
+    let resp = app.chat(&token, &hello("fake-404")).await;
     assert_eq!(resp.status(), 404);
 
-    let resp = chat(&app, &token, hello("fake-429")).await;
+    let resp = app.chat(&token, &hello("fake-429")).await;
     assert_eq!(resp.status(), 429);
     assert_eq!(resp.headers()["retry-after"], "42");
-    let resp = chat(&app, &token, hello("fake-429-bare")).await;
+    let resp = app.chat(&token, &hello("fake-429-bare")).await;
     assert_eq!(resp.status(), 429);
     assert_eq!(resp.headers()["retry-after"], "1");
 
     // The upstream refusing relay's own key is relay's problem, not the client's login.
-    let resp = chat(&app, &token, hello("fake-401")).await;
+    let resp = app.chat(&token, &hello("fake-401")).await;
     assert_eq!(resp.status(), 502);
 }
 
 #[tokio::test]
 async fn the_upstream_key_never_reaches_the_client() {
     let (app, _fake, token) = with_fake(&[]).await;
-    let resp = chat(&app, &token, hello("fake-leak-key")).await;
+    let resp = app.chat(&token, &hello("fake-leak-key")).await;
     assert_eq!(resp.status(), 400);
     let text = resp.text().await.unwrap();
     assert!(!text.contains("sk-test-upstream-key"), "{text}");
@@ -280,7 +255,7 @@ async fn garbage_and_unreachable_upstreams_are_502() {
         "fake-garbage-500",
         "fake-json-not-completion",
     ] {
-        let resp = chat(&app, &token, hello(model)).await;
+        let resp = app.chat(&token, &hello(model)).await;
         assert_eq!(resp.status(), 502, "{model}");
         let err: Value = resp.json().await.unwrap();
         assert_eq!(err["error"]["type"], "server_error", "{model}");
@@ -288,15 +263,9 @@ async fn garbage_and_unreachable_upstreams_are_502() {
     let base = fake_upstream::unreachable_base_url().await;
     let app = spawn_app_with(Db::Sqlite, &[("OPENAI_BASE_URL", base.as_str())]).await;
     let (token, _) = app.user_tokens("u@example.com").await;
-    let resp = chat(&app, &token, hello("gpt-4o-mini")).await;
+    let resp = app.chat(&token, &hello("gpt-4o-mini")).await;
     assert_eq!(resp.status(), 502);
-    let resp = app
-        .client
-        .get(app.api("/models"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    let resp = app.models(&token).await;
     assert_eq!(resp.status(), 502);
     let health = app.health_detailed().await.1;
     assert_eq!(health["checks"]["upstream"]["status"], "down");
@@ -307,7 +276,7 @@ async fn garbage_and_unreachable_upstreams_are_502() {
 async fn a_hanging_upstream_is_504_within_the_timeout() {
     let (app, _fake, token) = with_fake(&[("UPSTREAM_TIMEOUT_SECONDS", "1")]).await;
     let start = Instant::now();
-    let resp = chat(&app, &token, hello("fake-hang")).await;
+    let resp = app.chat(&token, &hello("fake-hang")).await;
     let took = start.elapsed();
     assert_eq!(resp.status(), 504);
     assert!(
@@ -328,7 +297,7 @@ async fn a_stream_cut_or_stalled_mid_way_ends_with_an_error_event() {
         let mut body = hello(model);
         body["stream"] = json!(true);
         let start = Instant::now();
-        let resp = chat(&app, &token, body).await;
+        let resp = app.chat(&token, &body).await;
         assert_eq!(resp.status(), 200);
         let text = tokio::time::timeout(Duration::from_secs(5), resp.text())
             .await
@@ -358,7 +327,7 @@ async fn a_long_steady_stream_outlives_the_timeout() {
     let mut body = hello("fake-slow");
     body["stream"] = json!(true);
     let start = Instant::now();
-    let text = chat(&app, &token, body).await.text().await.unwrap();
+    let text = app.chat(&token, &body).await.text().await.unwrap();
     assert!(start.elapsed() >= Duration::from_millis(4800));
     let ev = events(&text);
     assert_eq!(ev.last().unwrap(), "[DONE]", "{text}");
@@ -371,7 +340,7 @@ async fn a_client_gone_mid_stream_closes_the_upstream_connection() {
     let (app, fake, token) = with_fake(&[]).await;
     let mut body = hello("fake-endless");
     body["stream"] = json!(true);
-    let resp = chat(&app, &token, body).await;
+    let resp = app.chat(&token, &body).await;
     let mut stream = resp.bytes_stream();
     let mut got = 0;
     while got < 3 {
@@ -398,13 +367,7 @@ async fn a_client_gone_mid_stream_closes_the_upstream_connection() {
 async fn models_are_filtered_and_cached() {
     let (app, fake, token) = with_fake(&[("ALLOWED_MODELS", "gpt-4o,o1,not-upstream")]).await;
     for path in ["/models", "/chat/models", "/models"] {
-        let resp = app
-            .client
-            .get(app.api(path))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap();
+        let resp = app.get_authed(path, &token).await;
         assert_eq!(resp.status(), 200);
         let list: Value = resp.json().await.unwrap();
         assert_eq!(list["object"], "list");
@@ -425,6 +388,6 @@ async fn models_are_filtered_and_cached() {
         1,
         "cached"
     );
-    let resp = app.client.get(app.api("/models")).send().await.unwrap();
+    let resp = app.get("/models").await;
     assert_eq!(resp.status(), 401);
 }

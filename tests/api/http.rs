@@ -40,7 +40,7 @@ async fn security_headers_on_every_response() {
         );
         assert!(h.contains_key("x-request-id"), "{path}");
     }
-    let health = app.client.get(app.api("/health")).send().await.unwrap();
+    let health = app.get("/health").await;
     assert!(
         health.headers().get("cache-control").is_none(),
         "no-store is for auth responses"
@@ -53,24 +53,19 @@ async fn security_headers_on_every_response() {
 #[tokio::test]
 async fn request_ids_are_echoed_when_sane_and_replaced_otherwise() {
     let app = spawn_app(Db::Sqlite).await;
-    let get = |id: &'static str| {
-        app.client
-            .get(app.api("/health"))
-            .header("x-request-id", id)
-            .send()
-    };
-    let resp = get("client-id_1.2").await.unwrap();
+    let get = |id| app.get_with_header("/health", "x-request-id", id);
+    let resp = get("client-id_1.2").await;
     assert_eq!(resp.headers()["x-request-id"], "client-id_1.2");
     for bad in ["has space", "semi;colon", "<script>"] {
-        let resp = get(bad).await.unwrap();
+        let resp = get(bad).await;
         let id = resp.headers()["x-request-id"].to_str().unwrap();
         assert!(uuid::Uuid::parse_str(id).is_ok(), "{bad} -> {id}");
     }
     let long: &'static str = Box::leak("x".repeat(129).into_boxed_str());
-    let resp = get(long).await.unwrap();
+    let resp = get(long).await;
     assert_ne!(resp.headers()["x-request-id"], long);
-    let a = app.client.get(app.api("/health")).send().await.unwrap();
-    let b = app.client.get(app.api("/health")).send().await.unwrap();
+    let a = app.get("/health").await;
+    let b = app.get("/health").await;
     assert_ne!(a.headers()["x-request-id"], b.headers()["x-request-id"]);
 }
 
@@ -80,12 +75,7 @@ async fn every_rejection_uses_the_envelope() {
     let err = envelope(app.client.get(app.url("/nowhere")).send().await.unwrap()).await;
     assert_eq!(err["type"], "not_found_error");
 
-    let resp = app
-        .client
-        .get(app.api("/auth/register"))
-        .send()
-        .await
-        .unwrap();
+    let resp = app.get("/auth/register").await;
     assert_eq!(resp.status(), 405);
     assert_eq!(resp.headers()["allow"], "POST");
     assert_eq!(envelope(resp).await["code"], "method_not_allowed");
@@ -95,24 +85,14 @@ async fn every_rejection_uses_the_envelope() {
         "x".repeat(2000)
     );
     let resp = app
-        .client
-        .post(app.api("/auth/register"))
-        .header("content-type", "application/json")
-        .body(big)
-        .send()
-        .await
-        .unwrap();
+        .post_raw("/auth/register", "application/json", big)
+        .await;
     assert_eq!(resp.status(), 413);
     assert_eq!(envelope(resp).await["code"], "request_too_large");
 
     let resp = app
-        .client
-        .post(app.api("/auth/login"))
-        .header("content-type", "application/json")
-        .body("[1, 2")
-        .send()
-        .await
-        .unwrap();
+        .post_raw("/auth/login", "application/json", "[1, 2")
+        .await;
     assert_eq!(resp.status(), 400);
     assert_eq!(envelope(resp).await["type"], "invalid_request_error");
 
@@ -121,25 +101,15 @@ async fn every_rejection_uses_the_envelope() {
         br#"{"email": "\ud800", "password": "x"}"#,
     ] {
         let resp = app
-            .client
-            .post(app.api("/auth/login"))
-            .header("content-type", "application/json")
-            .body(bad.to_vec())
-            .send()
-            .await
-            .unwrap();
+            .post_raw("/auth/login", "application/json", bad.to_vec())
+            .await;
         assert_eq!(resp.status(), 400, "{}", String::from_utf8_lossy(bad));
         assert_eq!(envelope(resp).await["code"], "invalid_json");
     }
 
     let resp = app
-        .client
-        .post(app.api("/auth/login"))
-        .header("content-type", "application/xml")
-        .body("<login/>")
-        .send()
-        .await
-        .unwrap();
+        .post_raw("/auth/login", "application/xml", "<login/>")
+        .await;
     assert_eq!(resp.status(), 415);
     envelope(resp).await;
 
@@ -157,13 +127,8 @@ async fn every_rejection_uses_the_envelope() {
 #[tokio::test]
 async fn cors_allows_only_configured_origins() {
     let app = spawn_app(Db::Sqlite).await;
-    let resp = app
-        .client
-        .get(app.api("/health"))
-        .header("origin", "https://app.example.com")
-        .send()
-        .await
-        .unwrap();
+    let get_from = |origin| app.get_with_header("/health", "origin", origin);
+    let resp = get_from("https://app.example.com").await;
     assert_eq!(
         resp.headers()["access-control-allow-origin"],
         "https://app.example.com"
@@ -175,13 +140,7 @@ async fn cors_allows_only_configured_origins() {
     for h in ["x-request-id", "retry-after", "x-ratelimit-remaining"] {
         assert!(exposed.contains(h), "{exposed}");
     }
-    let resp = app
-        .client
-        .get(app.api("/health"))
-        .header("origin", "https://evil.example.com")
-        .send()
-        .await
-        .unwrap();
+    let resp = get_from("https://evil.example.com").await;
     assert!(resp.headers().get("access-control-allow-origin").is_none());
 
     let preflight = |origin: &'static str| {

@@ -36,16 +36,6 @@ fn hello() -> Value {
     json!({"model": "mock-echo", "messages": [{"role": "user", "content": "hi"}]})
 }
 
-async fn chat(app: &TestApp, token: &str) -> reqwest::Response {
-    app.client
-        .post(app.api("/chat/completions"))
-        .bearer_auth(token)
-        .json(&hello())
-        .send()
-        .await
-        .unwrap()
-}
-
 fn header(resp: &reqwest::Response, name: &str) -> u64 {
     resp.headers()[name].to_str().unwrap().parse().unwrap()
 }
@@ -149,13 +139,13 @@ async fn headers_count_down_then_429(backend: Backend) {
 
     let (token, _) = app.user_tokens("limits@example.com").await;
     for left in [2, 1, 0] {
-        let resp = chat(&app, &token).await;
+        let resp = app.chat(&token, &hello()).await;
         assert_eq!(resp.status(), 200);
         assert_eq!(header(&resp, "x-ratelimit-limit"), 3);
         assert_eq!(header(&resp, "x-ratelimit-remaining"), left);
         assert!(header(&resp, "x-ratelimit-reset") >= 1);
     }
-    let resp = chat(&app, &token).await;
+    let resp = app.chat(&token, &hello()).await;
     assert_eq!(resp.status(), 429);
     let retry = header(&resp, "retry-after");
     assert!((1..=1200).contains(&retry), "{retry}");
@@ -166,18 +156,12 @@ async fn headers_count_down_then_429(backend: Backend) {
 
     // Another user has a bucket of their own; models (no override) use the global bucket.
     let (other, _) = app.user_tokens("other@example.com").await;
-    assert_eq!(chat(&app, &other).await.status(), 200);
-    let resp = app
-        .client
-        .get(app.api("/models"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    assert_eq!(app.chat(&other, &hello()).await.status(), 200);
+    let resp = app.models(&token).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(header(&resp, "x-ratelimit-limit"), 100_000);
     // Health is never limited and carries no rate-limit headers.
-    let resp = app.client.get(app.api("/health")).send().await.unwrap();
+    let resp = app.get("/health").await;
     assert!(resp.headers().get("x-ratelimit-limit").is_none());
 }
 
@@ -191,14 +175,14 @@ async fn buckets_refill_continuously(backend: Backend) {
     )
     .await;
     let (token, _) = app.user_tokens("refill@example.com").await;
-    assert_eq!(chat(&app, &token).await.status(), 200);
-    assert_eq!(chat(&app, &token).await.status(), 200);
-    let resp = chat(&app, &token).await;
+    assert_eq!(app.chat(&token, &hello()).await.status(), 200);
+    assert_eq!(app.chat(&token, &hello()).await.status(), 200);
+    let resp = app.chat(&token, &hello()).await;
     assert_eq!(resp.status(), 429);
     assert_eq!(header(&resp, "retry-after"), 1, "one token a second");
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    assert_eq!(chat(&app, &token).await.status(), 200);
-    assert_eq!(chat(&app, &token).await.status(), 429);
+    assert_eq!(app.chat(&token, &hello()).await.status(), 200);
+    assert_eq!(app.chat(&token, &hello()).await.status(), 429);
 }
 
 async fn two_hundred_at_once_against_twenty(backend: Backend) {
@@ -279,13 +263,8 @@ async fn register_and_refresh_are_limited_by_ip(backend: Backend) {
     .await;
     app.register("r1@example.com", "password-123").await;
     app.register("r2@example.com", "password-123").await;
-    let resp = app
-        .client
-        .post(app.api("/auth/register"))
-        .json(&json!({"email": "r3@example.com", "password": "password-123"}))
-        .send()
-        .await
-        .unwrap();
+    let body = json!({"email": "r3@example.com", "password": "password-123"});
+    let resp = app.post_json("/auth/register", &body).await;
     assert_eq!(resp.status(), 429);
     assert!(
         app.store
@@ -301,22 +280,11 @@ async fn register_and_refresh_are_limited_by_ip(backend: Backend) {
         .json()
         .await
         .unwrap();
-    let refresh = |token: Value| {
-        app.client
-            .post(app.api("/auth/refresh"))
-            .json(&json!({ "refresh_token": token }))
-            .send()
-    };
-    let resp = refresh(pair["refresh_token"].clone()).await.unwrap();
+    let refresh_token = pair["refresh_token"].as_str().unwrap();
+    let resp = app.refresh(refresh_token).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(header(&resp, "x-ratelimit-limit"), 1);
-    assert_eq!(
-        refresh(pair["refresh_token"].clone())
-            .await
-            .unwrap()
-            .status(),
-        429
-    );
+    assert_eq!(app.refresh(refresh_token).await.status(), 429);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -422,22 +390,14 @@ async fn a_paused_redis_costs_no_stall_and_is_taken_back_when_it_wakes() {
     let mut slowest = Duration::ZERO;
     for _ in 0..20 {
         let start = Instant::now();
-        assert_eq!(chat(&app, &token).await.status(), 200);
+        assert_eq!(app.chat(&token, &hello()).await.status(), 200);
         slowest = slowest.max(start.elapsed());
     }
     assert!(
         slowest < Duration::from_millis(500),
         "a request took {slowest:?}"
     );
-    assert_eq!(
-        app.client
-            .get(app.api("/health"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(app.get("/health").await.status(), 200);
     support::send_signal(pid, "CONT");
     let start = Instant::now();
     while backend_of(&app).await != "redis" {
@@ -455,14 +415,14 @@ async fn a_redis_outage_falls_back_to_memory_and_recovers() {
     let (mut redis, app, token) = app_on_own_redis("outage@example.com").await;
     let port = redis.port;
     assert_eq!(backend_of(&app).await, "redis");
-    assert_eq!(chat(&app, &token).await.status(), 200);
+    assert_eq!(app.chat(&token, &hello()).await.status(), 200);
 
     redis.stop();
     // Requests keep being answered, none of them stalled by the dead Redis.
     let mut slowest = Duration::ZERO;
     for _ in 0..30 {
         let start = Instant::now();
-        let resp = chat(&app, &token).await;
+        let resp = app.chat(&token, &hello()).await;
         slowest = slowest.max(start.elapsed());
         assert_eq!(resp.status(), 200);
         assert!(resp.headers().contains_key("x-ratelimit-remaining"));
@@ -487,7 +447,7 @@ async fn a_redis_outage_falls_back_to_memory_and_recovers() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(chat(&app, &token).await.status(), 200);
+    assert_eq!(app.chat(&token, &hello()).await.status(), 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use relay::app::App;
 use relay::config::{Config, Mode};
 use relay::mock::MockOptions;
-use relay::store::Store;
+use relay::store::{Store, UserRecord};
 use serde_json::{Value, json};
 use sqlx::Connection as _;
 
@@ -138,37 +138,83 @@ impl TestApp {
         self.url(&format!("/api/v1{path}"))
     }
 
+    /// `GET /api/v1{path}` without credentials.
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        send(self.client.get(self.api(path))).await
+    }
+
+    /// `GET /api/v1{path}` with one extra request header.
+    pub async fn get_with_header(&self, path: &str, name: &str, value: &str) -> reqwest::Response {
+        send(self.client.get(self.api(path)).header(name, value)).await
+    }
+
+    /// `GET /api/v1{path}` with `token` as the Bearer token.
+    pub async fn get_authed(&self, path: &str, token: &str) -> reqwest::Response {
+        send(self.client.get(self.api(path)).bearer_auth(token)).await
+    }
+
+    /// `POST /api/v1{path}` with a JSON body, without credentials.
+    pub async fn post_json(&self, path: &str, body: &Value) -> reqwest::Response {
+        send(self.client.post(self.api(path)).json(body)).await
+    }
+
+    /// `POST /api/v1{path}` with a JSON body and `token` as the Bearer token.
+    pub async fn post_json_authed(
+        &self,
+        path: &str,
+        token: &str,
+        body: &Value,
+    ) -> reqwest::Response {
+        let request = self.client.post(self.api(path)).bearer_auth(token);
+        send(request.json(body)).await
+    }
+
+    /// `POST /api/v1{path}` with `body` as it is, labelled `content_type` (for broken JSON and
+    /// wrong content types).
+    pub async fn post_raw(
+        &self,
+        path: &str,
+        content_type: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> reqwest::Response {
+        let request = self.client.post(self.api(path));
+        send(request.header("content-type", content_type).body(body)).await
+    }
+
+    /// `POST /api/v1/chat/completions` with `token` and the JSON `body`.
+    pub async fn chat(&self, token: &str, body: &Value) -> reqwest::Response {
+        self.post_json_authed("/chat/completions", token, body)
+            .await
+    }
+
+    /// `GET /api/v1/models` with `token`.
+    pub async fn models(&self, token: &str) -> reqwest::Response {
+        self.get_authed("/models", token).await
+    }
+
     /// Registers `email` with `password`; panics unless 201.
     pub async fn register(&self, email: &str, password: &str) -> Value {
-        let resp = self
-            .client
-            .post(self.api("/auth/register"))
-            .json(&json!({"email": email, "password": password}))
-            .send()
-            .await
-            .unwrap();
+        let creds = json!({"email": email, "password": password});
+        let resp = self.post_json("/auth/register", &creds).await;
         assert_eq!(resp.status(), 201, "register {email}");
         resp.json().await.unwrap()
     }
 
-    /// Logs in; returns the response.
+    /// Logs in with JSON; returns the response.
     pub async fn login(&self, email: &str, password: &str) -> reqwest::Response {
-        self.client
-            .post(self.api("/auth/login"))
-            .json(&json!({"email": email, "password": password}))
-            .send()
-            .await
-            .unwrap()
+        let creds = json!({"email": email, "password": password});
+        self.post_json("/auth/login", &creds).await
+    }
+
+    /// `POST /api/v1/auth/refresh` with `refresh_token`.
+    pub async fn refresh(&self, refresh_token: &str) -> reqwest::Response {
+        let body = json!({ "refresh_token": refresh_token });
+        self.post_json("/auth/refresh", &body).await
     }
 
     /// `GET /api/v1/health/detailed`: the status and the body.
     pub async fn health_detailed(&self) -> (u16, Value) {
-        let resp = self
-            .client
-            .get(self.api("/health/detailed"))
-            .send()
-            .await
-            .unwrap();
+        let resp = self.get("/health/detailed").await;
         (resp.status().as_u16(), resp.json().await.unwrap())
     }
 
@@ -183,6 +229,16 @@ impl TestApp {
             body["refresh_token"].as_str().unwrap().to_owned(),
         )
     }
+
+    /// The stored user with `email`, read from the database; panics if there is none.
+    pub async fn stored_user(&self, email: &str) -> UserRecord {
+        self.store.user_by_email(email).await.unwrap().unwrap()
+    }
+}
+
+/// Sends `request`; panics if no response came.
+async fn send(request: reqwest::RequestBuilder) -> reqwest::Response {
+    request.send().await.unwrap()
 }
 
 impl Drop for TestApp {
