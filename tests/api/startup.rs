@@ -1,31 +1,27 @@
 //! The `relay` binary as an operator meets it: start-up checks, migrate, user create, signals.
 
 use std::io::Write as _;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::support::{self, Db, TestDb};
+use crate::support::{self, Db, TestDb, relay_command};
 
-const RELAY: &str = env!("CARGO_BIN_EXE_relay");
-
-/// A `relay` command in `dir` with a clean environment (only PATH and `vars`).
-fn relay(dir: &std::path::Path, args: &[&str], vars: &[(&str, &str)]) -> Command {
-    let mut cmd = Command::new(RELAY);
-    cmd.args(args)
-        .current_dir(dir)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .envs(vars.iter().copied())
-        .stdin(Stdio::null());
-    cmd
+/// Runs `relay serve` in a fresh directory whose `.env` file holds `dotenv`, with nothing else
+/// set; returns the exit code and what it wrote to stderr.
+fn serve_with_dotenv(dotenv: &str) -> (Option<i32>, String) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join(".env"), dotenv).unwrap();
+    let out = relay_command(dir.path(), &["serve"], &[]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out.status.code(), err)
 }
 
 #[test]
 fn serve_refuses_to_start_without_secrets_and_names_them() {
     let dir = tempfile::tempdir().unwrap();
-    let out = relay(dir.path(), &["serve"], &[]).output().unwrap();
+    let out = relay_command(dir.path(), &["serve"], &[]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -33,7 +29,7 @@ fn serve_refuses_to_start_without_secrets_and_names_them() {
         "{err}"
     );
     // No subcommand means serve.
-    let out = relay(dir.path(), &[], &[]).output().unwrap();
+    let out = relay_command(dir.path(), &[], &[]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(
         !dir.path().join("app.db").exists(),
@@ -45,7 +41,7 @@ fn serve_refuses_to_start_without_secrets_and_names_them() {
 fn malformed_settings_are_all_named_without_secrets() {
     let dir = tempfile::tempdir().unwrap();
     let weak = "weak-secret-value";
-    let out = relay(
+    let out = relay_command(
         dir.path(),
         &["serve"],
         &[
@@ -94,7 +90,9 @@ fn out_of_range_and_unparsable_values_exit_2_not_panic() {
     ] {
         let mut vars = base.to_vec();
         vars.push((name, value));
-        let out = relay(dir.path(), &["serve"], &vars).output().unwrap();
+        let out = relay_command(dir.path(), &["serve"], &vars)
+            .output()
+            .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{name}={value}: {err}");
         assert!(err.contains(name), "{name} not named: {err}");
@@ -103,15 +101,10 @@ fn out_of_range_and_unparsable_values_exit_2_not_panic() {
 
 #[test]
 fn a_broken_dotenv_line_is_reported_without_its_content() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join(".env"),
+    let (code, err) = serve_with_dotenv(
         "SECRET_KEY=\"s3cr3t-s3cr3t-s3cr3t-s3cr3t-s3cr3t\nOPENAI_API_KEY=sk-hidden-value\n",
-    )
-    .unwrap();
-    let out = relay(dir.path(), &["serve"], &[]).output().unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
+    );
+    assert_eq!(code, Some(2));
     assert!(err.contains(".env"), "{err}");
     assert!(
         !err.contains("s3cr3t") && !err.contains("sk-hidden-value"),
@@ -123,7 +116,7 @@ fn a_broken_dotenv_line_is_reported_without_its_content() {
 fn a_non_utf8_environment_variable_does_not_crash_start_up() {
     use std::os::unix::ffi::OsStrExt as _;
     let dir = tempfile::tempdir().unwrap();
-    let out = relay(dir.path(), &["serve"], &[])
+    let out = relay_command(dir.path(), &["serve"], &[])
         .env("UNRELATED_JUNK", std::ffi::OsStr::from_bytes(b"\xff\xfe"))
         .output()
         .unwrap();
@@ -134,15 +127,8 @@ fn a_non_utf8_environment_variable_does_not_crash_start_up() {
 
 #[test]
 fn dotenv_file_is_read_and_environment_wins() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join(".env"),
-        "SECRET_KEY=short\nOPENAI_API_KEY=sk-x\n",
-    )
-    .unwrap();
-    let out = relay(dir.path(), &["serve"], &[]).output().unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (code, err) = serve_with_dotenv("SECRET_KEY=short\nOPENAI_API_KEY=sk-x\n");
+    assert_eq!(code, Some(2));
     assert!(
         err.contains("SECRET_KEY") && !err.contains("OPENAI_API_KEY"),
         "{err}"
@@ -156,14 +142,16 @@ async fn migrate_twice_and_create_a_user_on_both_databases() {
         let dir = tempfile::tempdir().unwrap();
         let vars = [("DATABASE_URL", test_db.url.as_str())];
         for _ in 0..2 {
-            let out = relay(dir.path(), &["migrate"], &vars).output().unwrap();
+            let out = relay_command(dir.path(), &["migrate"], &vars)
+                .output()
+                .unwrap();
             assert!(
                 out.status.success(),
                 "{db:?}: {}",
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        let mut child = relay(
+        let mut child = relay_command(
             dir.path(),
             &[
                 "user",
@@ -195,7 +183,7 @@ async fn migrate_twice_and_create_a_user_on_both_databases() {
         let user: Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(user["email"], "root@example.com");
         assert_eq!(user["is_admin"], true);
-        let out = relay(
+        let out = relay_command(
             dir.path(),
             &["user", "create", "--email", "x@example.com"],
             &vars,

@@ -319,6 +319,23 @@ macro_rules! on_both_databases {
 }
 pub(crate) use on_both_databases;
 
+/// A command running the built `relay` binary in `dir` with a clean environment (only PATH and
+/// `vars`) and no stdin.
+pub fn relay_command(
+    dir: &std::path::Path,
+    args: &[&str],
+    vars: &[(&str, &str)],
+) -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_relay"));
+    cmd.args(args)
+        .current_dir(dir)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(vars.iter().copied())
+        .stdin(std::process::Stdio::null());
+    cmd
+}
+
 /// A `relay` process started from the built binary in `dir`, with a clean environment (only
 /// PATH and `vars`), on a free port; killed when dropped.
 pub struct RelayProcess {
@@ -331,14 +348,8 @@ impl RelayProcess {
     /// Runs `relay <args>` and waits for its "listening" log line.
     pub fn start(dir: &std::path::Path, args: &[&str], vars: &[(&str, &str)]) -> RelayProcess {
         use std::io::BufRead as _;
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_relay"))
-            .args(args)
-            .current_dir(dir)
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .envs(vars.iter().copied())
+        let mut child = relay_command(dir, args, vars)
             .envs([("PORT", "0"), ("LOG_FORMAT", "json")])
-            .stdin(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
@@ -370,22 +381,14 @@ impl RelayProcess {
     /// Registers `email` (password `password-123`) and returns an access token.
     pub async fn access_token(&self, client: &reqwest::Client, email: &str) -> String {
         let creds = json!({"email": email, "password": "password-123"});
-        let resp = client
-            .post(format!("{}/api/v1/auth/register", self.base))
-            .json(&creds)
-            .send()
-            .await
-            .unwrap();
+        let post = |path: &str| {
+            client
+                .post(format!("{}/api/v1{path}", self.base))
+                .json(&creds)
+        };
+        let resp = send(post("/auth/register")).await;
         assert_eq!(resp.status(), 201);
-        let pair: Value = client
-            .post(format!("{}/api/v1/auth/login", self.base))
-            .json(&creds)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let pair: Value = send(post("/auth/login")).await.json().await.unwrap();
         pair["access_token"].as_str().unwrap().to_owned()
     }
 }
