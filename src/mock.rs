@@ -75,7 +75,11 @@ pub async fn serve(
 pub async fn spawn(options: MockOptions) -> std::io::Result<std::net::SocketAddr> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    tokio::spawn(serve(listener, options, std::future::pending()));
+    tokio::spawn(async move {
+        if let Err(err) = serve(listener, options, std::future::pending()).await {
+            tracing::error!(error = %err, "the built-in mock upstream stopped");
+        }
+    });
     Ok(addr)
 }
 

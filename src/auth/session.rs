@@ -13,7 +13,7 @@ use super::jwt::{JwtKeys, TokenError, TokenKind, token_hash};
 use super::password::{Passwords, Verdict};
 use super::users::{User, normalize_email};
 use crate::error::ApiError;
-use crate::store::{NewRefreshToken, Spend, Store};
+use crate::store::{NewRefreshToken, Spend, Store, UserRecord};
 
 /// A new token pair.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -114,11 +114,7 @@ impl Sessions<'_> {
             .await?
         {
             Spend::Spent { user_id, family_id } if user_id == claims.sub => {
-                let user = self
-                    .store
-                    .user_by_id(user_id)
-                    .await?
-                    .ok_or_else(user_gone)?;
+                let user = self.existing_user(user_id).await?;
                 if !user.is_active {
                     self.store.revoke_family(family_id).await?;
                     return Err(inactive());
@@ -155,15 +151,16 @@ impl Sessions<'_> {
 
     /// The signed-in user, if they still exist and are active.
     pub async fn me(&self, user_id: Uuid) -> Result<User, ApiError> {
-        let user = self
-            .store
-            .user_by_id(user_id)
-            .await?
-            .ok_or_else(user_gone)?;
+        let user = self.existing_user(user_id).await?;
         if !user.is_active {
             return Err(inactive());
         }
         Ok(user.into())
+    }
+
+    /// The token's user, or a 401 when it was deleted since the token was issued.
+    async fn existing_user(&self, user_id: Uuid) -> Result<UserRecord, ApiError> {
+        self.store.user_by_id(user_id).await?.ok_or_else(user_gone)
     }
 
     /// Signs a new pair and records the refresh token in `family_id`.
