@@ -23,6 +23,9 @@ use serde_json::{Value, json};
 
 use crate::error::ErrorEnvelope;
 
+/// The largest request body the mock reads.
+const MAX_BODY_BYTES: usize = 64 * 1024 * 1024;
+
 /// The model the mock offers.
 pub const MOCK_MODEL: &str = "mock-echo";
 
@@ -51,6 +54,8 @@ pub fn router(options: MockOptions) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(list_models))
+        // Whatever relay may forward (its `MAX_REQUEST_BYTES` is 8 MiB by default), and more.
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }
 

@@ -15,7 +15,7 @@ use crate::auth::AuthUser;
 use crate::context::RequestContext;
 use crate::error::{ApiError, ErrorEnvelope};
 use crate::http::extract::{Ctx, RawJson};
-use crate::relay::chat::{Completion, complete, parse_body, prepare};
+use crate::relay::chat::{Completion, complete, prepare};
 use crate::state::AppState;
 
 /// The OpenAI Chat Completions request. Only the fields relay checks are listed; every other
@@ -92,8 +92,7 @@ async fn relay_chat(
     raw: Bytes,
     force_stream: bool,
 ) -> Result<Response, ApiError> {
-    let value = parse_body(&raw)?;
-    let chat = prepare(value, raw, state.upstream.policy(), force_stream)?;
+    let chat = prepare(raw, state.upstream.policy(), force_stream)?;
     Ok(match complete(&state.upstream, chat, ctx).await? {
         Completion::Stream(events) => (
             [

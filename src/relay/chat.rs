@@ -9,9 +9,10 @@ use http::header::CONTENT_TYPE;
 use http_body_util::BodyDataStream;
 use hyper::body::Incoming;
 use serde::Deserialize;
-use serde_json::{Map, Value};
+use serde_json::value::RawValue;
 
 use super::Upstream;
+use super::body::{self, Fields, Scalar, Splices};
 use super::models::ModelPolicy;
 use super::sse::SseRelay;
 use crate::context::{RequestContext, Usage};
@@ -31,25 +32,35 @@ pub struct PreparedChat {
     pub model: String,
 }
 
-/// Parses the body as JSON (400 when it is not).
-pub fn parse_body(bytes: &[u8]) -> Result<Value, ApiError> {
-    serde_json::from_slice(bytes).map_err(|e| ApiError::BadRequest {
-        message: format!("the body is not valid JSON: {e}"),
-        code: "invalid_json",
-    })
-}
+/// The top-level fields relay reads; every other field is forwarded as it came.
+const FIELDS: &[&str] = &[
+    "model",
+    "messages",
+    "stream",
+    "stream_options",
+    "temperature",
+    "top_p",
+    "n",
+    "max_tokens",
+    "max_completion_tokens",
+];
 
 fn check_number(
-    body: &Map<String, Value>,
+    body: &Fields<'_>,
     name: &str,
     min: f64,
     max: Option<f64>,
     integer: bool,
 ) -> Result<(), ApiError> {
-    let Some(value) = body.get(name) else {
-        return Ok(());
+    let ok = match body.scalar(name) {
+        Scalar::Absent | Scalar::Null => return Ok(()),
+        Scalar::Number {
+            value,
+            integer: is_int,
+        } => (is_int || !integer) && value >= min && max.is_none_or(|max| value <= max),
+        _ => false,
     };
-    if value.is_null() {
+    if ok {
         return Ok(());
     }
     let range = match max {
@@ -57,64 +68,82 @@ fn check_number(
         None => format!("at least {min}"),
     };
     let kind = if integer { "an integer" } else { "a number" };
-    let ok = match (integer, value.as_f64()) {
-        (true, _) if value.as_i64().is_none() && value.as_u64().is_none() => false,
-        (_, Some(v)) => v >= min && max.is_none_or(|max| v <= max),
-        (_, None) => false,
+    Err(ApiError::validation(
+        name,
+        format!("{name} must be {kind} {range}"),
+    ))
+}
+
+/// Each message must be an object with a non-empty string `role` (given once).
+fn check_message(i: usize, raw: &RawValue) -> Result<(), ApiError> {
+    let message = match body::object(raw, &["role"]) {
+        None => {
+            return Err(ApiError::validation(
+                format!("messages[{i}]"),
+                "each message must be an object",
+            ));
+        }
+        Some(Err(_)) => {
+            return Err(ApiError::validation(
+                format!("messages[{i}].role"),
+                "role appears more than once",
+            ));
+        }
+        Some(Ok(message)) => message,
     };
-    if ok {
-        Ok(())
-    } else {
-        Err(ApiError::validation(
-            name,
-            format!("{name} must be {kind} {range}"),
-        ))
+    match message.scalar("role") {
+        Scalar::Str(role) if !role.is_empty() => Ok(()),
+        _ => Err(ApiError::validation(
+            format!("messages[{i}].role"),
+            "each message needs a role (a string)",
+        )),
     }
 }
 
-fn validate(body: &Map<String, Value>) -> Result<(), ApiError> {
+fn validate(body: &Fields<'_>) -> Result<(), ApiError> {
     let messages = body
         .get("messages")
         .ok_or_else(|| ApiError::validation("messages", "messages is required"))?;
-    let messages = messages
-        .as_array()
-        .filter(|m| !m.is_empty())
-        .ok_or_else(|| ApiError::validation("messages", "messages must be a non-empty array"))?;
-    for (i, message) in messages.iter().enumerate() {
-        let message = message.as_object().ok_or_else(|| {
-            ApiError::validation(format!("messages[{i}]"), "each message must be an object")
-        })?;
-        match message.get("role").and_then(Value::as_str) {
-            Some(role) if !role.is_empty() => {}
-            _ => {
-                return Err(ApiError::validation(
-                    format!("messages[{i}].role"),
-                    "each message needs a role (a string)",
-                ));
-            }
+    match body::each_element(messages, check_message)? {
+        Some(count) if count > 0 => {}
+        _ => {
+            return Err(ApiError::validation(
+                "messages",
+                "messages must be a non-empty array",
+            ));
         }
     }
-    match body.get("model") {
-        None | Some(Value::Null) => {}
-        Some(Value::String(m)) if !m.trim().is_empty() => {}
-        Some(_) => {
+    match body.scalar("model") {
+        Scalar::Absent | Scalar::Null => {}
+        Scalar::Str(m) if !m.trim().is_empty() => {}
+        _ => {
             return Err(ApiError::validation(
                 "model",
                 "model must be a non-empty string",
             ));
         }
     }
-    match body.get("stream") {
-        None | Some(Value::Null) | Some(Value::Bool(_)) => {}
-        Some(_) => return Err(ApiError::validation("stream", "stream must be a boolean")),
+    match body.scalar("stream") {
+        Scalar::Absent | Scalar::Null | Scalar::Bool(_) => {}
+        _ => return Err(ApiError::validation("stream", "stream must be a boolean")),
     }
-    match body.get("stream_options") {
-        None | Some(Value::Null) | Some(Value::Object(_)) => {}
-        Some(_) => {
-            return Err(ApiError::validation(
-                "stream_options",
-                "stream_options must be an object",
-            ));
+    if let Some(options) = body.get("stream_options")
+        && body::scalar(options) != Scalar::Null
+    {
+        match body::object(options, STREAM_OPTIONS) {
+            None => {
+                return Err(ApiError::validation(
+                    "stream_options",
+                    "stream_options must be an object",
+                ));
+            }
+            Some(Err(name)) => {
+                return Err(ApiError::validation(
+                    format!("stream_options.{name}"),
+                    format!("{name} appears more than once"),
+                ));
+            }
+            Some(Ok(_)) => {}
         }
     }
     check_number(body, "temperature", 0.0, Some(2.0), false)?;
@@ -125,63 +154,65 @@ fn validate(body: &Map<String, Value>) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Validates and prepares a request. `force_stream` is set by `/chat/completions/stream`.
-/// `original` is the client's body, reused as is when nothing has to change.
+const STREAM_OPTIONS: &[&str] = &["include_usage"];
+
+/// Validates and prepares a request: reads only the fields relay needs (never a tree of the
+/// whole body), and splices its changes into the client's bytes, which are forwarded as they
+/// are when nothing changes. `force_stream` is set by `/chat/completions/stream`.
 pub fn prepare(
-    value: Value,
     original: Bytes,
     policy: &ModelPolicy,
     force_stream: bool,
 ) -> Result<PreparedChat, ApiError> {
-    let Value::Object(mut body) = value else {
-        return Err(ApiError::validation(
-            "body",
-            "the body must be a JSON object",
-        ));
-    };
+    let body = body::fields(&original, FIELDS)?;
     validate(&body)?;
-    let mut changed = false;
+    let mut edits = Splices::new(&original);
 
-    let model = match body.get("model").and_then(Value::as_str) {
-        Some(model) => model.to_owned(),
-        None => {
+    let model = match body.scalar("model") {
+        Scalar::Str(model) => model.into_owned(),
+        _ => {
             let model = policy.default_model().to_owned();
-            body.insert("model".into(), Value::String(model.clone()));
-            changed = true;
+            let json = serde_json::to_vec(&model).map_err(ApiError::internal)?;
+            match body.get("model") {
+                Some(null) => edits.replace(null, json),
+                None => edits.insert_member(None, "model", &json),
+            }
             model
         }
     };
     policy.check(&model)?;
 
-    let stream = force_stream || body.get("stream").and_then(Value::as_bool) == Some(true);
-    if force_stream && body.get("stream").and_then(Value::as_bool) != Some(true) {
-        body.insert("stream".into(), Value::Bool(true));
-        changed = true;
+    let asked = body.scalar("stream") == Scalar::Bool(true);
+    let stream = force_stream || asked;
+    if stream && !asked {
+        match body.get("stream") {
+            Some(value) => edits.replace(value, "true"),
+            None => edits.insert_member(None, "stream", b"true"),
+        }
     }
     let mut forward_usage = false;
     if stream {
-        let options = body
-            .entry("stream_options")
-            .or_insert_with(|| Value::Object(Map::new()));
-        if options.is_null() {
-            *options = Value::Object(Map::new());
-        }
-        if let Value::Object(options) = options {
-            forward_usage = options.get("include_usage").and_then(Value::as_bool) == Some(true);
-            if !forward_usage {
-                options.insert("include_usage".into(), Value::Bool(true));
-                changed = true;
+        let options = body.get("stream_options");
+        let include = options
+            .and_then(|raw| body::object(raw, STREAM_OPTIONS))
+            .and_then(Result::ok)
+            .and_then(|o| o.get("include_usage"));
+        forward_usage = include.is_some_and(|raw| body::scalar(raw) == Scalar::Bool(true));
+        if !forward_usage {
+            match (options, include) {
+                (_, Some(include)) => edits.replace(include, "true"),
+                (Some(options), None) if body::scalar(options) == Scalar::Other => {
+                    edits.insert_member(Some(options), "include_usage", b"true");
+                }
+                (Some(null), None) => edits.replace(null, r#"{"include_usage":true}"#),
+                (None, None) => {
+                    edits.insert_member(None, "stream_options", br#"{"include_usage":true}"#);
+                }
             }
         }
     }
-
-    let body = if changed {
-        Bytes::from(serde_json::to_vec(&Value::Object(body)).map_err(ApiError::internal)?)
-    } else {
-        original
-    };
     Ok(PreparedChat {
-        body,
+        body: edits.apply(&original),
         stream,
         forward_usage,
         model,
@@ -222,6 +253,7 @@ pub async fn complete(
             upstream.timeout(),
             chat.forward_usage,
             ctx,
+            upstream.mask(),
         )));
     }
     // A whole JSON answer (also when an upstream ignored `stream`).
@@ -240,7 +272,7 @@ pub async fn complete(
 mod tests {
     use super::*;
     use crate::config::{Config, Mode};
-    use serde_json::json;
+    use serde_json::{Value, json};
 
     fn config(extra: &[(&str, &str)]) -> ModelPolicy {
         let vars = extra
@@ -251,8 +283,7 @@ mod tests {
     }
 
     fn run(body: Value, force: bool) -> Result<PreparedChat, ApiError> {
-        let bytes = Bytes::from(body.to_string());
-        prepare(body, bytes, &config(&[]), force)
+        prepare(Bytes::from(body.to_string()), &config(&[]), force)
     }
 
     fn param_of(body: Value) -> String {
@@ -308,10 +339,18 @@ mod tests {
         let raw = Bytes::from_static(
             br#"{"model":"m","messages":[{"role":"user","content":"x"}],"seed":7, "tools":[]}"#,
         );
-        let value = parse_body(&raw).unwrap();
-        let p = prepare(value, raw.clone(), &config(&[]), false).unwrap();
+        let p = prepare(raw.clone(), &config(&[]), false).unwrap();
         assert_eq!(p.body, raw);
         assert!(!p.stream);
+        // When something changes, only that changes: the rest keeps the client's bytes.
+        let raw = Bytes::from_static(
+            br#"{ "messages" : [{"role":"user","content":"x"}], "stream":true, "seed" : 7 }"#,
+        );
+        let p = prepare(raw, &config(&[]), false).unwrap();
+        assert_eq!(
+            std::str::from_utf8(&p.body).unwrap(),
+            r#"{"model":"gpt-4o-mini","stream_options":{"include_usage":true}, "messages" : [{"role":"user","content":"x"}], "stream":true, "seed" : 7 }"#
+        );
     }
 
     #[test]
@@ -337,13 +376,72 @@ mod tests {
     fn allowed_models_are_enforced() {
         let c = config(&[("ALLOWED_MODELS", "a,b")]);
         let body = json!({"model": "c", "messages": [{"role": "user", "content": "x"}]});
-        let bytes = Bytes::from(body.to_string());
         assert!(matches!(
-            prepare(body, bytes, &c, false),
+            prepare(Bytes::from(body.to_string()), &c, false),
             Err(ApiError::Forbidden { .. })
         ));
         let body = json!({"model": "b", "messages": [{"role": "user", "content": "x"}]});
-        let bytes = Bytes::from(body.to_string());
-        assert!(prepare(body, bytes, &c, false).is_ok());
+        assert!(prepare(Bytes::from(body.to_string()), &c, false).is_ok());
+    }
+
+    #[test]
+    fn duplicated_fields_relay_reads_are_refused() {
+        let c = config(&[("ALLOWED_MODELS", "allowed")]);
+        let param = |raw: &str| match prepare(Bytes::copy_from_slice(raw.as_bytes()), &c, false) {
+            Err(ApiError::Validation { param, .. }) => param,
+            other => panic!("{raw}: expected a 422, got {other:?}"),
+        };
+        let m = r#""messages": [{"role": "user", "content": "x"}]"#;
+        assert_eq!(
+            param(&format!(
+                r#"{{"model": "forbidden", "model": "allowed", {m}}}"#
+            )),
+            "model"
+        );
+        assert_eq!(
+            param(&format!(r#"{{"model": "allowed", "model": "x", {m}}}"#)),
+            "model"
+        );
+        assert_eq!(
+            param(r#"{"model": "allowed", "messages": [{"role": "user", "role": "system"}]}"#),
+            "messages[0].role"
+        );
+        assert_eq!(
+            param(&format!(
+                r#"{{"model": "allowed", "stream": true, "stream": false, {m}}}"#
+            )),
+            "stream"
+        );
+        assert_eq!(
+            param(&format!(
+                r#"{{"model": "allowed", "stream_options": {{"include_usage": false, "include_usage": true}}, {m}}}"#
+            )),
+            "stream_options.include_usage"
+        );
+        // Keys relay does not read may repeat: they are the upstream's business.
+        let ok = format!(r#"{{"model": "allowed", "seed": 1, "seed": 2, {m}}}"#);
+        assert!(prepare(Bytes::from(ok), &c, false).is_ok());
+    }
+
+    #[test]
+    fn stream_options_are_completed_in_every_shape() {
+        let m = r#""messages": [{"role": "user", "content": "x"}]"#;
+        for (options, forwarded) in [
+            ("", false),
+            (r#""stream_options": null,"#, false),
+            (r#""stream_options": {},"#, false),
+            (r#""stream_options": { },"#, false),
+            (r#""stream_options": {"other": 1},"#, false),
+            (r#""stream_options": {"include_usage": false},"#, false),
+            (r#""stream_options": {"include_usage": true},"#, true),
+        ] {
+            let raw = format!(r#"{{"model": "m", {options} {m}}}"#);
+            let p = prepare(Bytes::from(raw.clone()), &config(&[]), true).unwrap();
+            let sent: Value = serde_json::from_slice(&p.body)
+                .unwrap_or_else(|e| panic!("{raw} became invalid JSON: {e}: {:?}", p.body));
+            assert_eq!(sent["stream"], true, "{raw}");
+            assert_eq!(sent["stream_options"]["include_usage"], true, "{raw}");
+            assert_eq!(p.forward_usage, forwarded, "{raw}");
+        }
     }
 }

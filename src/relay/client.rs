@@ -12,7 +12,7 @@
 //! and memory on each request.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, USER_AGENT};
@@ -38,6 +38,8 @@ pub type UpstreamResponse = http::Response<Incoming>;
 const MAX_ERROR_BODY: usize = 64 * 1024;
 /// Largest non-streamed completion read from the upstream.
 const MAX_COMPLETION_BODY: usize = 64 * 1024 * 1024;
+/// How often `/health/detailed` may ask the upstream.
+pub const CHECK_INTERVAL: Duration = Duration::from_secs(30);
 /// Largest model list read from the upstream.
 const MAX_MODELS_BODY: usize = 4 * 1024 * 1024;
 
@@ -47,10 +49,14 @@ pub struct Upstream {
     chat_uri: Uri,
     models_uri: Uri,
     authorization: HeaderValue,
-    mask: KeyMask,
+    mask: Arc<KeyMask>,
     timeout: Duration,
     policy: ModelPolicy,
     models: ModelCache,
+    /// When the upstream was last checked for `/health/detailed`, and whether it answered.
+    last_check: std::sync::Mutex<Option<(Instant, bool)>>,
+    /// Held while a check runs.
+    check_flight: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -110,16 +116,23 @@ impl Upstream {
             chat_uri: join(&config.base_url, "chat/completions")?,
             models_uri: join(&config.base_url, "models")?,
             authorization,
-            mask: KeyMask::new(api_key),
+            mask: Arc::new(KeyMask::new(api_key)),
             timeout: config.timeout,
             policy: ModelPolicy::new(config),
             models: ModelCache::default(),
+            last_check: std::sync::Mutex::new(None),
+            check_flight: tokio::sync::Mutex::new(()),
         })
     }
 
     /// `UPSTREAM_TIMEOUT_SECONDS`: for the first byte, and between reads.
     pub fn timeout(&self) -> Duration {
         self.timeout
+    }
+
+    /// Masks relay's key (and anything like it) in what the upstream says.
+    pub fn mask(&self) -> Arc<KeyMask> {
+        self.mask.clone()
     }
 
     /// Which models clients may use.
@@ -236,11 +249,39 @@ impl Upstream {
             })
     }
 
-    /// For `/health/detailed`: can the upstream list its models right now? (Refreshes the
-    /// cache when it can.)
+    /// For `/health/detailed`: could the upstream list its models at its last check? Checks
+    /// at most once per [`CHECK_INTERVAL`], one call at a time shared by every caller, so that
+    /// anonymous health requests cannot make relay spend the upstream key. A success refreshes
+    /// the model cache; a failure never touches it.
     pub async fn check(&self) -> Result<(), ApiError> {
-        let models = Arc::new(self.fetch_models().await?);
-        self.models.store(models).await;
+        let down = || ApiError::BadGateway("the upstream did not answer its last check".into());
+        let fresh = |last: &Option<(Instant, bool)>| match last {
+            Some((at, ok)) if at.elapsed() < CHECK_INTERVAL => Some(*ok),
+            _ => None,
+        };
+        if let Some(ok) = fresh(&self.last_check()) {
+            return if ok { Ok(()) } else { Err(down()) };
+        }
+        let _one_at_a_time = self.check_flight.lock().await;
+        if let Some(ok) = fresh(&self.last_check()) {
+            return if ok { Ok(()) } else { Err(down()) };
+        }
+        // Down until it answers: a caller that gives up (its own timeout) cancels this call,
+        // and the next ones must not start another before the interval is over.
+        self.set_last_check(false);
+        let models = self.fetch_models().await?;
+        self.models.store(Arc::new(models)).await;
+        self.set_last_check(true);
         Ok(())
+    }
+
+    fn last_check(&self) -> Option<(Instant, bool)> {
+        self.last_check.lock().ok().and_then(|last| *last)
+    }
+
+    fn set_last_check(&self, ok: bool) {
+        if let Ok(mut last) = self.last_check.lock() {
+            *last = Some((Instant::now(), ok));
+        }
     }
 }

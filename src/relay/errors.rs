@@ -23,32 +23,45 @@ impl KeyMask {
         KeyMask { key }
     }
 
-    /// `text` with every secret replaced by `[redacted]`.
+    /// `text` with every secret replaced by `[redacted]`: relay's key and anything shaped like
+    /// an OpenAI key (`sk-…`), in any letter case (an upstream may echo a key upper-cased).
     pub fn mask(&self, text: &str) -> String {
-        let mut text = text.to_owned();
+        // ASCII lower-casing keeps every byte offset, so spans found in `lower` cut `text`.
+        let lower = text.to_ascii_lowercase();
+        let bytes = lower.as_bytes();
+        let mut cuts: Vec<(usize, usize)> = Vec::new();
         if let Some(key) = &self.key {
-            let key = key.expose_secret();
+            let key = key.expose_secret().to_ascii_lowercase();
             if !key.is_empty() {
-                text = text.replace(key, "[redacted]");
+                cuts.extend(lower.match_indices(&key).map(|(at, k)| (at, at + k.len())));
             }
         }
-        // Anything shaped like an OpenAI key (`sk-…`), wherever it stands.
-        let mut out = String::with_capacity(text.len());
-        let mut rest = text.as_str();
-        while let Some(at) = rest.find("sk-") {
-            let boundary = at == 0 || !rest.as_bytes()[at - 1].is_ascii_alphanumeric();
-            let end = rest[at..]
+        let mut from = 0;
+        while let Some(found) = lower[from..].find("sk-") {
+            let at = from + found;
+            let end = lower[at..]
                 .find(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '*')))
-                .map_or(rest.len(), |n| at + n);
-            out.push_str(&rest[..at]);
-            out.push_str(if boundary {
-                "[redacted]"
-            } else {
-                &rest[at..end]
-            });
-            rest = &rest[end..];
+                .map_or(lower.len(), |n| at + n);
+            if at == 0 || !bytes[at - 1].is_ascii_alphanumeric() {
+                cuts.push((at, end));
+            }
+            from = end;
         }
-        out.push_str(rest);
+        if cuts.is_empty() {
+            return text.to_owned();
+        }
+        cuts.sort_unstable();
+        let mut out = String::with_capacity(text.len());
+        let mut at = 0;
+        for (start, end) in cuts {
+            if end <= at {
+                continue;
+            }
+            out.push_str(&text[at..start.max(at)]);
+            out.push_str("[redacted]");
+            at = end;
+        }
+        out.push_str(&text[at..]);
         out
     }
 }
@@ -173,6 +186,17 @@ mod tests {
         assert!(
             matches!(transport_error(&reset, false), ApiError::BadGateway(m) if m.contains("failed"))
         );
+    }
+
+    #[test]
+    fn keys_are_masked_in_any_letter_case() {
+        let mask = KeyMask::new(Some(SecretString::from("relay-Secret-key-123")));
+        assert_eq!(
+            mask.mask("a RELAY-SECRET-KEY-123 b relay-secret-key-123c SK-ABC_1 ask-me task-x"),
+            "a [redacted] b [redacted]c [redacted] ask-me task-x"
+        );
+        assert_eq!(mask.mask("nothing here"), "nothing here");
+        assert_eq!(mask.mask("sk-"), "[redacted]");
     }
 
     #[test]

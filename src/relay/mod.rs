@@ -5,6 +5,7 @@
 //! providers can later replace what is behind [`Upstream`] without touching the handlers.
 //! Handlers call one function per endpoint (e.g. [`chat::complete`]).
 
+pub mod body;
 pub mod chat;
 pub mod client;
 pub mod errors;

@@ -24,6 +24,7 @@ use futures_util::Stream;
 use serde::Deserialize;
 use serde::de::IgnoredAny;
 
+use super::errors::KeyMask;
 use crate::context::{RequestContext, Usage};
 use crate::error::ErrorEnvelope;
 
@@ -96,19 +97,21 @@ pin_project_lite::pin_project! {
         buf: BytesMut,
         forward_usage: bool,
         ctx: Arc<RequestContext>,
-        saw_done: bool,
-        saw_error: bool,
+        mask: Arc<KeyMask>,
+        seen: Seen,
         phase: Phase,
     }
 }
 
 impl<S> SseRelay<S> {
-    /// Relays `upstream`, ending with an error event after `timeout` without a byte.
+    /// Relays `upstream`, ending with an error event after `timeout` without a byte; keys in
+    /// the upstream's own error events are masked with `mask`.
     pub fn new(
         upstream: S,
         timeout: Duration,
         forward_usage: bool,
         ctx: Arc<RequestContext>,
+        mask: Arc<KeyMask>,
     ) -> Self {
         SseRelay {
             upstream,
@@ -117,46 +120,69 @@ impl<S> SseRelay<S> {
             buf: BytesMut::new(),
             forward_usage,
             ctx,
-            saw_done: false,
-            saw_error: false,
+            mask,
+            seen: Seen::default(),
             phase: Phase::Streaming,
         }
     }
 }
 
-/// Looks at one complete event; returns whether to forward it.
+/// What to do with one complete event.
+enum Verdict {
+    /// Forward it as it came.
+    Keep,
+    /// Leave it out (the usage chunk the client did not ask for).
+    Drop,
+    /// Forward this instead (an upstream error event with a key masked).
+    Replace(Bytes),
+}
+
+/// Looks at one complete event.
 fn inspect(
     event: &[u8],
     forward_usage: bool,
     ctx: &RequestContext,
-    saw_done: &mut bool,
-    saw_error: &mut bool,
-) -> bool {
+    mask: &KeyMask,
+    seen: &mut Seen,
+) -> Verdict {
     let Some(data) = event_data(event) else {
-        return true;
+        return Verdict::Keep;
     };
     let data: &[u8] = &data;
     if data.trim_ascii() == b"[DONE]" {
-        *saw_done = true;
-        return true;
+        seen.done = true;
+        return Verdict::Keep;
     }
     let mentions = |needle: &[u8]| memchr::memmem::find(data, needle).is_some();
     if !mentions(b"\"usage\"") && !mentions(b"\"error\"") {
-        return true;
+        return Verdict::Keep;
     }
     let Ok(chunk) = serde_json::from_slice::<ChunkView>(data) else {
-        return true;
+        return Verdict::Keep;
     };
     if chunk.error.is_some() {
-        *saw_error = true;
+        seen.error = true;
+        // The upstream's own error event: nothing in it may carry a key to the client.
+        let text = String::from_utf8_lossy(event);
+        let masked = mask.mask(&text);
+        if masked != text {
+            return Verdict::Replace(Bytes::from(masked));
+        }
     }
     if let Some(usage) = chunk.usage {
         ctx.set_usage(usage);
         if !forward_usage && chunk.choices.as_ref().is_none_or(Vec::is_empty) {
-            return false;
+            return Verdict::Drop;
         }
     }
-    true
+    Verdict::Keep
+}
+
+/// What the stream has shown so far.
+#[derive(Debug, Default)]
+struct Seen {
+    done: bool,
+    error: bool,
 }
 
 /// An error from the upstream body.
@@ -204,19 +230,22 @@ where
                     while let Some(len) = event_end(&this.buf[scanned..], search_from) {
                         search_from = 0;
                         let end = scanned + len;
-                        let keep = inspect(
+                        let verdict = inspect(
                             &this.buf[scanned..end],
                             *this.forward_usage,
                             this.ctx,
-                            this.saw_done,
-                            this.saw_error,
+                            this.mask,
+                            this.seen,
                         );
-                        if !keep {
+                        if let Verdict::Drop | Verdict::Replace(_) = verdict {
                             out.extend_from_slice(&this.buf[forward_from..scanned]);
                             forward_from = end;
                         }
+                        if let Verdict::Replace(event) = verdict {
+                            out.extend_from_slice(&event);
+                        }
                         scanned = end;
-                        if *this.saw_done {
+                        if this.seen.done {
                             // Nothing may follow `[DONE]`; do not wait for the upstream to close.
                             *this.phase = Phase::Finished;
                             break;
@@ -262,7 +291,7 @@ where
                 Poll::Ready(None) => {
                     *this.phase = Phase::Finished;
                     let rest = std::mem::take(this.buf).freeze();
-                    if *this.saw_done || *this.saw_error {
+                    if this.seen.done || this.seen.error {
                         return Poll::Ready((!rest.is_empty()).then_some(Ok(rest)));
                     }
                     // A cut-off partial event is dropped: clients parse each event as JSON and
@@ -312,6 +341,12 @@ mod tests {
         assert_eq!(event_data(b": comment\n\n"), None);
     }
 
+    fn mask() -> Arc<KeyMask> {
+        Arc::new(KeyMask::new(Some(secrecy::SecretString::from(
+            "upstream-secret-key",
+        ))))
+    }
+
     fn ctx() -> Arc<RequestContext> {
         Arc::new(RequestContext::new(http::HeaderValue::from_static("t")))
     }
@@ -326,10 +361,15 @@ mod tests {
                 .into_iter()
                 .map(|c| c.map(|s| Bytes::from_static(s.as_bytes()))),
         );
-        let out: Vec<_> =
-            SseRelay::new(upstream, Duration::from_secs(5), forward_usage, ctx.clone())
-                .collect()
-                .await;
+        let out: Vec<_> = SseRelay::new(
+            upstream,
+            Duration::from_secs(5),
+            forward_usage,
+            ctx.clone(),
+            mask(),
+        )
+        .collect()
+        .await;
         let text = out
             .into_iter()
             .map(|b| String::from_utf8(b.unwrap().to_vec()).unwrap())
@@ -363,6 +403,32 @@ mod tests {
                 prompt_tokens: 3,
                 completion_tokens: 5
             })
+        );
+    }
+
+    #[tokio::test]
+    async fn keys_in_upstream_error_events_are_masked() {
+        let (out, _) = relay(
+            vec![
+                Ok("data: {\"choices\":[{\"delta\":{\"content\":\"sk-in-content\"}}]}\n\n"),
+                Ok("data: {\"error\":{\"message\":\"bad UPSTREAM-SECRET-KEY and sk-live-1\"}}\n\n"),
+            ],
+            false,
+        )
+        .await;
+        assert!(
+            out.starts_with(
+                "data: {\"choices\":[{\"delta\":{\"content\":\"sk-in-content\"}}]}\n\n"
+            ),
+            "content is not an error: relayed as it came: {out}"
+        );
+        assert!(
+            out.ends_with("data: {\"error\":{\"message\":\"bad [redacted] and [redacted]\"}}\n\n"),
+            "{out}"
+        );
+        assert!(
+            !out.to_ascii_lowercase().contains("upstream-secret-key"),
+            "{out}"
         );
     }
 
@@ -416,7 +482,7 @@ mod tests {
         let upstream =
             futures_util::stream::iter([Ok::<_, &str>(Bytes::from_static(b"data: {}\n\n"))])
                 .chain(futures_util::stream::pending());
-        let out: Vec<_> = SseRelay::new(upstream, Duration::from_secs(2), false, ctx())
+        let out: Vec<_> = SseRelay::new(upstream, Duration::from_secs(2), false, ctx(), mask())
             .collect()
             .await;
         assert_eq!(out.len(), 2);

@@ -248,6 +248,60 @@ async fn the_upstream_key_never_reaches_the_client() {
 }
 
 #[tokio::test]
+async fn the_upstream_key_is_masked_in_any_case_and_in_stream_error_events() {
+    let (app, _fake, token) = with_fake(&[]).await;
+    let resp = app.chat(&token, &hello("fake-leak-upper")).await;
+    assert_eq!(resp.status(), 400);
+    let text = resp.text().await.unwrap();
+    assert!(
+        !text.to_ascii_lowercase().contains("sk-test-upstream-key"),
+        "{text}"
+    );
+    assert!(text.contains("[redacted]"), "{text}");
+
+    let mut body = hello("fake-stream-error-leak");
+    body["stream"] = json!(true);
+    let resp = app.chat(&token, &body).await;
+    assert_eq!(resp.status(), 200);
+    let text = resp.text().await.unwrap();
+    assert!(
+        !text.to_ascii_lowercase().contains("sk-test-upstream-key"),
+        "{text}"
+    );
+    let last = events(&text).pop().unwrap();
+    let event: Value = serde_json::from_str(&last).unwrap();
+    assert_eq!(
+        event["error"]["message"],
+        "quota of [redacted] ([redacted]) used up"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anonymous_health_checks_do_not_spend_the_upstream_key() {
+    let (app, fake, _) = with_fake(&[]).await;
+    let hits = || {
+        fake.shared
+            .model_hits
+            .load(std::sync::atomic::Ordering::SeqCst)
+    };
+    let before = hits();
+    let checks = futures_util::future::join_all((0..300).map(|_| app.health_detailed())).await;
+    for (status, body) in checks {
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["checks"]["upstream"]["status"], "ok", "{body}");
+    }
+    assert_eq!(
+        hits() - before,
+        1,
+        "one upstream call for 300 health checks"
+    );
+    // And the model list is served from what that one call fetched.
+    let token = app.user_tokens("models@example.com").await.0;
+    assert_eq!(app.models(&token).await.status(), 200);
+    assert_eq!(hits() - before, 1);
+}
+
+#[tokio::test]
 async fn garbage_and_unreachable_upstreams_are_502() {
     let (app, _fake, token) = with_fake(&[]).await;
     for model in [

@@ -127,6 +127,20 @@ async fn chat(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes
             *r.body_mut() = Body::from(body.to_string());
             r
         }
+        "fake-leak-upper" => {
+            let auth = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).unwrap_or("");
+            error(400, &format!("Incorrect API key: {}", auth.trim_start_matches("Bearer ").to_uppercase()))
+        }
+        "fake-stream-error-leak" => {
+            let auth = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).unwrap_or("");
+            let key = auth.trim_start_matches("Bearer ").to_owned();
+            let event = json!({"error": {"message": format!("quota of {key} ({}) used up", key.to_uppercase()), "type": "server_error"}});
+            let stream = futures_util::stream::iter([
+                Ok::<_, Infallible>(chunk("partial")),
+                Ok(Bytes::from(format!("data: {event}\n\n"))),
+            ]);
+            sse(Body::from_stream(stream))
+        }
         "fake-garbage" => ([(header::CONTENT_TYPE, "text/html")], "<html>not an API</html>").into_response(),
         "fake-garbage-500" => (StatusCode::INTERNAL_SERVER_ERROR, "Internal Server Error").into_response(),
         "fake-json-not-completion" => axum::Json(json!({"hello": "world"})).into_response(),
