@@ -14,6 +14,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tower::ServiceExt as _;
 
+use crate::auth::status::UserStatus;
 use crate::auth::{JwtKeys, Passwords};
 use crate::config::Config;
 use crate::ratelimit::RateLimiter;
@@ -64,6 +65,7 @@ impl App {
         let listener = TcpListener::bind((server.host.as_str(), server.port))
             .await
             .with_context(|| format!("cannot listen on {}:{}", server.host, server.port))?;
+        let users = UserStatus::new(store.clone());
         let state = AppState::new(Inner {
             config: Arc::new(config),
             store,
@@ -71,6 +73,7 @@ impl App {
             upstream,
             limiter,
             passwords,
+            users,
             started_at: Instant::now(),
         });
         spawn_token_purge(state.store.clone());

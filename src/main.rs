@@ -107,9 +107,6 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             "DEV MODE: ephemeral secret key, SQLite, in-memory rate limits. NOT FOR PRODUCTION."
         );
     }
-    if config.auth.secret_key_weak {
-        tracing::warn!("SECRET_KEY is shorter than 32 bytes: accepted only because of DEBUG/--dev");
-    }
     if config.auth.secret_key_ephemeral && !config.dev {
         tracing::warn!("DEBUG without SECRET_KEY: tokens are signed with an ephemeral key");
     }

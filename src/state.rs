@@ -4,6 +4,7 @@ use std::ops::Deref;
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::auth::status::UserStatus;
 use crate::auth::{JwtKeys, Passwords, Sessions};
 use crate::config::Config;
 use crate::ratelimit::RateLimiter;
@@ -28,6 +29,8 @@ pub struct Inner {
     pub upstream: Upstream,
     /// Password hashing on the blocking pool, bounded by a semaphore.
     pub passwords: Passwords,
+    /// Whether a token's user still exists and is active (cached for a few seconds).
+    pub users: UserStatus,
     /// When the process started serving, for `uptime_seconds`.
     pub started_at: Instant,
 }

@@ -4,6 +4,7 @@
 pub mod jwt;
 pub mod password;
 pub mod session;
+pub mod status;
 pub mod users;
 
 use uuid::Uuid;

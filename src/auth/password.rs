@@ -4,12 +4,14 @@
 //! pool, and a semaphore bounds how many run at once: a burst of logins queues instead of
 //! exhausting memory or starving the runtime.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use argon2::password_hash::rand_core::OsRng;
 use argon2::password_hash::{PasswordHash, PasswordHasher as _, PasswordVerifier as _, SaltString};
 use argon2::{Algorithm, Argon2, Params, Version};
 use tokio::sync::Semaphore;
+use unicode_normalization::UnicodeNormalization as _;
 
 /// The outcome of checking a password.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,7 +41,7 @@ fn argon2() -> Argon2<'static> {
 fn hash_blocking(password: &str) -> anyhow::Result<String> {
     let salt = SaltString::generate(&mut OsRng);
     argon2()
-        .hash_password(password.as_bytes(), &salt)
+        .hash_password(normalized(password).as_bytes(), &salt)
         .map(|h| h.to_string())
         .map_err(|e| anyhow::anyhow!("argon2 hashing failed: {e}"))
 }
@@ -56,7 +58,31 @@ fn is_bcrypt(hash: &str) -> bool {
     ["$2a$", "$2b$", "$2y$"].iter().any(|p| hash.starts_with(p))
 }
 
+/// The form passwords are hashed in: Unicode NFKC, so that the same password typed on another
+/// keyboard or OS (composed `é` or `e` + accent, full-width digits) is the same password.
+fn normalized(password: &str) -> Cow<'_, str> {
+    if password.is_ascii() {
+        Cow::Borrowed(password)
+    } else {
+        Cow::Owned(password.nfkc().collect())
+    }
+}
+
+/// Checks `password` in its normalized form, and for hashes made before normalization (the
+/// original's, or relay's before it normalized) in the form it was typed; a match of the raw
+/// form asks for a rehash, which stores the normalized one.
 fn verify_blocking(password: &str, hash: &str) -> Verdict {
+    let norm = normalized(password);
+    match verify_form(&norm, hash) {
+        Verdict::Mismatch if norm != password => match verify_form(password, hash) {
+            Verdict::Mismatch => Verdict::Mismatch,
+            Verdict::Match | Verdict::MatchNeedsRehash => Verdict::MatchNeedsRehash,
+        },
+        verdict => verdict,
+    }
+}
+
+fn verify_form(password: &str, hash: &str) -> Verdict {
     if is_bcrypt(hash) {
         // bcrypt only looks at the first 72 bytes; passlib did the same, so this matches.
         return match bcrypt::verify(password, hash) {
@@ -168,6 +194,45 @@ mod tests {
         assert_eq!(
             p.verify("pw-123456".into(), Some(h)).await.unwrap(),
             Verdict::MatchNeedsRehash
+        );
+    }
+
+    #[tokio::test]
+    async fn passwords_are_normalized_and_old_raw_hashes_still_match() {
+        let p = Passwords::new(2).await.unwrap();
+        // "é" composed, and "e" + combining acute: one password under NFKC.
+        let composed = "caf\u{e9}-secret";
+        let decomposed = "cafe\u{301}-secret";
+        let h = p.hash(composed.into()).await.unwrap();
+        assert_eq!(
+            p.verify(decomposed.into(), Some(h.clone())).await.unwrap(),
+            Verdict::Match
+        );
+        // Full-width digits are digits.
+        let h = p
+            .hash("pass\u{ff11}\u{ff12}\u{ff13}-word".into())
+            .await
+            .unwrap();
+        assert_eq!(
+            p.verify("pass123-word".into(), Some(h)).await.unwrap(),
+            Verdict::Match
+        );
+        // A hash of the raw (unnormalized) form, as made before: matches, and asks for a
+        // rehash (which stores the normalized form).
+        let salt = SaltString::generate(&mut OsRng);
+        let raw = argon2()
+            .hash_password(decomposed.as_bytes(), &salt)
+            .unwrap()
+            .to_string();
+        assert_eq!(
+            p.verify(decomposed.into(), Some(raw.clone()))
+                .await
+                .unwrap(),
+            Verdict::MatchNeedsRehash
+        );
+        assert_eq!(
+            p.verify("cafe-secret".into(), Some(raw)).await.unwrap(),
+            Verdict::Mismatch
         );
     }
 }

@@ -11,9 +11,14 @@ use uuid::Uuid;
 
 use super::jwt::{JwtKeys, TokenError, TokenKind, token_hash};
 use super::password::{Passwords, Verdict};
-use super::users::{User, normalize_email};
+use super::users::{MAX_PASSWORD_CHARS, User, normalize_email};
 use crate::error::ApiError;
 use crate::store::{NewRefreshToken, Spend, Store, UserRecord};
+
+/// The least time a failed login takes. Well above the slowest hash relay verifies (bcrypt at
+/// passlib's cost 12, about 0.3 s on one core, more on a busy one), so that unknown emails,
+/// argon2 and bcrypt accounts all answer a wrong password after the same time.
+pub const FAILED_LOGIN_FLOOR: std::time::Duration = std::time::Duration::from_millis(750);
 
 /// A new token pair.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -74,6 +79,34 @@ impl Sessions<'_> {
     /// Checks an email and password and starts a session. Unknown emails cost one hash too,
     /// so that the answer's timing says nothing; old hashes are upgraded on the way.
     pub async fn login(&self, email: &str, password: String) -> Result<TokenPair, ApiError> {
+        if password.chars().count() > MAX_PASSWORD_CHARS {
+            // No account has such a password: refused before any hashing.
+            return Err(ApiError::validation(
+                "password",
+                format!("password must be at most {MAX_PASSWORD_CHARS} characters long"),
+            ));
+        }
+        let started = tokio::time::Instant::now();
+        let result = self.check_credentials(email, password).await;
+        if let Err(ApiError::Unauthorized { .. }) = &result {
+            // Every failed attempt takes as long, whatever the account's hash (a bcrypt hash
+            // from the original takes several times an argon2 one): the time says nothing.
+            tokio::time::sleep_until(started + FAILED_LOGIN_FLOOR).await;
+        }
+        let user = result?;
+        if !user.is_active {
+            return Err(inactive());
+        }
+        self.issue_pair(user.id, user.is_admin, Uuid::new_v4())
+            .await
+    }
+
+    /// The account whose password this is, or a 401.
+    async fn check_credentials(
+        &self,
+        email: &str,
+        password: String,
+    ) -> Result<UserRecord, ApiError> {
         // An address that cannot be valid cannot be registered either.
         let email = normalize_email(email).ok();
         let user = match &email {
@@ -88,20 +121,15 @@ impl Sessions<'_> {
             )
             .await
             .map_err(ApiError::internal)?;
-        let user = match (user, verdict) {
+        match (user, verdict) {
             (Some(user), Verdict::Match | Verdict::MatchNeedsRehash) => {
                 if verdict == Verdict::MatchNeedsRehash {
                     self.rehash(user.id, password).await;
                 }
-                user
+                Ok(user)
             }
-            _ => return Err(invalid_credentials()),
-        };
-        if !user.is_active {
-            return Err(inactive());
+            _ => Err(invalid_credentials()),
         }
-        self.issue_pair(user.id, user.is_admin, Uuid::new_v4())
-            .await
     }
 
     /// Spends a refresh token and issues the next pair of its session. A token presented

@@ -179,8 +179,6 @@ pub struct AuthConfig {
     pub secret_key: SecretString,
     /// Whether `secret_key` was generated for this process only (dev/debug without a key).
     pub secret_key_ephemeral: bool,
-    /// Whether a `SECRET_KEY` under 32 bytes was accepted (dev/debug only; warned at start-up).
-    pub secret_key_weak: bool,
     /// `ACCESS_TOKEN_EXPIRE_MINUTES`.
     pub access_token_ttl: Duration,
     /// `REFRESH_TOKEN_EXPIRE_DAYS`.

@@ -71,15 +71,11 @@ pub(super) fn server(p: &mut Parser<'_>) -> ServerConfig {
 }
 
 /// `SECRET_KEY`, `ACCESS_TOKEN_EXPIRE_MINUTES`, `REFRESH_TOKEN_EXPIRE_DAYS`. `relaxed` is dev or
-/// debug mode, where a missing key is generated and a short one accepted (with a warning).
+/// debug mode, where a missing key is generated for the process; a key that is set but short
+/// is refused in every mode that signs tokens (a weak key set by mistake must not go live).
 pub(super) fn auth(p: &mut Parser<'_>, mode: Mode, relaxed: bool) -> AuthConfig {
-    let mut secret_key_weak = false;
     let (secret_key, secret_key_ephemeral) = match p.get("SECRET_KEY") {
         Some(key) if key.len() >= MIN_SECRET_BYTES => (SecretString::from(key.to_owned()), false),
-        Some(key) if relaxed => {
-            secret_key_weak = true;
-            (SecretString::from(key.to_owned()), false)
-        }
         Some(key) => {
             if mode != Mode::Admin {
                 p.problem(
@@ -128,7 +124,6 @@ pub(super) fn auth(p: &mut Parser<'_>, mode: Mode, relaxed: bool) -> AuthConfig 
     AuthConfig {
         secret_key,
         secret_key_ephemeral,
-        secret_key_weak,
         access_token_ttl: Duration::from_secs(access_minutes.clamp(1, 525_600) * 60),
         refresh_token_ttl: Duration::from_secs(refresh_days.clamp(1, 3650) * 86_400),
     }

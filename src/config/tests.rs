@@ -138,3 +138,18 @@ fn debug_output_redacts_secrets() {
     assert!(!text.contains("sk-very-secret"));
     assert!(!text.contains("hunter2"));
 }
+
+#[test]
+fn a_short_secret_key_is_refused_in_debug_and_dev_too() {
+    for (mode, debug) in [(Mode::Serve, "true"), (Mode::Dev, "false")] {
+        let err = Config::from_vars(
+            &vars(&[("SECRET_KEY", "too-short"), ("DEBUG", debug)]),
+            mode,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("SECRET_KEY"), "{mode:?}: {err}");
+    }
+    // Only a missing key is replaced (for this process only).
+    let c = Config::from_vars(&vars(&[("DEBUG", "true")]), Mode::Serve).unwrap();
+    assert!(c.auth.secret_key_ephemeral);
+}

@@ -124,8 +124,8 @@ pub async fn login_user(
 ) -> Response {
     // Limited by client IP, then by the email tried, so that a password-guessing run is
     // stopped from many addresses too; both before any hashing. The email's bucket is only
-    // charged for attempts the IP's bucket let through, so one refused address cannot keep a
-    // victim's email locked.
+    // charged for failed attempts the IP's bucket let through, so one refused address cannot
+    // keep a victim's email locked.
     let by_ip = state.limiter.check(Endpoint::Login, &Subject::Ip(ip)).await;
     if !by_ip.allowed {
         return rejection(&by_ip);
@@ -133,13 +133,18 @@ pub async fn login_user(
     let (decision, result) = match Credentials::from_request(req, &()).await {
         Err(e) => (by_ip, Err(e)),
         Ok(Credentials(body)) => {
+            // The email's bucket counts failed attempts only: strangers cannot lock its owner
+            // out by logging in as them, and the owner's own logins cost nothing.
             let email = Subject::Email(body.email.trim().to_lowercase());
-            let by_email = state.limiter.check(Endpoint::Login, &email).await;
+            let by_email = state.limiter.peek(Endpoint::Login, &email).await;
             let decision = most_restrictive(&[by_ip, by_email]).unwrap_or(by_email);
             if !decision.allowed {
                 return rejection(&decision);
             }
             let pair = state.sessions().login(&body.email, body.password).await;
+            if let Err(ApiError::Unauthorized { .. }) = &pair {
+                state.limiter.check(Endpoint::Login, &email).await;
+            }
             (decision, pair.map(Json))
         }
     };

@@ -5,10 +5,9 @@
 //! for a wrong content type, 413 for a body over `MAX_REQUEST_BYTES`, and 422 with `param`
 //! naming the field for JSON of the wrong shape.
 //!
-//! `AuthUser` checks the access token in memory only (signature, algorithm, expiry, issuer,
-//! kind): no database query on the request path, which is what lets the relay stay fast. The
-//! price is that a deactivated user keeps a working access token until it expires (minutes);
-//! login and refresh, which do touch the database, refuse inactive users.
+//! `AuthUser` checks the access token in memory (signature, algorithm, expiry, issuer, kind),
+//! and its user's state in a cache refreshed every few seconds (`auth::status`): no database
+//! query per request, and a deactivated or deleted user is refused within seconds.
 
 use std::sync::Arc;
 
@@ -46,13 +45,16 @@ pub fn bearer_token(headers: &HeaderMap) -> Result<&str, ApiError> {
     }
 }
 
-/// Verifies the request's access token (in memory) and records the user on its context.
-pub fn authenticate(parts: &Parts, state: &AppState) -> Result<AuthUser, ApiError> {
+/// Verifies the request's access token (in memory), checks that its user still exists and is
+/// active (a cache refreshed every few seconds, see `auth::status`), and records the user on
+/// the request's context.
+pub async fn authenticate(parts: &Parts, state: &AppState) -> Result<AuthUser, ApiError> {
     let token = bearer_token(&parts.headers)?;
     let access = state.jwt.verify_access(token)?;
     if let Some(ctx) = parts.extensions.get::<Arc<RequestContext>>() {
         ctx.set_user(access.user_id);
     }
+    state.users.check(access.user_id).await?;
     Ok(AuthUser {
         id: access.user_id,
         is_admin: access.is_admin,
@@ -66,7 +68,7 @@ impl FromRequestParts<AppState> for AuthUser {
         // A rate-limit layer keyed by user has verified the token already.
         match parts.extensions.get::<AuthUser>() {
             Some(user) => Ok(*user),
-            None => authenticate(parts, state),
+            None => authenticate(parts, state).await,
         }
     }
 }

@@ -4,16 +4,17 @@
 //! cost down): gives the request an id (the client's, if sane, else a new UUID); adds the
 //! security headers; turns any error response that is not already JSON (axum's 405, a 413
 //! from the body limit, …) into the OpenAI error envelope; and writes exactly one log line
-//! per request — when the response body is finished or dropped, so that a stream's line
+//! per request (with the client IP) — when the response body is finished or dropped, so that a stream's line
 //! carries its full duration and its token usage.
 
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
 use axum::body::Body;
-use axum::extract::{MatchedPath, Request};
+use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
 use bytes::Bytes;
@@ -22,6 +23,7 @@ use http::{HeaderName, HeaderValue, Method, StatusCode};
 
 use crate::context::RequestContext;
 use crate::error::{ErrorDetail, envelope_response, error_code_for};
+use crate::http::ratelimit::client_ip_of;
 
 /// `X-Request-ID`.
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -67,8 +69,9 @@ fn default_message(status: StatusCode) -> String {
     }
 }
 
-/// See the module documentation.
-pub async fn observe(mut req: Request, next: Next) -> Response {
+/// See the module documentation. The state says whether `X-Forwarded-For` is trusted
+/// (`TRUST_PROXY_HEADERS`), for the client IP on the log line.
+pub async fn observe(State(trust_proxy): State<bool>, mut req: Request, next: Next) -> Response {
     let start = Instant::now();
     let request_id = req
         .headers()
@@ -78,6 +81,7 @@ pub async fn observe(mut req: Request, next: Next) -> Response {
         .unwrap_or_else(new_request_id);
     let ctx = Arc::new(RequestContext::new(request_id.clone()));
     req.extensions_mut().insert(ctx.clone());
+    let client_ip = client_ip_of(req.headers(), req.extensions(), trust_proxy);
     let method = req.method().clone();
     let route = req.extensions().get::<MatchedPath>().cloned();
 
@@ -127,6 +131,7 @@ pub async fn observe(mut req: Request, next: Next) -> Response {
 
     let log = RequestLog {
         ctx,
+        client_ip,
         method,
         route,
         status,
@@ -147,6 +152,7 @@ pub async fn observe(mut req: Request, next: Next) -> Response {
 
 struct RequestLog {
     ctx: Arc<RequestContext>,
+    client_ip: IpAddr,
     method: Method,
     route: Option<MatchedPath>,
     status: StatusCode,
@@ -165,6 +171,7 @@ impl RequestLog {
             status = self.status.as_u16(),
             latency_ms = (latency_ms * 1000.0).round() / 1000.0,
             request_id = %String::from_utf8_lossy(self.ctx.request_id.as_bytes()),
+            client_ip = %self.client_ip,
             user_id = user_id.as_deref(),
             prompt_tokens = usage.map(|u| u.prompt_tokens),
             completion_tokens = usage.map(|u| u.completion_tokens),

@@ -166,5 +166,8 @@ pub fn with_layers<S: Clone + Send + Sync + 'static>(
         .layer(DefaultBodyLimit::max(config.server.max_request_bytes))
         .layer(CatchPanicLayer::custom(panic_response))
         .layer(cors(&config.server.allowed_origins))
-        .layer(axum::middleware::from_fn(middleware::observe))
+        .layer(axum::middleware::from_fn_with_state(
+            config.server.trust_proxy_headers,
+            middleware::observe,
+        ))
 }

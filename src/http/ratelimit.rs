@@ -49,7 +49,7 @@ pub struct LimitState {
 pub async fn limit(State(limit): State<LimitState>, req: Request, next: Next) -> Response {
     let (mut parts, body) = req.into_parts();
     let user = match limit.by {
-        KeyBy::User => authenticate(&parts, &limit.app).ok(),
+        KeyBy::User => authenticate(&parts, &limit.app).await.ok(),
         KeyBy::Ip => None,
     };
     let subject = match user {
@@ -72,23 +72,32 @@ pub async fn limit(State(limit): State<LimitState>, req: Request, next: Next) ->
 }
 
 /// The client's IP: the connection's peer, or with `TRUST_PROXY_HEADERS` the right-most
-/// address of `X-Forwarded-For` (the one the trusted proxy itself appended; entries to its
-/// left come from the client and can be anything).
+/// entry of `X-Forwarded-For` (the one the trusted proxy itself appended; entries to its left
+/// come from the client and can be anything). When that entry is not a bare IP address (a
+/// port, `unknown`, garbage), the peer is used: never an entry further left, which the client
+/// would choose.
 pub fn client_ip(parts: &Parts, trust_proxy: bool) -> IpAddr {
+    client_ip_of(&parts.headers, &parts.extensions, trust_proxy)
+}
+
+/// [`client_ip`] from a request's headers and extensions.
+pub fn client_ip_of(
+    headers: &http::HeaderMap,
+    extensions: &http::Extensions,
+    trust_proxy: bool,
+) -> IpAddr {
     if trust_proxy
-        && let Some(ip) = parts
-            .headers
+        && let Some(last) = headers
             .get_all("x-forwarded-for")
             .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|s| s.trim().parse::<IpAddr>().ok())
             .next_back()
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.rsplit(',').next())
+        && let Ok(ip) = last.trim().parse::<IpAddr>()
     {
         return ip;
     }
-    parts
-        .extensions
+    extensions
         .get::<ConnectInfo<SocketAddr>>()
         .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.0.ip())
 }
@@ -146,4 +155,49 @@ pub fn most_restrictive(decisions: &[Decision]) -> Option<Decision> {
         .iter()
         .copied()
         .min_by_key(|d| (d.allowed, std::cmp::Reverse(d.retry_after_ms), d.remaining))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip_of(forwarded: &[&str], trust: bool) -> IpAddr {
+        let mut req = http::Request::builder();
+        for value in forwarded {
+            req = req.header("x-forwarded-for", *value);
+        }
+        let (mut parts, ()) = req.body(()).unwrap().into_parts();
+        parts
+            .extensions
+            .insert(ConnectInfo(SocketAddr::from(([192, 0, 2, 1], 4000))));
+        client_ip(&parts, trust)
+    }
+
+    #[test]
+    fn only_the_right_most_forwarded_entry_counts() {
+        let peer: IpAddr = "192.0.2.1".parse().unwrap();
+        assert_eq!(
+            ip_of(&["203.0.113.7, 10.9.9.9"], true),
+            "10.9.9.9".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(
+            ip_of(&["203.0.113.7", "10.1.1.1"], true),
+            "10.1.1.1".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(
+            ip_of(&[" 2001:db8::1 "], true),
+            "2001:db8::1".parse::<IpAddr>().unwrap()
+        );
+        // An unparsable right-most entry never lets the client pick an entry to its left.
+        for bad in [
+            "203.0.113.7, 10.9.9.9:4711",
+            "203.0.113.7, unknown",
+            "203.0.113.7,",
+            "x",
+        ] {
+            assert_eq!(ip_of(&[bad], true), peer, "{bad}");
+        }
+        assert_eq!(ip_of(&["203.0.113.7"], false), peer);
+        assert_eq!(ip_of(&[], true), peer);
+    }
 }

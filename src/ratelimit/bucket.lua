@@ -1,14 +1,16 @@
 -- One token-bucket decision, atomically (see bucket.rs for the arithmetic, which this mirrors).
--- KEYS[1]: the bucket. ARGV[1]: capacity, ARGV[2]: window in ms; ARGV[3], for tests only:
--- the time in ms (relay never sends it).
+-- KEYS[1]: the bucket. ARGV[1]: capacity, ARGV[2]: window in ms; ARGV[3]: 1 to take a token,
+-- 0 to only look (nothing is written); ARGV[4], for tests only: the time in ms (relay never
+-- sends it).
 -- Returns {allowed (0|1), level after the decision}. Time is Redis's own clock, so every
 -- replica agrees on it.
 local capacity = tonumber(ARGV[1])
 local window = tonumber(ARGV[2])
 local full = capacity * window
+local take = ARGV[3] ~= '0'
 local now
-if ARGV[3] then
-  now = tonumber(ARGV[3])
+if ARGV[4] then
+  now = tonumber(ARGV[4])
 else
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -26,8 +28,13 @@ if now > at then
 end
 local allowed = 0
 if level >= window then
-  level = level - window
   allowed = 1
+  if take then
+    level = level - window
+  end
+end
+if not take then
+  return {allowed, string.format('%.0f', level)}
 end
 redis.call('HSET', KEYS[1], 'l', string.format('%.0f', level), 't', string.format('%.0f', at))
 -- Idle buckets vanish once they would be full again (an absent bucket is a full one).

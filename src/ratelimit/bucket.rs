@@ -69,6 +69,12 @@ pub fn take(bucket: Option<Bucket>, now_ms: u64, shape: Shape) -> (Bucket, Decis
     (b, decide(allowed, b.level, shape))
 }
 
+/// Whether `bucket` (absent: full) has a token at `now_ms`, without taking it.
+pub fn peek(bucket: Option<Bucket>, now_ms: u64, shape: Shape) -> Decision {
+    let level = bucket.map_or(shape.full(), |b| level_at(b, now_ms, shape));
+    decide(level >= shape.window_ms, level, shape)
+}
+
 /// The bucket's level at `now_ms` without taking anything.
 pub fn level_at(bucket: Bucket, now_ms: u64, shape: Shape) -> u64 {
     let added = now_ms
@@ -171,7 +177,18 @@ mod tests {
         assert!(!d.allowed);
         assert_eq!(d.retry_after_ms, 1000);
         assert_eq!(d.reset_ms, 3000);
+        assert!(!peek(Some(nb), 999, shape).allowed);
+        let looked = peek(Some(nb), 1000, shape);
+        assert!(
+            looked.allowed && looked.remaining == 1,
+            "looking takes nothing"
+        );
         let (_, d) = take(Some(nb), 1000, shape);
         assert!(d.allowed, "one token a second");
+        assert_eq!(
+            peek(None, 0, shape).remaining,
+            3,
+            "an absent bucket is full"
+        );
     }
 }

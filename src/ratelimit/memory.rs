@@ -47,12 +47,20 @@ impl MemoryLimiter {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// Takes a token from `key`'s bucket.
-    pub fn check(&self, key: &str, shape: Shape) -> Decision {
+    /// Takes a token from `key`'s bucket (or, with `take` false, only looks).
+    pub fn check(&self, key: &str, shape: Shape, take: bool) -> Decision {
         let now = self.now_ms();
         let shard = (self.hasher.hash_one(key) as usize) % SHARDS;
         let mut guard = self.shards[shard].lock().unwrap_or_else(|e| e.into_inner());
         let shard = &mut *guard;
+        if !take {
+            let stored = shard
+                .buckets
+                .get(key)
+                .filter(|(_, s, _)| *s == shape)
+                .map(|(b, _, _)| *b);
+            return bucket::peek(stored, now, shape);
+        }
         shard.tick += 1;
         let tick = shard.tick;
         let map = &mut shard.buckets;
@@ -102,7 +110,7 @@ mod tests {
             window_ms: 60_000,
         };
         for i in 0..10_000 {
-            limiter.check(&format!("key-{i}"), shape);
+            limiter.check(&format!("key-{i}"), shape, true);
         }
         assert!(limiter.len() <= 320, "{}", limiter.len());
     }
@@ -114,12 +122,12 @@ mod tests {
             capacity: 1,
             window_ms: 3_600_000,
         };
-        assert!(limiter.check("victim", shape).allowed);
+        assert!(limiter.check("victim", shape, true).allowed);
         for i in 0..2_000 {
-            limiter.check(&format!("flood-{i}"), shape);
+            limiter.check(&format!("flood-{i}"), shape, true);
             // The victim keeps trying: its bucket must stay empty, never reset by eviction.
             assert!(
-                !limiter.check("victim", shape).allowed,
+                !limiter.check("victim", shape, true).allowed,
                 "reset after {i} keys"
             );
         }
@@ -132,9 +140,9 @@ mod tests {
             capacity: 2,
             window_ms: 60_000,
         };
-        assert!(limiter.check("k", shape).allowed);
-        assert!(limiter.check("k", shape).allowed);
-        assert!(!limiter.check("k", shape).allowed);
-        assert!(limiter.check("other", shape).allowed);
+        assert!(limiter.check("k", shape, true).allowed);
+        assert!(limiter.check("k", shape, true).allowed);
+        assert!(!limiter.check("k", shape, true).allowed);
+        assert!(limiter.check("other", shape, true).allowed);
     }
 }

@@ -182,24 +182,32 @@ impl RateLimiter {
     pub async fn check(&self, endpoint: Endpoint, subject: &Subject) -> Decision {
         let key = self.key(endpoint, subject);
         let shape = shape(self.limits.for_endpoint(endpoint));
-        self.check_key(&key, shape).await
+        self.check_key(&key, shape, true).await
     }
 
-    /// Takes one token from the bucket `key`.
-    pub async fn check_key(&self, key: &str, shape: Shape) -> Decision {
+    /// Whether `subject` has a token at `endpoint`, without taking it (login looks at the
+    /// email's bucket first and charges it only for a failed attempt).
+    pub async fn peek(&self, endpoint: Endpoint, subject: &Subject) -> Decision {
+        let key = self.key(endpoint, subject);
+        let shape = shape(self.limits.for_endpoint(endpoint));
+        self.check_key(&key, shape, false).await
+    }
+
+    /// Takes one token from the bucket `key` (or, with `take` false, only looks).
+    pub async fn check_key(&self, key: &str, shape: Shape, take: bool) -> Decision {
         if let Some(side) = &self.redis
             && side.live.load(Ordering::Acquire)
         {
             let limiter = side.limiter.read().await.clone();
             if let Some(limiter) = limiter {
-                match tokio::time::timeout(side.budget, limiter.check(key, shape)).await {
+                match tokio::time::timeout(side.budget, limiter.check(key, shape, take)).await {
                     Ok(Ok(decision)) => return decision,
                     Ok(Err(e)) => fall_back(side, &e.to_string()),
                     Err(_) => fall_back(side, "no answer within the budget"),
                 }
             }
         }
-        self.memory.check(key, shape)
+        self.memory.check(key, shape, take)
     }
 }
 
@@ -259,7 +267,7 @@ fn start_probe(side: Arc<RedisSide>) {
                 Some(limiter) => matches!(
                     tokio::time::timeout(
                         side.budget,
-                        limiter.check("relay:rl:{probe}", probe_shape)
+                        limiter.check("relay:rl:{probe}", probe_shape, true)
                     )
                     .await,
                     Ok(Ok(_))

@@ -32,14 +32,15 @@ impl RedisLimiter {
         })
     }
 
-    /// Takes a token from `key`'s bucket: one round trip.
-    pub async fn check(&self, key: &str, shape: Shape) -> redis::RedisResult<Decision> {
+    /// Takes a token from `key`'s bucket (or, with `take` false, only looks): one round trip.
+    pub async fn check(&self, key: &str, shape: Shape, take: bool) -> redis::RedisResult<Decision> {
         let mut conn = self.conn.clone();
         let (allowed, level): (u8, u64) = self
             .script
             .key(key)
             .arg(shape.capacity)
             .arg(shape.window_ms)
+            .arg(u8::from(take))
             .invoke_async(&mut conn)
             .await?;
         Ok(bucket::decide(allowed == 1, level, shape))

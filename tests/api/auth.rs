@@ -21,6 +21,7 @@ on_both_databases!(
     bad_tokens_are_401_with_www_authenticate,
     passlib_bcrypt_hash_logs_in_and_is_rehashed,
     inactive_users_are_refused,
+    deactivated_and_deleted_users_lose_access_within_seconds,
     database_down_is_503,
     expired_refresh_tokens_are_purged,
 );
@@ -446,6 +447,66 @@ async fn inactive_users_are_refused(db: Db) {
     assert_eq!(app.refresh(&refresh_token).await.status(), 403);
 }
 
+/// Polls `request` until it answers `want`, for at most 5 s; returns how long that took.
+async fn within_five_seconds<F, Fut>(want: u16, request: F) -> std::time::Duration
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = reqwest::Response>,
+{
+    let start = std::time::Instant::now();
+    loop {
+        let status = request().await.status().as_u16();
+        if status == want {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(5),
+            "still {status} after 5 s, want {want}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+async fn deactivated_and_deleted_users_lose_access_within_seconds(db: Db) {
+    let app = spawn_app(db).await;
+    let chat = json!({"model": "mock-echo", "messages": [{"role": "user", "content": "hi"}]});
+    // Deactivated: chat and models refused (403), with the access token still unexpired.
+    let (access, _) = app.user_tokens("gone-quiet@example.com").await;
+    assert_eq!(app.chat(&access, &chat).await.status(), 200);
+    assert_eq!(app.models(&access).await.status(), 200);
+    let user = app.stored_user("gone-quiet@example.com").await;
+    app.store.set_active(user.id, false).await.unwrap();
+    within_five_seconds(403, || app.chat(&access, &chat)).await;
+    assert_eq!(app.models(&access).await.status(), 403);
+    // Active again: let in again.
+    app.store.set_active(user.id, true).await.unwrap();
+    within_five_seconds(200, || app.chat(&access, &chat)).await;
+
+    // Deleted: 401, the token's user no longer exists.
+    let (access, _) = app.user_tokens("gone@example.com").await;
+    assert_eq!(app.chat(&access, &chat).await.status(), 200);
+    let user = app.stored_user("gone@example.com").await;
+    let delete = "DELETE FROM users WHERE id = $1";
+    match &app.store {
+        relay::store::Store::Sqlite(pool) => {
+            sqlx::query(delete)
+                .bind(user.id)
+                .execute(pool)
+                .await
+                .unwrap();
+        }
+        relay::store::Store::Postgres(pool) => {
+            sqlx::query(delete)
+                .bind(user.id)
+                .execute(pool)
+                .await
+                .unwrap();
+        }
+    }
+    within_five_seconds(401, || app.chat(&access, &chat)).await;
+    assert_eq!(app.models(&access).await.status(), 401);
+}
+
 async fn database_down_is_503(db: Db) {
     let app = spawn_app(db).await;
     app.register("kim@example.com", "password-123").await;
@@ -458,4 +519,64 @@ async fn database_down_is_503(db: Db) {
     assert_eq!(health["checks"]["database"]["status"], "down");
     // Liveness touches no dependency.
     assert_eq!(app.get("/health").await.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_logins_take_the_same_time_whatever_the_hash() {
+    // Wrong passwords for an unknown email, an argon2 account and a legacy bcrypt account
+    // (several times slower to verify) must not be told apart by their answer time.
+    let app = spawn_app(Db::Sqlite).await;
+    app.register("argon@example.com", "password-123").await;
+    app.store
+        .create_user(NewUser {
+            email: "bcrypt@example.com".into(),
+            password_hash: include_str!("../fixtures/passlib_bcrypt.txt")
+                .trim()
+                .to_owned(),
+            full_name: None,
+            is_admin: false,
+        })
+        .await
+        .unwrap();
+    let kinds = [
+        "nobody@example.com",
+        "argon@example.com",
+        "bcrypt@example.com",
+    ];
+    let mut times: Vec<Vec<f64>> = vec![Vec::new(); kinds.len()];
+    for _ in 0..5 {
+        for (i, email) in kinds.iter().enumerate() {
+            let start = std::time::Instant::now();
+            let resp = app.login(email, "wrong-password").await;
+            times[i].push(start.elapsed().as_secs_f64());
+            assert_eq!(resp.status(), 401, "{email}");
+        }
+    }
+    let medians: Vec<f64> = times
+        .iter_mut()
+        .map(|t| {
+            t.sort_by(f64::total_cmp);
+            t[t.len() / 2]
+        })
+        .collect();
+    let (low, high) = (
+        medians.iter().copied().fold(f64::MAX, f64::min),
+        medians.iter().copied().fold(0.0, f64::max),
+    );
+    assert!(
+        high <= low * 1.10,
+        "failed-login medians differ by more than 10 %: {kinds:?} {medians:?}"
+    );
+}
+
+#[tokio::test]
+async fn overlong_login_passwords_are_refused_before_hashing() {
+    let app = spawn_app(Db::Sqlite).await;
+    app.register("long@example.com", "password-123").await;
+    // A wrong password would be a 401 after the hash: a 422 names the rule instead.
+    let (status, error) = error_of(app.login("long@example.com", &"x".repeat(129)).await).await;
+    assert_eq!(status, 422);
+    assert_eq!(error["param"], "password");
+    let (status, _) = error_of(app.login("long@example.com", &"x".repeat(128)).await).await;
+    assert_eq!(status, 401);
 }

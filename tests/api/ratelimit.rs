@@ -77,6 +77,8 @@ on_both_backends!(
     login_guessing_is_stopped_by_ip_and_by_email,
     register_and_refresh_are_limited_by_ip,
     every_answer_of_a_limited_endpoint_carries_the_headers,
+    forwarded_for_cannot_pick_a_bucket,
+    only_failed_logins_count_against_an_email,
 );
 
 async fn every_answer_of_a_limited_endpoint_carries_the_headers(backend: Backend) {
@@ -250,6 +252,69 @@ async fn login_guessing_is_stopped_by_ip_and_by_email(backend: Backend) {
         statuses.push(login(&app3, email, Some(format!("198.51.100.{i}"))).await);
     }
     assert_eq!(statuses, [401, 401, 401, 401, 401, 429]);
+}
+
+async fn only_failed_logins_count_against_an_email(backend: Backend) {
+    let app = app(
+        backend,
+        &[
+            ("RATE_LIMIT_LOGIN_REQUESTS", "3"),
+            ("TRUST_PROXY_HEADERS", "true"),
+        ],
+    )
+    .await;
+    app.register("owner@example.com", "password-123").await;
+    let login = |password: &'static str, ip: String| {
+        let req = app
+            .client
+            .post(app.api("/auth/login"))
+            .header("x-forwarded-for", ip)
+            .json(&json!({"email": "owner@example.com", "password": password}));
+        async move { req.send().await.unwrap().status().as_u16() }
+    };
+    // Five good logins (more than the limit), from five addresses: all let in.
+    let mut statuses = Vec::new();
+    for i in 0..5 {
+        statuses.push(login("password-123", format!("203.0.113.{i}")).await);
+    }
+    assert_eq!(statuses, [200; 5]);
+    // Failed attempts do count: three, then the email is locked, for the owner too.
+    let mut statuses = Vec::new();
+    for i in 10..14 {
+        statuses.push(login("wrong-password", format!("203.0.113.{i}")).await);
+    }
+    assert_eq!(statuses, [401, 401, 401, 429]);
+    assert_eq!(login("password-123", "203.0.113.20".into()).await, 429);
+}
+
+async fn forwarded_for_cannot_pick_a_bucket(backend: Backend) {
+    // Behind a trusted proxy, a client that writes its own X-Forwarded-For entries and makes
+    // the right-most one unparsable must still land in one bucket: the socket peer's.
+    let app = app(
+        backend,
+        &[
+            ("RATE_LIMIT_REGISTER_REQUESTS", "2"),
+            ("TRUST_PROXY_HEADERS", "true"),
+        ],
+    )
+    .await;
+    let mut statuses = Vec::new();
+    for (i, last) in ["10.9.9.9:4711", "unknown", "", "not-an-ip"]
+        .iter()
+        .enumerate()
+    {
+        let body = json!({"email": format!("xff{i}@example.com"), "password": "password-123"});
+        let resp = app
+            .client
+            .post(app.api("/auth/register"))
+            .header("x-forwarded-for", format!("203.0.113.{i}, {last}"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        statuses.push(resp.status().as_u16());
+    }
+    assert_eq!(statuses, [201, 201, 429, 429]);
 }
 
 async fn register_and_refresh_are_limited_by_ip(backend: Backend) {
@@ -452,9 +517,10 @@ async fn a_redis_outage_falls_back_to_memory_and_recovers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_relay_processes_sharing_redis_let_the_capacity_through_in_total() {
-    // Two real processes, each with its own database: the token is checked in memory with the
-    // shared SECRET_KEY, and the user's bucket lives in the shared Redis.
+    // Two real processes sharing a database, as replicas do: the token is checked in memory
+    // with the shared SECRET_KEY, and the user's bucket lives in the shared Redis.
     let base = support::spawn_mock(Default::default()).await;
+    let db = support::TestDb::new(Db::Postgres).await;
     let prefix = format!("procs-{}", uuid::Uuid::new_v4().simple());
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let vars = [
@@ -465,6 +531,7 @@ async fn two_relay_processes_sharing_redis_let_the_capacity_through_in_total() {
         ("RATE_LIMIT_KEY_PREFIX", prefix.as_str()),
         ("RATE_LIMIT_CHAT_REQUESTS", "15"),
         ("RATE_LIMIT_REDIS_TIMEOUT_MS", "2000"),
+        ("DATABASE_URL", db.url.as_str()),
     ];
     let a = support::RelayProcess::start(dir_a.path(), &["serve"], &vars);
     let b = support::RelayProcess::start(dir_b.path(), &["serve"], &vars);
@@ -522,20 +589,30 @@ async fn the_lua_script_and_the_rust_bucket_agree_step_by_step() {
             } else {
                 next(3) * next(700)
             };
+            // Every fifth step only looks (as login does with an email's bucket).
+            let take = step % 5 != 4;
             let (allowed, level): (u8, u64) = script
                 .key(&key)
                 .arg(shape.capacity)
                 .arg(shape.window_ms)
+                .arg(u8::from(take))
                 .arg(now)
                 .invoke_async(&mut conn)
                 .await
                 .unwrap();
-            let (b, d) = bucket::take(rust_bucket, now, shape);
-            rust_bucket = Some(b);
+            let expected = if take {
+                let (b, d) = bucket::take(rust_bucket, now, shape);
+                rust_bucket = Some(b);
+                (d.allowed, b.level)
+            } else {
+                let d = bucket::peek(rust_bucket, now, shape);
+                let level = rust_bucket.map_or(shape.full(), |b| bucket::level_at(b, now, shape));
+                (d.allowed, level)
+            };
             assert_eq!(
                 (allowed == 1, level),
-                (d.allowed, b.level),
-                "case {case} {shape:?} step {step} at {now}"
+                expected,
+                "case {case} {shape:?} step {step} at {now} take={take}"
             );
         }
         let _: () = ::redis::cmd("DEL")

@@ -125,6 +125,39 @@ fn a_non_utf8_environment_variable_does_not_crash_start_up() {
     assert!(err.contains("SECRET_KEY"), "{err}");
 }
 
+#[tokio::test]
+async fn env_example_with_its_secrets_filled_in_starts_relay() {
+    let example = include_str!("../../.env.example");
+    let filled = example
+        .replace(
+            "\nSECRET_KEY=\n",
+            &format!("\nSECRET_KEY={}\n", support::SECRET),
+        )
+        .replace("\nOPENAI_API_KEY=\n", "\nOPENAI_API_KEY=sk-test-example\n");
+    assert!(
+        filled.contains(support::SECRET) && filled.contains("sk-test-example"),
+        ".env.example lost its SECRET_KEY= or OPENAI_API_KEY= line"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join(".env"), filled).unwrap();
+    let server = support::RelayProcess::start(dir.path(), &["serve"], &[]);
+    // Its CORS origin is the one the example names.
+    let resp = reqwest::Client::new()
+        .request(
+            reqwest::Method::OPTIONS,
+            format!("{}/api/v1/health", server.base),
+        )
+        .header("Origin", "http://localhost:3000")
+        .header("Access-Control-Request-Method", "GET")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.headers()["access-control-allow-origin"],
+        "http://localhost:3000"
+    );
+}
+
 #[test]
 fn dotenv_file_is_read_and_environment_wins() {
     let (code, err) = serve_with_dotenv("SECRET_KEY=short\nOPENAI_API_KEY=sk-x\n");
