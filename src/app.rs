@@ -17,6 +17,7 @@ use tower::ServiceExt as _;
 use crate::auth::status::UserStatus;
 use crate::auth::{JwtKeys, Passwords};
 use crate::config::Config;
+use crate::http::deadline::DeadlineBody;
 use crate::ratelimit::RateLimiter;
 use crate::relay::Upstream;
 use crate::state::{AppState, Inner};
@@ -100,38 +101,74 @@ impl App {
     ///
     /// The accept loop is hyper's HTTP/1.1 server, configured here rather than through
     /// `axum::serve`: it bounds how long a client may take to send its request head (slow
-    /// clients cannot hold connections open for free) and how large that head may be, and
-    /// serves each connection without protocol sniffing. relay speaks HTTP/1.1; TLS and HTTP/2
-    /// belong to the proxy or load balancer in front of it.
+    /// clients cannot hold connections open for free) and how large that head may be, gives
+    /// every request body a deadline (`REQUEST_BODY_TIMEOUT_SECONDS`, see `http::deadline`),
+    /// and serves each connection without protocol sniffing. relay speaks HTTP/1.1; TLS and
+    /// HTTP/2 belong to the proxy or load balancer in front of it.
+    ///
+    /// At most `MAX_CONNECTIONS` connections are served at once (fewer if the file limit is
+    /// lower, see [`connection_cap`]): each holds a permit, and while none is free the loop
+    /// does not accept, so that new connections wait in the kernel's backlog instead of
+    /// taking the file descriptors the database, Redis and the upstream need.
     pub async fn run_until_stopped(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        let grace = self.state.config.server.shutdown_grace;
+        let server = &self.state.config.server;
+        let grace = server.shutdown_grace;
+        let body_timeout = server.request_body_timeout;
+        let file_limit = file_limits().ok().map(|(soft, _)| soft);
+        let max_connections = connection_cap(server.max_connections, file_limit);
+        if max_connections < server.max_connections {
+            tracing::warn!(
+                configured = server.max_connections,
+                max_connections,
+                file_limit,
+                "MAX_CONNECTIONS is above the file limit less {FD_RESERVE} kept for the \
+                 database, Redis, the upstream and logs: serving at most {max_connections} \
+                 connections at once"
+            );
+        }
+        let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
         let mut http = hyper::server::conn::http1::Builder::new();
         http.timer(TokioTimer::new())
             .header_read_timeout(HEADER_READ_TIMEOUT)
             .max_header_size(MAX_HEAD_BYTES);
         let graceful = GracefulShutdown::new();
         let mut shutdown = std::pin::pin!(shutdown);
+        let mut warned_full: Option<Instant> = None;
         loop {
+            let permit = match slots.clone().try_acquire_owned() {
+                Ok(permit) => permit,
+                Err(_) => {
+                    if warned_full.is_none_or(|at| at.elapsed() >= FULL_WARNING_EVERY) {
+                        tracing::warn!(
+                            max_connections,
+                            "connection limit reached: new connections wait in the backlog"
+                        );
+                        warned_full = Some(Instant::now());
+                    }
+                    tokio::select! {
+                        () = &mut shutdown => break,
+                        permit = slots.clone().acquire_owned() => match permit {
+                            Ok(permit) => permit,
+                            Err(_) => break, // never closed
+                        },
+                    }
+                }
+            };
+            let listener = &self.listener;
             let (tcp, remote) = tokio::select! {
                 () = &mut shutdown => break,
-                accepted = self.listener.accept() => match accepted {
-                    Ok(accepted) => accepted,
-                    Err(err) if is_connection_error(&err) => continue,
-                    Err(err) => {
-                        // Out of file descriptors (or memory): wait a moment rather than spin.
-                        tracing::error!(error = %err, "cannot accept connections");
-                        tokio::time::sleep(ACCEPT_BACKOFF).await;
-                        continue;
-                    }
-                },
+                accepted = accept_with_backoff(|| listener.accept()) => accepted,
             };
             // Small writes (SSE chunks) must leave at once, not wait for Nagle's algorithm.
             let _ = tcp.set_nodelay(true);
             let router = self.router.clone();
-            let service = hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
+            let service = hyper::service::service_fn(move |req: http::Request<Incoming>| {
+                // Counted from the moment the head has arrived, for the whole body.
+                let deadline = tokio::time::Instant::now() + body_timeout;
+                let mut req = req.map(|body| DeadlineBody::new(body, deadline));
                 req.extensions_mut().insert(ConnectInfo(remote));
                 router.clone().oneshot(req)
             });
@@ -140,6 +177,7 @@ impl App {
                 if let Err(err) = connection.await {
                     tracing::debug!(error = %err, "connection ended with an error");
                 }
+                drop(permit);
             });
         }
         drop(self.listener);
@@ -168,6 +206,75 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(75);
 const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// Pause after an accept error that is not about one connection (out of file descriptors).
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// While accepting keeps failing, one log line per this many failures (10 s of backoff).
+const ACCEPT_ERRORS_PER_LOG_LINE: u64 = 100;
+/// At most one "connection limit reached" warning per this long.
+const FULL_WARNING_EVERY: Duration = Duration::from_secs(10);
+/// File descriptors kept free of client connections: the database pool, Redis, upstream
+/// connections, log files, the runtime's own.
+const FD_RESERVE: u64 = 64;
+
+/// The number of connections served at once: `configured`, lowered to the soft file limit
+/// less [`FD_RESERVE`] (at least 1) when that is smaller. Without a known limit, `configured`.
+pub fn connection_cap(configured: usize, file_limit: Option<u64>) -> usize {
+    match file_limit {
+        Some(limit) => {
+            let room = usize::try_from(limit.saturating_sub(FD_RESERVE)).unwrap_or(usize::MAX);
+            configured.min(room.max(1))
+        }
+        None => configured,
+    }
+}
+
+/// The process's file limit (`RLIMIT_NOFILE`): soft and hard.
+#[cfg(unix)]
+#[allow(clippy::useless_conversion)] // rlim_t is u64 on Linux, not on every Unix
+pub fn file_limits() -> std::io::Result<(u64, u64)> {
+    let limit = nofile()?;
+    Ok((u64::from(limit.rlim_cur), u64::from(limit.rlim_max)))
+}
+
+#[cfg(unix)]
+fn nofile() -> std::io::Result<libc::rlimit> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we own and pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(limit)
+}
+
+/// Raises the soft file limit to the hard limit (a process may do so without privileges):
+/// every client connection is a file descriptor, and many systems still start processes
+/// with a soft limit of 1,024. Returns the soft limit before and after.
+#[cfg(unix)]
+pub fn raise_file_limit() -> std::io::Result<(u64, u64)> {
+    let (before, _) = file_limits()?;
+    let mut limit = nofile()?;
+    if limit.rlim_cur < limit.rlim_max {
+        limit.rlim_cur = limit.rlim_max;
+        // SAFETY: setrlimit reads the struct we own and pass.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok((before, file_limits()?.0))
+}
+
+/// The process's file limit: unknown on this platform.
+#[cfg(not(unix))]
+pub fn file_limits() -> std::io::Result<(u64, u64)> {
+    Err(std::io::Error::other("no file limit on this platform"))
+}
+
+/// Raising the file limit: nothing to raise on this platform.
+#[cfg(not(unix))]
+pub fn raise_file_limit() -> std::io::Result<(u64, u64)> {
+    file_limits()
+}
 
 /// An accept error that concerns only the connection being accepted.
 fn is_connection_error(err: &std::io::Error) -> bool {
@@ -177,6 +284,40 @@ fn is_connection_error(err: &std::io::Error) -> bool {
             | std::io::ErrorKind::ConnectionAborted
             | std::io::ErrorKind::ConnectionReset
     )
+}
+
+/// Accepts the next connection with `accept`. An error about that one connection is skipped.
+/// Any other — out of file descriptors (`EMFILE`, `ENFILE`) or memory — pauses for
+/// [`ACCEPT_BACKOFF`] before the next try: the pending connection stays in the backlog and the
+/// listener stays ready, so retrying at once would spin a core and flood the log. Logged when
+/// it starts, every [`ACCEPT_ERRORS_PER_LOG_LINE`] failures, and when accepting works again.
+async fn accept_with_backoff<T, F>(mut accept: impl FnMut() -> F) -> T
+where
+    F: Future<Output = std::io::Result<T>>,
+{
+    let mut failures: u64 = 0;
+    loop {
+        match accept().await {
+            Ok(accepted) => {
+                if failures > 0 {
+                    tracing::warn!(failures, "accepting connections again");
+                }
+                return accepted;
+            }
+            Err(err) if is_connection_error(&err) => {}
+            Err(err) => {
+                failures += 1;
+                if failures % ACCEPT_ERRORS_PER_LOG_LINE == 1 {
+                    tracing::error!(
+                        error = %err,
+                        failures,
+                        "cannot accept connections; retrying every 100 ms"
+                    );
+                }
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+            }
+        }
+    }
 }
 
 /// Deletes expired refresh tokens now and every hour, so that the table stays bounded.
@@ -213,5 +354,70 @@ pub async fn shutdown_signal() {
     tokio::select! {
         () = ctrl_c => {},
         () = terminate => {},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    #[test]
+    fn connections_stay_below_the_file_limit() {
+        assert_eq!(connection_cap(10_000, Some(1_048_576)), 10_000);
+        assert_eq!(connection_cap(10_000, Some(1024)), 960);
+        assert_eq!(connection_cap(200, Some(256)), 192);
+        assert_eq!(connection_cap(100, Some(256)), 100);
+        assert_eq!(connection_cap(10_000, Some(10)), 1);
+        assert_eq!(connection_cap(10_000, Some(u64::MAX)), 10_000);
+        assert_eq!(connection_cap(10_000, None), 10_000);
+    }
+
+    fn emfile() -> std::io::Error {
+        std::io::Error::from_raw_os_error(libc::EMFILE)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn out_of_files_the_accept_loop_backs_off_instead_of_spinning() {
+        // Five EMFILEs, then a connection: five pauses.
+        let calls = AtomicUsize::new(0);
+        let start = tokio::time::Instant::now();
+        let accepted = accept_with_backoff(|| {
+            let n = calls.fetch_add(1, Ordering::Relaxed);
+            async move { if n < 5 { Err(emfile()) } else { Ok(n) } }
+        })
+        .await;
+        assert_eq!(accepted, 5);
+        assert_eq!(start.elapsed(), 5 * ACCEPT_BACKOFF);
+
+        // Out of files for good: about ten tries a second, not a spinning loop.
+        let calls = AtomicUsize::new(0);
+        let stuck = tokio::time::timeout(
+            Duration::from_secs(1),
+            accept_with_backoff(|| {
+                calls.fetch_add(1, Ordering::Relaxed);
+                async { Err::<(), _>(std::io::Error::from_raw_os_error(libc::ENFILE)) }
+            }),
+        )
+        .await;
+        assert!(stuck.is_err());
+        assert!(calls.load(Ordering::Relaxed) <= 11, "{calls:?}");
+
+        // An error about one connection is skipped at once.
+        let calls = AtomicUsize::new(0);
+        let start = tokio::time::Instant::now();
+        accept_with_backoff(|| {
+            let n = calls.fetch_add(1, Ordering::Relaxed);
+            async move {
+                if n < 3 {
+                    Err(std::io::ErrorKind::ConnectionAborted.into())
+                } else {
+                    Ok(())
+                }
+            }
+        })
+        .await;
+        assert_eq!(start.elapsed(), Duration::ZERO);
     }
 }

@@ -43,6 +43,10 @@ pub enum ApiError {
     /// 404: unknown route or resource.
     #[error("not found")]
     NotFound,
+    /// 408: the request body did not arrive within `REQUEST_BODY_TIMEOUT_SECONDS`. Sent with
+    /// `Connection: close`: the rest of the body may still be on its way.
+    #[error("the request body did not arrive in time")]
+    RequestTimeout,
     /// 409: the resource exists already.
     #[error("{0}")]
     Conflict(String),
@@ -179,6 +183,7 @@ impl ApiError {
             Self::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
             Self::Forbidden { .. } => StatusCode::FORBIDDEN,
             Self::NotFound => StatusCode::NOT_FOUND,
+            Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -198,6 +203,7 @@ impl ApiError {
             | Self::Unauthorized { code, .. }
             | Self::Forbidden { code, .. } => code,
             Self::NotFound => "not_found",
+            Self::RequestTimeout => "request_timeout",
             Self::Conflict(_) => "conflict",
             Self::PayloadTooLarge => "request_too_large",
             Self::UnsupportedMediaType(_) => "unsupported_media_type",
@@ -315,6 +321,13 @@ impl IntoResponse for ApiError {
                 response
                     .headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from(retry_after.max(1)));
+                response
+            }
+            Self::RequestTimeout => {
+                let mut response = envelope_response(status, self.to_string(), self.code(), None);
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
                 response
             }
             Self::Upstream {

@@ -4,7 +4,7 @@ use std::io::{BufRead as _, Write as _};
 use std::process::ExitCode;
 
 use clap::Parser as _;
-use relay::app::{App, shutdown_signal};
+use relay::app::{App, raise_file_limit, shutdown_signal};
 use relay::auth::Passwords;
 use relay::auth::users::{Registration, create_user};
 use relay::cli::{Cli, Command, MockArgs, ServeArgs, UserCommand, UserCreateArgs};
@@ -109,6 +109,14 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     }
     if config.auth.secret_key_ephemeral && !config.dev {
         tracing::warn!("DEBUG without SECRET_KEY: tokens are signed with an ephemeral key");
+    }
+    // Every client connection is a file descriptor: take all the process may have.
+    match raise_file_limit() {
+        Ok((before, after)) if after > before => {
+            tracing::info!(before, after, "file limit raised to the hard limit");
+        }
+        Ok((_, limit)) => tracing::info!(limit, "file limit"),
+        Err(err) => tracing::warn!(error = %err, "cannot raise the file limit"),
     }
     let app = App::build(config).await?;
     let addr = app.local_addr()?;

@@ -61,16 +61,19 @@ pub enum Endpoint {
     Chat,
     /// `GET /models` and `/chat/models`
     Models,
+    /// `GET /auth/me` and `POST /auth/logout`: the caller's own account
+    Account,
 }
 
 impl Endpoint {
     /// Every endpoint, in a fixed order.
-    pub const ALL: [Endpoint; 5] = [
+    pub const ALL: [Endpoint; 6] = [
         Endpoint::Login,
         Endpoint::Register,
         Endpoint::Refresh,
         Endpoint::Chat,
         Endpoint::Models,
+        Endpoint::Account,
     ];
 
     /// The name used in `RATE_LIMIT_<NAME>_REQUESTS` and in rate-limit keys.
@@ -81,6 +84,7 @@ impl Endpoint {
             Endpoint::Refresh => "REFRESH",
             Endpoint::Chat => "CHAT",
             Endpoint::Models => "MODELS",
+            Endpoint::Account => "ACCOUNT",
         }
     }
 }
@@ -170,6 +174,11 @@ pub struct ServerConfig {
     pub trust_proxy_headers: bool,
     /// `SHUTDOWN_GRACE_SECONDS`.
     pub shutdown_grace: Duration,
+    /// `REQUEST_BODY_TIMEOUT_SECONDS`: how long a request's whole body may take to arrive.
+    pub request_body_timeout: Duration,
+    /// `MAX_CONNECTIONS`: client connections served at once (the accept loop may lower it
+    /// to fit the process's file limit).
+    pub max_connections: usize,
 }
 
 /// The token signing key and token lifetimes.

@@ -13,8 +13,12 @@ use super::{
     RateLimits, ServerConfig, UpstreamConfig,
 };
 
+/// The largest `MAX_CONNECTIONS` accepted: more than a process can have files open on Linux
+/// by default (`fs.nr_open`, 1,048,576).
+const MAX_CONNECTIONS_CEILING: usize = 1 << 20;
+
 /// `HOST`, `PORT`, `ALLOWED_ORIGINS`, `MAX_REQUEST_BYTES`, `TRUST_PROXY_HEADERS`,
-/// `SHUTDOWN_GRACE_SECONDS`.
+/// `SHUTDOWN_GRACE_SECONDS`, `REQUEST_BODY_TIMEOUT_SECONDS`, `MAX_CONNECTIONS`.
 pub(super) fn server(p: &mut Parser<'_>) -> ServerConfig {
     let host = p.string("HOST", "127.0.0.1");
     if host.parse::<std::net::IpAddr>().is_err()
@@ -60,6 +64,28 @@ pub(super) fn server(p: &mut Parser<'_>) -> ServerConfig {
         30u64,
         "is not a whole number of seconds",
     );
+    let body_timeout = p.parse(
+        "REQUEST_BODY_TIMEOUT_SECONDS",
+        30.0f64,
+        "is not a number of seconds",
+    );
+    if !(body_timeout > 0.0 && body_timeout <= 86_400.0) {
+        p.problem(
+            "REQUEST_BODY_TIMEOUT_SECONDS",
+            "must be greater than 0 and at most 86400",
+        );
+    }
+    let max_connections = p.parse(
+        "MAX_CONNECTIONS",
+        10_000usize,
+        "is not a whole number of connections",
+    );
+    if !(1..=MAX_CONNECTIONS_CEILING).contains(&max_connections) {
+        p.problem(
+            "MAX_CONNECTIONS",
+            format!("must be between 1 and {MAX_CONNECTIONS_CEILING}"),
+        );
+    }
     ServerConfig {
         host,
         port,
@@ -67,6 +93,8 @@ pub(super) fn server(p: &mut Parser<'_>) -> ServerConfig {
         max_request_bytes,
         trust_proxy_headers,
         shutdown_grace: Duration::from_secs(grace),
+        request_body_timeout: Duration::from_secs_f64(body_timeout.clamp(0.001, 86_400.0)),
+        max_connections: max_connections.clamp(1, MAX_CONNECTIONS_CEILING),
     }
 }
 

@@ -32,6 +32,8 @@ fn defaults_apply_when_secrets_are_given() {
     assert_eq!(c.auth.access_token_ttl, Duration::from_secs(1800));
     assert_eq!(c.auth.refresh_token_ttl, Duration::from_secs(7 * 86400));
     assert_eq!(c.server.max_request_bytes, 8_388_608);
+    assert_eq!(c.server.request_body_timeout, Duration::from_secs(30));
+    assert_eq!(c.server.max_connections, 10_000);
     assert_eq!(c.log.format, LogFormat::Json);
     assert!(!c.docs_enabled());
 }
@@ -94,6 +96,34 @@ fn endpoint_overrides_inherit_the_global_values() {
     assert_eq!(login.requests, 5);
     assert_eq!(login.window, Duration::from_secs(60));
     assert_eq!(c.rate_limits.for_endpoint(Endpoint::Chat).requests, 50);
+}
+
+#[test]
+fn connection_settings_are_checked() {
+    let c = Config::from_vars(
+        &vars(&[
+            ("REQUEST_BODY_TIMEOUT_SECONDS", "2.5"),
+            ("MAX_CONNECTIONS", "200"),
+            ("RATE_LIMIT_ACCOUNT_REQUESTS", "2"),
+        ]),
+        Mode::Dev,
+    )
+    .unwrap();
+    assert_eq!(c.server.request_body_timeout, Duration::from_millis(2500));
+    assert_eq!(c.server.max_connections, 200);
+    assert_eq!(c.rate_limits.for_endpoint(Endpoint::Account).requests, 2);
+    for (name, bad) in [
+        ("REQUEST_BODY_TIMEOUT_SECONDS", "0"),
+        ("REQUEST_BODY_TIMEOUT_SECONDS", "soon"),
+        ("REQUEST_BODY_TIMEOUT_SECONDS", "1e300"),
+        ("MAX_CONNECTIONS", "0"),
+        ("MAX_CONNECTIONS", "-1"),
+        ("MAX_CONNECTIONS", "99999999999"),
+    ] {
+        let err = Config::from_vars(&vars(&[(name, bad)]), Mode::Dev).unwrap_err();
+        assert_eq!(err.problems.len(), 1, "{name}={bad}: {err}");
+        assert!(err.problems[0].starts_with(name), "{name}={bad}: {err}");
+    }
 }
 
 #[test]

@@ -2,8 +2,9 @@
 //! request's context ([`Ctx`]), and bodies ([`ApiJson`], [`RawJson`]).
 //!
 //! axum's own `Json` answers rejections in plain text; these answer 400 for broken JSON, 415
-//! for a wrong content type, 413 for a body over `MAX_REQUEST_BYTES`, and 422 with `param`
-//! naming the field for JSON of the wrong shape.
+//! for a wrong content type, 413 for a body over `MAX_REQUEST_BYTES`, 408 for a body that did
+//! not arrive within `REQUEST_BODY_TIMEOUT_SECONDS`, and 422 with `param` naming the field for
+//! JSON of the wrong shape.
 //!
 //! `AuthUser` checks the access token in memory (signature, algorithm, expiry, issuer, kind),
 //! and its user's state in a cache refreshed every few seconds (`auth::status`): no database
@@ -155,11 +156,14 @@ pub fn body_kind(headers: &HeaderMap) -> BodyKind {
     }
 }
 
-/// Reads the whole body (bounded by the body-limit layer) with our rejections.
+/// Reads the whole body (bounded by the body-limit layer and by its deadline, see
+/// `http::deadline`) with our rejections.
 pub async fn read_body(req: Request) -> Result<Bytes, ApiError> {
     Bytes::from_request(req, &()).await.map_err(|rejection| {
         if rejection.status() == http::StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::PayloadTooLarge
+        } else if crate::http::deadline::is_timed_out(&rejection) {
+            ApiError::RequestTimeout
         } else {
             ApiError::BadRequest {
                 message: "could not read the request body".into(),

@@ -11,9 +11,12 @@
 //! 3. `CatchPanicLayer` — a panicking handler becomes a 500 envelope, not a dropped connection.
 //! 4. `DefaultBodyLimit` — bodies over `MAX_REQUEST_BYTES` are refused (413) while being read.
 //! 5. Per-group layers: `Cache-Control: no-store` on `/auth/*`; the rate limit
-//!    (`ratelimit::limit`, a `route_layer`, so unknown paths are not limited) on chat and
-//!    models (per user), register and refresh (per IP). Login checks its limits (IP, then
-//!    email) in its handler.
+//!    (`ratelimit::limit`, a `route_layer`, so unknown paths are not limited) on chat, models
+//!    and the account (`me`, `logout`) (per user), register and refresh (per IP). Login checks
+//!    its limits (IP, then email) in its handler.
+//!
+//! Before all of them, the accept loop (`app.rs`) gives every request body its deadline
+//! (`deadline::DeadlineBody`), which the body extractors turn into a 408.
 //!
 //! Routes are public only when listed here without an `AuthUser` argument: health, docs,
 //! register, login, refresh. Everything else takes `AuthUser`.
@@ -30,6 +33,7 @@
 
 pub mod auth;
 pub mod chat;
+pub mod deadline;
 pub mod docs;
 pub mod extract;
 pub mod health;
@@ -89,10 +93,12 @@ fn routes(state: Option<&AppState>) -> OpenApiRouter<AppState> {
     };
     let register = OpenApiRouter::new().routes(routes!(auth::register_user));
     let refresh = OpenApiRouter::new().routes(routes!(auth::refresh_token));
+    let account = OpenApiRouter::new()
+        .routes(routes!(auth::get_me))
+        .routes(routes!(auth::logout_user));
     let auth = OpenApiRouter::new()
         .routes(routes!(auth::login_user))
-        .routes(routes!(auth::get_me))
-        .routes(routes!(auth::logout_user))
+        .merge(limited(account, Endpoint::Account, KeyBy::User))
         .merge(limited(register, Endpoint::Register, KeyBy::Ip))
         .merge(limited(refresh, Endpoint::Refresh, KeyBy::Ip))
         .layer(SetResponseHeaderLayer::overriding(

@@ -7,6 +7,7 @@ mod support;
 
 mod auth;
 mod chat;
+mod hardening;
 mod hostile_bodies;
 mod http;
 mod openapi;

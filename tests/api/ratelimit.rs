@@ -79,6 +79,7 @@ on_both_backends!(
     every_answer_of_a_limited_endpoint_carries_the_headers,
     forwarded_for_cannot_pick_a_bucket,
     only_failed_logins_count_against_an_email,
+    me_and_logout_are_limited_per_user,
 );
 
 async fn every_answer_of_a_limited_endpoint_carries_the_headers(backend: Backend) {
@@ -90,6 +91,10 @@ async fn every_answer_of_a_limited_endpoint_carries_the_headers(backend: Backend
             .bearer_auth("not-a-token")
             .json(&hello()),
         app.client.get(app.api("/models")),
+        app.client.get(app.api("/auth/me")),
+        app.client
+            .post(app.api("/auth/logout"))
+            .json(&json!({"refresh_token": "x"})),
         app.client
             .post(app.api("/auth/register"))
             .json(&json!({"email": "bad"})),
@@ -165,6 +170,43 @@ async fn headers_count_down_then_429(backend: Backend) {
     // Health is never limited and carries no rate-limit headers.
     let resp = app.get("/health").await;
     assert!(resp.headers().get("x-ratelimit-limit").is_none());
+}
+
+async fn me_and_logout_are_limited_per_user(backend: Backend) {
+    let app = app(backend, &[("RATE_LIMIT_ACCOUNT_REQUESTS", "2")]).await;
+    let (token, refresh) = app.user_tokens("account@example.com").await;
+    for left in [1, 0] {
+        let resp = app.get_authed("/auth/me", &token).await;
+        assert_eq!(resp.status(), 200);
+        assert_eq!(header(&resp, "x-ratelimit-limit"), 2);
+        assert_eq!(header(&resp, "x-ratelimit-remaining"), left);
+        assert!(header(&resp, "x-ratelimit-reset") >= 1);
+    }
+    let resp = app.get_authed("/auth/me", &token).await;
+    assert_eq!(resp.status(), 429);
+    assert!(header(&resp, "retry-after") >= 1);
+    assert_eq!(header(&resp, "x-ratelimit-limit"), 2);
+    assert_eq!(header(&resp, "x-ratelimit-remaining"), 0);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "rate_limit_exceeded");
+    // Logout takes from the same bucket.
+    let logout = json!({ "refresh_token": refresh });
+    let resp = app.post_json_authed("/auth/logout", &token, &logout).await;
+    assert_eq!(resp.status(), 429);
+    assert!(header(&resp, "retry-after") >= 1);
+    // The user's other endpoints (no override) are not affected.
+    assert_eq!(app.chat(&token, &hello()).await.status(), 200);
+
+    // Another user has a bucket of their own; a successful logout carries the headers too.
+    let (other, other_refresh) = app.user_tokens("account-2@example.com").await;
+    let resp = app.get_authed("/auth/me", &other).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(header(&resp, "x-ratelimit-remaining"), 1);
+    let logout = json!({ "refresh_token": other_refresh });
+    let resp = app.post_json_authed("/auth/logout", &other, &logout).await;
+    assert_eq!(resp.status(), 204);
+    assert_eq!(header(&resp, "x-ratelimit-limit"), 2);
+    assert_eq!(header(&resp, "x-ratelimit-remaining"), 0);
 }
 
 async fn buckets_refill_continuously(backend: Backend) {

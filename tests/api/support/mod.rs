@@ -327,13 +327,38 @@ pub fn relay_command(
     vars: &[(&str, &str)],
 ) -> std::process::Command {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_relay"));
-    cmd.args(args)
-        .current_dir(dir)
+    cmd.args(args);
+    clean_environment(&mut cmd, dir, vars);
+    cmd
+}
+
+/// [`relay_command`] under a file limit: `nofile` is `SOFT:HARD` for util-linux's `prlimit`,
+/// which sets it and then runs relay in its own process (so the child's id is relay's).
+pub fn relay_command_with_file_limit(
+    nofile: &str,
+    dir: &std::path::Path,
+    args: &[&str],
+    vars: &[(&str, &str)],
+) -> std::process::Command {
+    let mut cmd = std::process::Command::new("prlimit");
+    cmd.arg(format!("--nofile={nofile}"))
+        .arg("--")
+        .arg(env!("CARGO_BIN_EXE_relay"))
+        .args(args);
+    clean_environment(&mut cmd, dir, vars);
+    cmd
+}
+
+fn clean_environment(
+    cmd: &mut std::process::Command,
+    dir: &std::path::Path,
+    vars: &[(&str, &str)],
+) {
+    cmd.current_dir(dir)
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .envs(vars.iter().copied())
         .stdin(std::process::Stdio::null());
-    cmd
 }
 
 /// A `relay` process started from the built binary in `dir`, with a clean environment (only
@@ -342,19 +367,30 @@ pub struct RelayProcess {
     pub child: std::process::Child,
     /// `http://127.0.0.1:PORT`
     pub base: String,
+    /// Every line it has written to stderr so far.
+    logs: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl RelayProcess {
     /// Runs `relay <args>` and waits for its "listening" log line.
     pub fn start(dir: &std::path::Path, args: &[&str], vars: &[(&str, &str)]) -> RelayProcess {
+        Self::spawn(relay_command(dir, args, vars))
+    }
+
+    /// Runs `command` (a `relay serve`, from [`relay_command`] or
+    /// [`relay_command_with_file_limit`]) on a free port, with JSON logs, and waits for its
+    /// "listening" log line.
+    pub fn spawn(mut command: std::process::Command) -> RelayProcess {
         use std::io::BufRead as _;
-        let mut child = relay_command(dir, args, vars)
+        let mut child = command
             .envs([("PORT", "0"), ("LOG_FORMAT", "json")])
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
         let stderr = child.stderr.take().unwrap();
+        let logs = Arc::new(std::sync::Mutex::new(Vec::new()));
         let (tx, rx) = std::sync::mpsc::channel();
+        let kept = logs.clone();
         std::thread::spawn(move || {
             for line in std::io::BufReader::new(stderr)
                 .lines()
@@ -365,6 +401,7 @@ impl RelayProcess {
                 {
                     let _ = tx.send(addr.to_owned());
                 }
+                kept.lock().unwrap().push(line);
             }
         });
         let addr = rx
@@ -373,6 +410,27 @@ impl RelayProcess {
         RelayProcess {
             child,
             base: format!("http://{addr}"),
+            logs,
+        }
+    }
+
+    /// The first line logged so far that contains `needle`.
+    pub fn logged(&self, needle: &str) -> Option<String> {
+        let logs = self.logs.lock().unwrap();
+        logs.iter().find(|line| line.contains(needle)).cloned()
+    }
+
+    /// Waits up to `limit` for a line containing `needle` to be logged.
+    pub fn wait_for_log(&self, needle: &str, limit: std::time::Duration) -> Option<String> {
+        let start = std::time::Instant::now();
+        loop {
+            if let Some(line) = self.logged(needle) {
+                return Some(line);
+            }
+            if start.elapsed() >= limit {
+                return None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
         }
     }
 }
