@@ -134,29 +134,51 @@ impl Sessions<'_> {
 
     /// Spends a refresh token and issues the next pair of its session. A token presented
     /// twice revokes its whole family.
+    ///
+    /// The new pair is signed first, and its refresh token is stored by the same transaction
+    /// that spends the old one ([`Store::rotate_refresh_token`]). There is thus no moment when
+    /// the old token is spent but its successor not yet stored: a revocation racing this
+    /// refresh (a replay of the same token, a logout) either comes after it and revokes the
+    /// successor too, or comes before it and nothing is stored. The pair is returned only if
+    /// the successor was stored.
     pub async fn refresh(&self, refresh_token: &str) -> Result<TokenPair, ApiError> {
         let claims = self.jwt.verify(refresh_token, TokenKind::Refresh)?;
+        let spent_hash = token_hash(refresh_token);
+        let user = self.existing_user(claims.sub).await?;
+        if !user.is_active {
+            // A disabled account's session ends here.
+            let family = self
+                .store
+                .refresh_token_family(&spent_hash, user.id)
+                .await?
+                .ok_or_else(invalid_token)?;
+            self.store.revoke_family(family).await?;
+            return Err(inactive());
+        }
+        let (pair, successor) = self.sign_pair(user.id, user.is_admin)?;
+        let successor = crate::store::SuccessorToken {
+            id: successor.jti,
+            token_hash: token_hash(&successor.token),
+            expires_at: successor.expires_at,
+        };
         match self
             .store
-            .spend_refresh_token(&token_hash(refresh_token))
+            .rotate_refresh_token(&spent_hash, user.id, &successor)
             .await?
         {
-            Spend::Spent { user_id, family_id } if user_id == claims.sub => {
-                let user = self.existing_user(user_id).await?;
-                if !user.is_active {
-                    self.store.revoke_family(family_id).await?;
-                    return Err(inactive());
-                }
-                self.issue_pair(user.id, user.is_admin, family_id).await
-            }
-            Spend::Reused { user_id } => {
-                tracing::warn!(user_id = %user_id, "refresh token reused; its family is revoked");
+            Spend::Spent { .. } => Ok(pair),
+            Spend::Reused { family_id } => {
+                tracing::warn!(
+                    user_id = %user.id,
+                    family_id = %family_id,
+                    "refresh token reused; its family is revoked"
+                );
                 Err(ApiError::unauthorized(
                     "refresh token already used; the session has been revoked",
                     "token_reused",
                 ))
             }
-            Spend::Spent { .. } | Spend::Revoked | Spend::Unknown => Err(invalid_token()),
+            Spend::Revoked | Spend::Unknown => Err(invalid_token()),
         }
     }
 
@@ -191,21 +213,14 @@ impl Sessions<'_> {
         self.store.user_by_id(user_id).await?.ok_or_else(user_gone)
     }
 
-    /// Signs a new pair and records the refresh token in `family_id`.
+    /// Signs a new pair and starts session `family_id` with its refresh token.
     async fn issue_pair(
         &self,
         user_id: Uuid,
         is_admin: bool,
         family_id: Uuid,
     ) -> Result<TokenPair, ApiError> {
-        let access = self
-            .jwt
-            .issue(TokenKind::Access, user_id, is_admin)
-            .map_err(ApiError::internal)?;
-        let refresh = self
-            .jwt
-            .issue(TokenKind::Refresh, user_id, false)
-            .map_err(ApiError::internal)?;
+        let (pair, refresh) = self.sign_pair(user_id, is_admin)?;
         self.store
             .insert_refresh_token(NewRefreshToken {
                 id: refresh.jti,
@@ -215,12 +230,31 @@ impl Sessions<'_> {
                 expires_at: refresh.expires_at,
             })
             .await?;
-        Ok(TokenPair {
+        Ok(pair)
+    }
+
+    /// Signs an access and a refresh token, storing nothing: the pair for the client, and the
+    /// refresh token again for the store.
+    fn sign_pair(
+        &self,
+        user_id: Uuid,
+        is_admin: bool,
+    ) -> Result<(TokenPair, super::jwt::IssuedToken), ApiError> {
+        let access = self
+            .jwt
+            .issue(TokenKind::Access, user_id, is_admin)
+            .map_err(ApiError::internal)?;
+        let refresh = self
+            .jwt
+            .issue(TokenKind::Refresh, user_id, false)
+            .map_err(ApiError::internal)?;
+        let pair = TokenPair {
             access_token: access.token,
-            refresh_token: refresh.token,
+            refresh_token: refresh.token.clone(),
             token_type: "bearer".to_owned(),
             expires_in: self.jwt.access_ttl().as_secs(),
-        })
+        };
+        Ok((pair, refresh))
     }
 
     /// Upgrades an old hash (bcrypt, or weaker argon2) to current argon2id. Best effort: the

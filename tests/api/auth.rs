@@ -2,10 +2,10 @@
 
 use base64::Engine as _;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
-use relay::store::NewUser;
+use relay::store::{NewUser, Store};
 use serde_json::{Value, json};
 
-use crate::support::{Db, SECRET, TestApp, on_both_databases, spawn_app};
+use crate::support::{Db, SECRET, TestApp, TestDb, on_both_databases, spawn_app, spawn_app_on};
 
 on_both_databases!(
     register_returns_the_user,
@@ -24,6 +24,10 @@ on_both_databases!(
     deactivated_and_deleted_users_lose_access_within_seconds,
     database_down_is_503,
     expired_refresh_tokens_are_purged,
+    purge_removes_families_left_without_tokens,
+    concurrent_refreshes_of_one_token_leave_no_token_alive,
+    revocations_racing_a_refresh_leave_no_token_alive,
+    upgrade_kills_tokens_that_slipped_into_revoked_families,
 );
 
 async fn expired_refresh_tokens_are_purged(db: Db) {
@@ -47,6 +51,262 @@ async fn expired_refresh_tokens_are_purged(db: Db) {
         .unwrap();
     assert_eq!(purged, 1);
     assert_eq!(app.refresh(&live).await.status(), 200, "live tokens stay");
+}
+
+/// One number from `sql` (a `SELECT COUNT(*)`), read straight from the database.
+async fn count(store: &Store, sql: &str) -> i64 {
+    match store {
+        Store::Sqlite(pool) => sqlx::query_scalar(sql).fetch_one(pool).await.unwrap(),
+        Store::Postgres(pool) => sqlx::query_scalar(sql).fetch_one(pool).await.unwrap(),
+    }
+}
+
+async fn purge_removes_families_left_without_tokens(db: Db) {
+    let app = spawn_app(db).await;
+    let (_, live) = app.user_tokens("purge-families@example.com").await;
+    let user = app.stored_user("purge-families@example.com").await;
+    app.store
+        .insert_refresh_token(relay::store::NewRefreshToken {
+            id: uuid::Uuid::new_v4(),
+            user_id: user.id,
+            family_id: uuid::Uuid::new_v4(),
+            token_hash: "1".repeat(64),
+            expires_at: chrono::Utc::now() - chrono::Duration::hours(1),
+        })
+        .await
+        .unwrap();
+    let families = "SELECT COUNT(*) FROM refresh_families";
+    assert_eq!(count(&app.store, families).await, 2);
+    let purged = app.store.purge_expired_tokens(chrono::Utc::now()).await;
+    assert_eq!(purged.unwrap(), 1);
+    assert_eq!(
+        count(&app.store, families).await,
+        1,
+        "the emptied family is gone"
+    );
+    assert_eq!(app.refresh(&live).await.status(), 200, "live sessions stay");
+}
+
+/// The refresh token of a fresh login of `email` (password `password-123`), with its access
+/// token: `(access, refresh)`.
+async fn login_pair(app: &TestApp, email: &str) -> (String, String) {
+    let resp = app.login(email, "password-123").await;
+    assert_eq!(resp.status(), 200);
+    let pair: Value = resp.json().await.unwrap();
+    let token = |name: &str| pair[name].as_str().unwrap().to_owned();
+    (token("access_token"), token("refresh_token"))
+}
+
+/// The refresh token a `/auth/refresh` answer carries, if it was a 200; anything else must be
+/// a 401.
+async fn issued_refresh_token(resp: reqwest::Response) -> Option<String> {
+    let status = resp.status();
+    if status == 200 {
+        let pair: Value = resp.json().await.unwrap();
+        return Some(pair["refresh_token"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(status, 401, "{:?}", resp.text().await);
+    None
+}
+
+/// Which of `tokens` `/auth/refresh` still accepts, as "token i gave STATUS" (checked in order;
+/// a token that is accepted is spent by the check).
+async fn still_working(app: &TestApp, tokens: &[String]) -> Vec<String> {
+    let mut working = Vec::new();
+    for (i, token) in tokens.iter().enumerate() {
+        let status = app.refresh(token).await.status();
+        if status != 401 {
+            working.push(format!("token {i} gave {status}"));
+        }
+    }
+    working
+}
+
+/// Two to five refreshes of one token at once: one wins, the others are replays that revoke the
+/// family, and that must include the token the winner was just given. A hundred rounds, because
+/// whether the interleaving that let the winner's token survive (its successor stored after the
+/// revocation) happens at all depends on timing.
+async fn concurrent_refreshes_of_one_token_leave_no_token_alive(db: Db) {
+    const ROUNDS: usize = 100;
+    let app = spawn_app(db).await;
+    let email = "racer@example.com";
+    app.register(email, "password-123").await;
+    let mut leaked = Vec::new();
+    for round in 0..ROUNDS {
+        let racers = 2 + round % 4;
+        let (_, original) = login_pair(&app, email).await;
+        let answers =
+            futures_util::future::join_all((0..racers).map(|_| app.refresh(&original))).await;
+        let mut family = Vec::new();
+        for answer in answers {
+            family.extend(issued_refresh_token(answer).await);
+        }
+        assert_eq!(
+            family.len(),
+            1,
+            "round {round}: exactly one of {racers} racers wins"
+        );
+        // The original last: replaying it revokes the family again, which would hide a leak.
+        family.push(original);
+        let working = still_working(&app, &family).await;
+        if !working.is_empty() {
+            leaked.push((round, racers, working));
+        }
+    }
+    assert!(
+        leaked.is_empty(),
+        "{} of {ROUNDS} rounds left a token of the family working: {leaked:#?}",
+        leaked.len()
+    );
+}
+
+/// A revocation of a family (a replay of its spent token, or a logout) racing a refresh of its
+/// newest token: whichever order they take, no token of the family works afterwards.
+async fn revocations_racing_a_refresh_leave_no_token_alive(db: Db) {
+    const ROUNDS: usize = 50;
+    let app = spawn_app(db).await;
+    let email = "revoker@example.com";
+    app.register(email, "password-123").await;
+    let mut leaked = Vec::new();
+    for round in 0..ROUNDS {
+        let (access, first) = login_pair(&app, email).await;
+        let second = issued_refresh_token(app.refresh(&first).await)
+            .await
+            .unwrap();
+        let replay = round % 2 == 0;
+        let revoke = async {
+            if replay {
+                let (status, err) = error_of(app.refresh(&first).await).await;
+                assert_eq!((status, err["code"].as_str()), (401, Some("token_reused")));
+            } else {
+                assert_eq!(logout(&app, &access, &second).await.status(), 204);
+            }
+        };
+        let ((), rotated) = futures_util::future::join(revoke, app.refresh(&second)).await;
+        // The new token first and the replayable one last: replaying revokes the family again,
+        // which would hide a leak.
+        let mut family: Vec<String> = issued_refresh_token(rotated).await.into_iter().collect();
+        family.extend([second, first]);
+        let working = still_working(&app, &family).await;
+        if !working.is_empty() {
+            leaked.push((round, if replay { "replay" } else { "logout" }, working));
+        }
+    }
+    assert!(
+        leaked.is_empty(),
+        "{} of {ROUNDS} rounds left a token of the family working: {leaked:#?}",
+        leaked.len()
+    );
+}
+
+/// A database from before refresh families, holding a token that a refresh race left live in a
+/// revoked family: after the upgrade that token is dead, and a sound session still works.
+async fn upgrade_kills_tokens_that_slipped_into_revoked_families(db: Db) {
+    let test_db = std::sync::Arc::new(TestDb::new(db).await);
+    let engine = match db {
+        Db::Sqlite => "sqlite",
+        Db::Postgres => "postgres",
+    };
+    // The first migration alone is the schema before families.
+    let first = "20261127000001_users_and_refresh_tokens.sql";
+    let old_schema = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("migrations")
+            .join(engine)
+            .join(first),
+        old_schema.path().join(first),
+    )
+    .unwrap();
+    let migrator = sqlx::migrate::Migrator::new(old_schema.path())
+        .await
+        .unwrap();
+    let database = relay::config::Database::from_url(&test_db.url).unwrap();
+    let store = Store::connect(&database).await.unwrap();
+    match &store {
+        Store::Sqlite(pool) => migrator.run(pool).await.unwrap(),
+        Store::Postgres(pool) => migrator.run(pool).await.unwrap(),
+    }
+    let user = store
+        .create_user(NewUser {
+            email: "old-session@example.com".into(),
+            password_hash: "unused".into(),
+            full_name: None,
+            is_admin: false,
+        })
+        .await
+        .unwrap();
+    let now = chrono::Utc::now();
+    let claims = json!({"sub": user.id, "exp": now.timestamp() + 3600, "iat": now.timestamp(),
+        "typ": "refresh", "iss": "relay"});
+    // Each token: (family, spent, revoked), as the old code left them.
+    let (sound, raced) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+    let rows = [
+        (sound, true, false),  // spent by a refresh…
+        (sound, false, false), // …whose successor is the live end of a sound session
+        (raced, true, true),   // spent, then replayed: the family was revoked…
+        (raced, false, false), // …but the winner's successor was stored afterwards
+    ];
+    let mut tokens = Vec::new();
+    for (family, spent, revoked) in rows {
+        let id = uuid::Uuid::new_v4();
+        let mut claims = claims.clone();
+        claims["jti"] = json!(id);
+        let token = forge(&claims, SECRET.as_bytes());
+        let sql = "INSERT INTO refresh_tokens (id, user_id, family_id, token_hash, expires_at, \
+                   created_at, used_at, revoked_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";
+        let used_at = spent.then_some(now);
+        let revoked_at = revoked.then_some(now);
+        let hash = relay::auth::jwt::token_hash(&token);
+        let expires_at = now + chrono::Duration::hours(1);
+        match &store {
+            Store::Sqlite(pool) => {
+                sqlx::query(sql)
+                    .bind(id)
+                    .bind(user.id)
+                    .bind(family)
+                    .bind(hash)
+                    .bind(expires_at)
+                    .bind(now)
+                    .bind(used_at)
+                    .bind(revoked_at)
+                    .execute(pool)
+                    .await
+                    .unwrap();
+            }
+            Store::Postgres(pool) => {
+                sqlx::query(sql)
+                    .bind(id)
+                    .bind(user.id)
+                    .bind(family)
+                    .bind(hash)
+                    .bind(expires_at)
+                    .bind(now)
+                    .bind(used_at)
+                    .bind(revoked_at)
+                    .execute(pool)
+                    .await
+                    .unwrap();
+            }
+        }
+        tokens.push(token);
+    }
+    store.close().await;
+
+    // Starting the new relay migrates the database.
+    let app = spawn_app_on(test_db, &[], relay::config::Mode::Serve).await;
+    assert_eq!(
+        app.refresh(&tokens[3]).await.status(),
+        401,
+        "the slipped-in token is dead"
+    );
+    assert_eq!(
+        app.refresh(&tokens[1]).await.status(),
+        200,
+        "the sound session works"
+    );
+    let (status, err) = error_of(app.refresh(&tokens[0]).await).await;
+    assert_eq!((status, err["code"].as_str()), (401, Some("token_reused")));
 }
 
 async fn error_of(resp: reqwest::Response) -> (u16, Value) {
