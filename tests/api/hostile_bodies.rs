@@ -122,7 +122,10 @@ async fn hostile_bodies_cost_about_their_size_not_a_tree() {
         assert!(status == 200 || status == 422, "{name}: {status}");
     }
     let peak = peak_rss(pid);
-    eprintln!("eight at once: peak RSS {:.1} MiB", peak as f64 / MIB as f64);
+    eprintln!(
+        "eight at once: peak RSS {:.1} MiB",
+        peak as f64 / MIB as f64
+    );
     assert!(
         peak < 200 * MIB,
         "peak RSS {} MiB with eight hostile bodies at once",
