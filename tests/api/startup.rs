@@ -158,6 +158,36 @@ async fn env_example_with_its_secrets_filled_in_starts_relay() {
     );
 }
 
+#[tokio::test]
+async fn the_request_log_line_names_the_client_ip() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}/relay.db", dir.path().display());
+    let vars = support::test_vars(
+        &db,
+        &[
+            ("LOG_LEVEL", "info"),
+            ("REDIS_URL", ""),
+            ("TRUST_PROXY_HEADERS", "true"),
+        ],
+    );
+    let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let server = support::RelayProcess::start(dir.path(), &["serve"], &vars);
+    let resp = reqwest::Client::new()
+        .get(format!("{}/api/v1/health", server.base))
+        .header("x-forwarded-for", "203.0.113.9, 198.51.100.23")
+        .header("x-request-id", "ip-on-the-log-line")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let line = server
+        .wait_for_log("ip-on-the-log-line", Duration::from_secs(5))
+        .expect("the request's log line");
+    let line: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(line["client_ip"], "198.51.100.23", "{line}");
+    assert_eq!(line["route"], "/api/v1/health", "{line}");
+}
+
 #[test]
 fn dotenv_file_is_read_and_environment_wins() {
     let (code, err) = serve_with_dotenv("SECRET_KEY=short\nOPENAI_API_KEY=sk-x\n");
