@@ -50,9 +50,12 @@ pub fn fields<'a>(bytes: &'a [u8], names: &'static [&'static str]) -> Result<Fie
     })?;
     serde_json::from_str::<IgnoredAny>(text).map_err(invalid_json)?;
     let mut de = serde_json::Deserializer::from_str(text);
-    let picked = de
-        .deserialize_any(ObjectVisitor { names })
-        .map_err(invalid_json)?;
+    let picked = match de.deserialize_any(ObjectVisitor { names }) {
+        Ok(picked) => picked,
+        // The visitor takes maps only: anything else is refused as the wrong type.
+        Err(e) if e.is_data() => Picked::NotObject,
+        Err(e) => return Err(invalid_json(e)),
+    };
     match picked {
         Picked::NotObject => Err(ApiError::validation(
             "body",
@@ -137,35 +140,6 @@ impl<'de> Visitor<'de> for ObjectVisitor {
             Some(name) => Picked::Duplicate(name),
             None => Picked::Fields(values),
         })
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Picked<'de>, A::Error> {
-        while seq.next_element::<IgnoredAny>()?.is_some() {}
-        Ok(Picked::NotObject)
-    }
-
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Picked<'de>, E> {
-        Ok(Picked::NotObject)
-    }
-
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Picked<'de>, E> {
-        Ok(Picked::NotObject)
-    }
-
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Picked<'de>, E> {
-        Ok(Picked::NotObject)
-    }
-
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Picked<'de>, E> {
-        Ok(Picked::NotObject)
-    }
-
-    fn visit_str<E: de::Error>(self, _: &str) -> Result<Picked<'de>, E> {
-        Ok(Picked::NotObject)
-    }
-
-    fn visit_unit<E: de::Error>(self) -> Result<Picked<'de>, E> {
-        Ok(Picked::NotObject)
     }
 }
 
@@ -264,7 +238,10 @@ pub fn object<'a>(
     names: &'static [&'static str],
 ) -> Option<Result<Fields<'a>, &'static str>> {
     let mut de = serde_json::Deserializer::from_str(raw.get());
-    match de.deserialize_any(ObjectVisitor { names }).ok()? {
+    match de
+        .deserialize_any(ObjectVisitor { names })
+        .unwrap_or(Picked::NotObject)
+    {
         Picked::NotObject => None,
         Picked::Duplicate(name) => Some(Err(name)),
         Picked::Fields(values) => Some(Ok(Fields { names, values })),
@@ -317,34 +294,6 @@ where
             i += 1;
         }
         Ok(Some(i))
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, _: A) -> Result<Option<usize>, A::Error> {
-        Ok(None)
-    }
-
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Option<usize>, E> {
-        Ok(None)
-    }
-
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Option<usize>, E> {
-        Ok(None)
-    }
-
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Option<usize>, E> {
-        Ok(None)
-    }
-
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Option<usize>, E> {
-        Ok(None)
-    }
-
-    fn visit_str<E: de::Error>(self, _: &str) -> Result<Option<usize>, E> {
-        Ok(None)
-    }
-
-    fn visit_unit<E: de::Error>(self) -> Result<Option<usize>, E> {
-        Ok(None)
     }
 }
 

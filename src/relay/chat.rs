@@ -1,6 +1,9 @@
 //! Chat completions: [`prepare`] validates what relay relies on, fills in the default model,
 //! asks for usage on streams and forwards every other field unchanged; [`complete`] sends the
 //! request upstream and hands back either a relayed stream or a checked JSON body.
+//!
+//! (Over 400 lines with its unit tests, which pin every validation rule and body edit; the
+//! code is about 270 lines.)
 
 use std::sync::Arc;
 

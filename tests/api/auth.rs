@@ -30,26 +30,29 @@ on_both_databases!(
     upgrade_kills_tokens_that_slipped_into_revoked_families,
 );
 
-async fn expired_refresh_tokens_are_purged(db: Db) {
-    let app = spawn_app(db).await;
-    let (_, live) = app.user_tokens("purge@example.com").await;
-    let user = app.stored_user("purge@example.com").await;
+/// A user with a live session and a second, expired refresh token in a family of its own;
+/// returns the live refresh token.
+async fn live_and_expired_tokens(app: &TestApp, email: &str) -> String {
+    let (_, live) = app.user_tokens(email).await;
+    let user = app.stored_user(email).await;
     app.store
         .insert_refresh_token(relay::store::NewRefreshToken {
             id: uuid::Uuid::new_v4(),
             user_id: user.id,
             family_id: uuid::Uuid::new_v4(),
-            token_hash: "0".repeat(64),
-            expires_at: chrono::Utc::now() - chrono::Duration::days(1),
+            token_hash: format!("{:064x}", user.id.as_u128()),
+            expires_at: chrono::Utc::now() - chrono::Duration::hours(1),
         })
         .await
         .unwrap();
-    let purged = app
-        .store
-        .purge_expired_tokens(chrono::Utc::now())
-        .await
-        .unwrap();
-    assert_eq!(purged, 1);
+    live
+}
+
+async fn expired_refresh_tokens_are_purged(db: Db) {
+    let app = spawn_app(db).await;
+    let live = live_and_expired_tokens(&app, "purge@example.com").await;
+    let purged = app.store.purge_expired_tokens(chrono::Utc::now()).await;
+    assert_eq!(purged.unwrap(), 1);
     assert_eq!(app.refresh(&live).await.status(), 200, "live tokens stay");
 }
 
@@ -63,18 +66,7 @@ async fn count(store: &Store, sql: &str) -> i64 {
 
 async fn purge_removes_families_left_without_tokens(db: Db) {
     let app = spawn_app(db).await;
-    let (_, live) = app.user_tokens("purge-families@example.com").await;
-    let user = app.stored_user("purge-families@example.com").await;
-    app.store
-        .insert_refresh_token(relay::store::NewRefreshToken {
-            id: uuid::Uuid::new_v4(),
-            user_id: user.id,
-            family_id: uuid::Uuid::new_v4(),
-            token_hash: "1".repeat(64),
-            expires_at: chrono::Utc::now() - chrono::Duration::hours(1),
-        })
-        .await
-        .unwrap();
+    let live = live_and_expired_tokens(&app, "purge-families@example.com").await;
     let families = "SELECT COUNT(*) FROM refresh_families";
     assert_eq!(count(&app.store, families).await, 2);
     let purged = app.store.purge_expired_tokens(chrono::Utc::now()).await;
