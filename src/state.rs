@@ -19,7 +19,7 @@ pub struct AppState(Arc<Inner>);
 pub struct Inner {
     /// Validated settings.
     pub config: Arc<Config>,
-    /// Users and refresh tokens (never touched on the chat path).
+    /// Users and refresh tokens (on the chat path only through `users`, a few-second cache).
     pub store: Store,
     /// Token signing and verification.
     pub jwt: JwtKeys,

@@ -10,8 +10,9 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::jwt::{JwtKeys, TokenError, TokenKind, token_hash};
+use super::password::normalized;
 use super::password::{Passwords, Verdict};
-use super::users::{MAX_PASSWORD_CHARS, User, normalize_email};
+use super::users::{MAX_PASSWORD_BYTES, MAX_PASSWORD_CHARS, User, normalize_email};
 use crate::error::ApiError;
 use crate::store::{NewRefreshToken, Spend, Store, UserRecord};
 
@@ -79,7 +80,9 @@ impl Sessions<'_> {
     /// Checks an email and password and starts a session. Unknown emails cost one hash too,
     /// so that the answer's timing says nothing; old hashes are upgraded on the way.
     pub async fn login(&self, email: &str, password: String) -> Result<TokenPair, ApiError> {
-        if password.chars().count() > MAX_PASSWORD_CHARS {
+        if password.len() > MAX_PASSWORD_BYTES
+            || normalized(&password).chars().count() > MAX_PASSWORD_CHARS
+        {
             // No account has such a password: refused before any hashing.
             return Err(ApiError::validation(
                 "password",

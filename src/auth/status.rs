@@ -5,8 +5,10 @@
 //! older than [`STATUS_TTL`] is read again from the database. So a deactivated or deleted user
 //! is refused on every replica within [`STATUS_TTL`] (plus one query), and the request path
 //! costs one map lookup, and one small query per user every few seconds at most — never one
-//! per request. When the database cannot answer, the last known state is used (and a user never
-//! seen is let through): chat does not depend on the database being up.
+//! per request (a stale entry is renewed by the request that finds it, the others keep using
+//! it meanwhile). When the database cannot answer within 200 ms, the last known state is used
+//! (and a user never seen is let through), and remembered: chat does not depend on the
+//! database being up.
 
 use std::collections::HashMap;
 use std::hash::BuildHasher as _;
@@ -22,6 +24,8 @@ use crate::store::Store;
 pub const STATUS_TTL: Duration = Duration::from_secs(3);
 
 const SHARDS: usize = 16;
+/// How long a request waits for the database to tell a user's state.
+const LOOKUP_BUDGET: Duration = Duration::from_millis(200);
 /// Users remembered at most, over all shards.
 const MAX_USERS: usize = 100_000;
 
@@ -62,14 +66,11 @@ impl UserStatus {
 
     /// `Ok` when `user` exists and is active; a 401 when deleted, a 403 when deactivated.
     pub async fn check(&self, user: Uuid) -> Result<(), ApiError> {
-        let cached = self
-            .shard(user)
-            .lock()
-            .ok()
-            .and_then(|map| map.get(&user).copied());
-        let state = match cached {
-            Some((at, state)) if at.elapsed() < STATUS_TTL => state,
-            _ => self.refresh(user, cached.map(|(_, s)| s)).await,
+        let state = match self.cached(user) {
+            Cached::Fresh(state) => state,
+            // One request reads it again; the others meanwhile use the state it had.
+            Cached::Stale(state) => self.refresh(user, Some(state)).await,
+            Cached::Unknown => self.refresh(user, None).await,
         };
         match state {
             State::Active => Ok(()),
@@ -84,16 +85,38 @@ impl UserStatus {
         }
     }
 
-    /// Reads `user`'s state from the database and remembers it.
+    /// The remembered state; a stale entry is renewed on the spot, so that only the request
+    /// that found it stale reads the database.
+    fn cached(&self, user: Uuid) -> Cached {
+        let Ok(mut map) = self.shard(user).lock() else {
+            return Cached::Unknown;
+        };
+        match map.get_mut(&user) {
+            None => Cached::Unknown,
+            Some((at, state)) if at.elapsed() < STATUS_TTL => Cached::Fresh(*state),
+            Some((at, state)) => {
+                *at = Instant::now();
+                Cached::Stale(*state)
+            }
+        }
+    }
+
+    /// Reads `user`'s state from the database (waiting at most [`LOOKUP_BUDGET`]) and
+    /// remembers it; when the database does not answer in time, remembers the last known state
+    /// (active for a user never seen), so that an outage costs one wait per user per
+    /// [`STATUS_TTL`], not one per request.
     async fn refresh(&self, user: Uuid, last: Option<State>) -> State {
-        let state = match self.store.user_by_id(user).await {
-            Ok(Some(record)) if record.is_active => State::Active,
-            Ok(Some(_)) => State::Inactive,
-            Ok(None) => State::Gone,
-            Err(e) => {
+        let state = match tokio::time::timeout(LOOKUP_BUDGET, self.store.user_by_id(user)).await {
+            Ok(Ok(Some(record))) if record.is_active => State::Active,
+            Ok(Ok(Some(_))) => State::Inactive,
+            Ok(Ok(None)) => State::Gone,
+            Ok(Err(e)) => {
                 tracing::warn!(user_id = %user, error = %e, "cannot read the user's state; using the last known");
-                // Not remembered: the next request asks again.
-                return last.unwrap_or(State::Active);
+                last.unwrap_or(State::Active)
+            }
+            Err(_) => {
+                tracing::warn!(user_id = %user, "the user's state took too long to read; using the last known");
+                last.unwrap_or(State::Active)
             }
         };
         if let Ok(mut map) = self.shard(user).lock() {
@@ -107,12 +130,11 @@ impl UserStatus {
         }
         state
     }
+}
 
-    /// Forgets `user`'s state, so that the next request reads it (after a change made by this
-    /// process).
-    pub fn forget(&self, user: Uuid) {
-        if let Ok(mut map) = self.shard(user).lock() {
-            map.remove(&user);
-        }
-    }
+/// What the cache knows of a user.
+enum Cached {
+    Fresh(State),
+    Stale(State),
+    Unknown,
 }

@@ -6,6 +6,7 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use super::Passwords;
+use super::password::normalized;
 use crate::error::ApiError;
 use crate::store::{NewUser, Store, StoreError, UserRecord};
 
@@ -13,6 +14,9 @@ use crate::store::{NewUser, Store, StoreError, UserRecord};
 pub const MIN_PASSWORD_CHARS: usize = 8;
 /// Longest password accepted, in characters.
 pub const MAX_PASSWORD_CHARS: usize = 128;
+/// Largest password accepted as typed, in bytes (before normalisation; 128 characters of up
+/// to four bytes, each possibly decomposed).
+pub const MAX_PASSWORD_BYTES: usize = 1024;
 /// Longest display name accepted, in characters.
 pub const MAX_NAME_CHARS: usize = 200;
 
@@ -81,7 +85,13 @@ pub fn normalize_email(raw: &str) -> Result<String, ApiError> {
 
 /// Checks a new password's length (8–128 characters).
 pub fn check_password(password: &str) -> Result<(), ApiError> {
-    let chars = password.chars().count();
+    // Counted as hashed (NFKC): `e` + a combining accent is one character, `é`. A bound on the
+    // raw size first, so that normalising costs little whatever is sent.
+    let chars = if password.len() > MAX_PASSWORD_BYTES {
+        usize::MAX
+    } else {
+        normalized(password).chars().count()
+    };
     if !(MIN_PASSWORD_CHARS..=MAX_PASSWORD_CHARS).contains(&chars) {
         return Err(ApiError::validation(
             "password",
@@ -182,5 +192,12 @@ mod tests {
         assert!(check_password("12345678").is_ok());
         assert!(check_password(&"é".repeat(128)).is_ok());
         assert!(check_password(&"x".repeat(129)).is_err());
+        // Counted as hashed (NFKC): a decomposed `é` is one character.
+        assert!(check_password(&"e\u{301}".repeat(4)).is_err());
+        assert!(check_password(&"e\u{301}".repeat(100)).is_ok());
+        assert!(
+            check_password(&"\u{301}".repeat(600)).is_err(),
+            "raw size bounded"
+        );
     }
 }

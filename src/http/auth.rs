@@ -133,17 +133,19 @@ pub async fn login_user(
     let (decision, result) = match Credentials::from_request(req, &()).await {
         Err(e) => (by_ip, Err(e)),
         Ok(Credentials(body)) => {
-            // The email's bucket counts failed attempts only: strangers cannot lock its owner
-            // out by logging in as them, and the owner's own logins cost nothing.
+            // The email's bucket counts failed attempts only: a token is taken before hashing
+            // (atomically, so concurrent guesses cannot all slip through) and given back when
+            // the password was right, so strangers cannot lock its owner out by logging in as
+            // them. A client that hangs up mid-attempt keeps its attempt counted.
             let email = Subject::Email(body.email.trim().to_lowercase());
-            let by_email = state.limiter.peek(Endpoint::Login, &email).await;
+            let by_email = state.limiter.check(Endpoint::Login, &email).await;
             let decision = most_restrictive(&[by_ip, by_email]).unwrap_or(by_email);
             if !decision.allowed {
                 return rejection(&decision);
             }
             let pair = state.sessions().login(&body.email, body.password).await;
-            if let Err(ApiError::Unauthorized { .. }) = &pair {
-                state.limiter.check(Endpoint::Login, &email).await;
+            if !matches!(pair, Err(ApiError::Unauthorized { .. })) {
+                state.limiter.refund(Endpoint::Login, &email).await;
             }
             (decision, pair.map(Json))
         }

@@ -1,13 +1,13 @@
 -- One token-bucket decision, atomically (see bucket.rs for the arithmetic, which this mirrors).
--- KEYS[1]: the bucket. ARGV[1]: capacity, ARGV[2]: window in ms; ARGV[3]: 1 to take a token,
--- 0 to only look (nothing is written); ARGV[4], for tests only: the time in ms (relay never
--- sends it).
+-- KEYS[1]: the bucket. ARGV[1]: capacity, ARGV[2]: window in ms; ARGV[3]: 'take' a token, or
+-- 'refund' one taken earlier (up to a full bucket); ARGV[4], for tests only: the time in ms
+-- (relay never sends it).
 -- Returns {allowed (0|1), level after the decision}. Time is Redis's own clock, so every
 -- replica agrees on it.
 local capacity = tonumber(ARGV[1])
 local window = tonumber(ARGV[2])
 local full = capacity * window
-local take = ARGV[3] ~= '0'
+local refund = ARGV[3] == 'refund'
 local now
 if ARGV[4] then
   now = tonumber(ARGV[4])
@@ -27,14 +27,12 @@ if now > at then
   at = now
 end
 local allowed = 0
-if level >= window then
+if refund then
+  level = math.min(full, level + window)
   allowed = 1
-  if take then
-    level = level - window
-  end
-end
-if not take then
-  return {allowed, string.format('%.0f', level)}
+elseif level >= window then
+  level = level - window
+  allowed = 1
 end
 redis.call('HSET', KEYS[1], 'l', string.format('%.0f', level), 't', string.format('%.0f', at))
 -- Idle buckets vanish once they would be full again (an absent bucket is a full one).

@@ -69,10 +69,29 @@ pub fn take(bucket: Option<Bucket>, now_ms: u64, shape: Shape) -> (Bucket, Decis
     (b, decide(allowed, b.level, shape))
 }
 
-/// Whether `bucket` (absent: full) has a token at `now_ms`, without taking it.
-pub fn peek(bucket: Option<Bucket>, now_ms: u64, shape: Shape) -> Decision {
-    let level = bucket.map_or(shape.full(), |b| level_at(b, now_ms, shape));
-    decide(level >= shape.window_ms, level, shape)
+/// What a decision does to a bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// Take a token if there is one.
+    Take,
+    /// Give back a token taken earlier (never above a full bucket); always allowed.
+    Refund,
+}
+
+/// Refills `bucket` (absent: full) up to `now_ms`, then applies `op`.
+pub fn apply(bucket: Option<Bucket>, now_ms: u64, shape: Shape, op: Op) -> (Bucket, Decision) {
+    match op {
+        Op::Take => take(bucket, now_ms, shape),
+        Op::Refund => {
+            let full = shape.full();
+            let level = bucket.map_or(full, |b| level_at(b, now_ms, shape));
+            let b = Bucket {
+                level: full.min(level.saturating_add(shape.window_ms)),
+                at_ms: bucket.map_or(now_ms, |b| b.at_ms.max(now_ms)),
+            };
+            (b, decide(true, b.level, shape))
+        }
+    }
 }
 
 /// The bucket's level at `now_ms` without taking anything.
@@ -177,18 +196,20 @@ mod tests {
         assert!(!d.allowed);
         assert_eq!(d.retry_after_ms, 1000);
         assert_eq!(d.reset_ms, 3000);
-        assert!(!peek(Some(nb), 999, shape).allowed);
-        let looked = peek(Some(nb), 1000, shape);
+        let (refunded, d) = apply(Some(nb), 0, shape, Op::Refund);
         assert!(
-            looked.allowed && looked.remaining == 1,
-            "looking takes nothing"
+            d.allowed && d.remaining == 1,
+            "a refund gives one token back"
         );
+        let (_, d) = take(Some(refunded), 0, shape);
+        assert!(d.allowed);
         let (_, d) = take(Some(nb), 1000, shape);
         assert!(d.allowed, "one token a second");
+        let (full, d) = apply(None, 0, shape, Op::Refund);
         assert_eq!(
-            peek(None, 0, shape).remaining,
-            3,
-            "an absent bucket is full"
+            (full.level, d.remaining),
+            (shape.full(), 3),
+            "never above full"
         );
     }
 }

@@ -9,7 +9,7 @@ use std::hash::BuildHasher as _;
 use std::sync::Mutex;
 use std::time::Instant;
 
-use super::bucket::{self, Bucket, Decision, Shape};
+use super::bucket::{self, Bucket, Decision, Op, Shape};
 
 const SHARDS: usize = 32;
 
@@ -47,20 +47,12 @@ impl MemoryLimiter {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// Takes a token from `key`'s bucket (or, with `take` false, only looks).
-    pub fn check(&self, key: &str, shape: Shape, take: bool) -> Decision {
+    /// Applies `op` to `key`'s bucket.
+    pub fn check(&self, key: &str, shape: Shape, op: Op) -> Decision {
         let now = self.now_ms();
         let shard = (self.hasher.hash_one(key) as usize) % SHARDS;
         let mut guard = self.shards[shard].lock().unwrap_or_else(|e| e.into_inner());
         let shard = &mut *guard;
-        if !take {
-            let stored = shard
-                .buckets
-                .get(key)
-                .filter(|(_, s, _)| *s == shape)
-                .map(|(b, _, _)| *b);
-            return bucket::peek(stored, now, shape);
-        }
         shard.tick += 1;
         let tick = shard.tick;
         let map = &mut shard.buckets;
@@ -68,7 +60,7 @@ impl MemoryLimiter {
             .get(key)
             .filter(|(_, s, _)| *s == shape)
             .map(|(b, _, _)| *b);
-        let (updated, decision) = bucket::take(stored, now, shape);
+        let (updated, decision) = bucket::apply(stored, now, shape, op);
         if stored.is_none() && map.len() >= self.max_per_shard {
             map.retain(|_, (b, s, _)| bucket::level_at(*b, now, *s) < s.full());
             if map.len() >= self.max_per_shard {
@@ -110,7 +102,7 @@ mod tests {
             window_ms: 60_000,
         };
         for i in 0..10_000 {
-            limiter.check(&format!("key-{i}"), shape, true);
+            limiter.check(&format!("key-{i}"), shape, Op::Take);
         }
         assert!(limiter.len() <= 320, "{}", limiter.len());
     }
@@ -122,12 +114,12 @@ mod tests {
             capacity: 1,
             window_ms: 3_600_000,
         };
-        assert!(limiter.check("victim", shape, true).allowed);
+        assert!(limiter.check("victim", shape, Op::Take).allowed);
         for i in 0..2_000 {
-            limiter.check(&format!("flood-{i}"), shape, true);
+            limiter.check(&format!("flood-{i}"), shape, Op::Take);
             // The victim keeps trying: its bucket must stay empty, never reset by eviction.
             assert!(
-                !limiter.check("victim", shape, true).allowed,
+                !limiter.check("victim", shape, Op::Take).allowed,
                 "reset after {i} keys"
             );
         }
@@ -140,9 +132,9 @@ mod tests {
             capacity: 2,
             window_ms: 60_000,
         };
-        assert!(limiter.check("k", shape, true).allowed);
-        assert!(limiter.check("k", shape, true).allowed);
-        assert!(!limiter.check("k", shape, true).allowed);
-        assert!(limiter.check("other", shape, true).allowed);
+        assert!(limiter.check("k", shape, Op::Take).allowed);
+        assert!(limiter.check("k", shape, Op::Take).allowed);
+        assert!(!limiter.check("k", shape, Op::Take).allowed);
+        assert!(limiter.check("other", shape, Op::Take).allowed);
     }
 }

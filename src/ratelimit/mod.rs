@@ -19,7 +19,7 @@ use sha2::{Digest as _, Sha256};
 use tokio::sync::RwLock;
 use uuid::Uuid;
 
-pub use bucket::{Decision, Shape};
+pub use bucket::{Decision, Op, Shape};
 
 use self::redis::RedisLimiter;
 use crate::config::{Endpoint, Limit, RateLimits};
@@ -170,11 +170,14 @@ impl RateLimiter {
     /// The bucket key for `endpoint` and `subject`. Endpoints without their own limit share
     /// the global bucket. The `{…}` hash tag keeps a decision in one Redis Cluster slot.
     pub fn key(&self, endpoint: Endpoint, subject: &Subject) -> String {
-        let scope = if self.limits.overrides.contains_key(&endpoint) {
-            endpoint.name().to_ascii_lowercase()
-        } else {
-            "all".to_owned()
-        };
+        // The account endpoints (me, logout) always have a bucket of their own: a user who
+        // spent the shared quota on chat must still be able to log out.
+        let scope =
+            if self.limits.overrides.contains_key(&endpoint) || endpoint == Endpoint::Account {
+                endpoint.name().to_ascii_lowercase()
+            } else {
+                "all".to_owned()
+            };
         format!("{}:rl:{{{scope}:{}}}", self.prefix, subject.key_part())
     }
 
@@ -182,32 +185,33 @@ impl RateLimiter {
     pub async fn check(&self, endpoint: Endpoint, subject: &Subject) -> Decision {
         let key = self.key(endpoint, subject);
         let shape = shape(self.limits.for_endpoint(endpoint));
-        self.check_key(&key, shape, true).await
+        self.check_key(&key, shape, Op::Take).await
     }
 
-    /// Whether `subject` has a token at `endpoint`, without taking it (login looks at the
-    /// email's bucket first and charges it only for a failed attempt).
-    pub async fn peek(&self, endpoint: Endpoint, subject: &Subject) -> Decision {
+    /// Gives back the token a request took from `subject`'s bucket at `endpoint` (login takes
+    /// one from the email's bucket before hashing and returns it when the password was right,
+    /// so that only failed attempts count, atomically and whatever the client does after).
+    pub async fn refund(&self, endpoint: Endpoint, subject: &Subject) {
         let key = self.key(endpoint, subject);
         let shape = shape(self.limits.for_endpoint(endpoint));
-        self.check_key(&key, shape, false).await
+        self.check_key(&key, shape, Op::Refund).await;
     }
 
-    /// Takes one token from the bucket `key` (or, with `take` false, only looks).
-    pub async fn check_key(&self, key: &str, shape: Shape, take: bool) -> Decision {
+    /// Applies `op` to the bucket `key`.
+    pub async fn check_key(&self, key: &str, shape: Shape, op: Op) -> Decision {
         if let Some(side) = &self.redis
             && side.live.load(Ordering::Acquire)
         {
             let limiter = side.limiter.read().await.clone();
             if let Some(limiter) = limiter {
-                match tokio::time::timeout(side.budget, limiter.check(key, shape, take)).await {
+                match tokio::time::timeout(side.budget, limiter.check(key, shape, op)).await {
                     Ok(Ok(decision)) => return decision,
                     Ok(Err(e)) => fall_back(side, &e.to_string()),
                     Err(_) => fall_back(side, "no answer within the budget"),
                 }
             }
         }
-        self.memory.check(key, shape, take)
+        self.memory.check(key, shape, op)
     }
 }
 
@@ -267,7 +271,7 @@ fn start_probe(side: Arc<RedisSide>) {
                 Some(limiter) => matches!(
                     tokio::time::timeout(
                         side.budget,
-                        limiter.check("relay:rl:{probe}", probe_shape, true)
+                        limiter.check("relay:rl:{probe}", probe_shape, Op::Take)
                     )
                     .await,
                     Ok(Ok(_))

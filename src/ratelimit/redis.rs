@@ -6,7 +6,7 @@
 
 use redis::aio::ConnectionManager;
 
-use super::bucket::{self, Decision, Shape};
+use super::bucket::{self, Decision, Op, Shape};
 
 /// The script (see `bucket.lua`); public so that tests can run it with their own clock.
 pub const SCRIPT: &str = include_str!("bucket.lua");
@@ -32,15 +32,18 @@ impl RedisLimiter {
         })
     }
 
-    /// Takes a token from `key`'s bucket (or, with `take` false, only looks): one round trip.
-    pub async fn check(&self, key: &str, shape: Shape, take: bool) -> redis::RedisResult<Decision> {
+    /// Applies `op` to `key`'s bucket: one round trip.
+    pub async fn check(&self, key: &str, shape: Shape, op: Op) -> redis::RedisResult<Decision> {
         let mut conn = self.conn.clone();
         let (allowed, level): (u8, u64) = self
             .script
             .key(key)
             .arg(shape.capacity)
             .arg(shape.window_ms)
-            .arg(u8::from(take))
+            .arg(match op {
+                Op::Take => "take",
+                Op::Refund => "refund",
+            })
             .invoke_async(&mut conn)
             .await?;
         Ok(bucket::decide(allowed == 1, level, shape))

@@ -42,18 +42,24 @@ impl<'a> Fields<'a> {
 /// Checks that `bytes` is JSON (400 when not) and a JSON object (422 `body` when not), and
 /// picks out the top-level fields in `names`. A duplicated field of `names` is a 422.
 pub fn fields<'a>(bytes: &'a [u8], names: &'static [&'static str]) -> Result<Fields<'a>, ApiError> {
-    // Syntax first, into nothing: broken JSON anywhere (bad UTF-8 included, which skipping a
-    // string does not check) is a 400, before any 422.
+    // Bad UTF-8 (which skipping a string does not notice) is broken JSON: a 400.
     let text = std::str::from_utf8(bytes).map_err(|e| ApiError::BadRequest {
         message: format!("the body is not valid JSON: invalid UTF-8 ({e})"),
         code: "invalid_json",
     })?;
-    serde_json::from_str::<IgnoredAny>(text).map_err(invalid_json)?;
+    // One pass over the whole body: every value is syntax-checked as it is skipped or sliced.
     let mut de = serde_json::Deserializer::from_str(text);
     let picked = match de.deserialize_any(ObjectVisitor { names }) {
-        Ok(picked) => picked,
-        // The visitor takes maps only: anything else is refused as the wrong type.
-        Err(e) if e.is_data() => Picked::NotObject,
+        Ok(picked) => {
+            de.end().map_err(invalid_json)?;
+            picked
+        }
+        // The visitor takes maps only: anything else is refused as the wrong type — once the
+        // whole body is known to be JSON (broken JSON anywhere is a 400, never a 422).
+        Err(e) if e.is_data() => {
+            serde_json::from_str::<IgnoredAny>(text).map_err(invalid_json)?;
+            Picked::NotObject
+        }
         Err(e) => return Err(invalid_json(e)),
     };
     match picked {

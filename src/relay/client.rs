@@ -57,6 +57,8 @@ pub struct Upstream {
     last_check: std::sync::Mutex<Option<(Instant, bool)>>,
     /// Held while a check runs.
     check_flight: tokio::sync::Mutex<()>,
+    /// When the last check started (it may have been given up before it ended).
+    check_started: std::sync::Mutex<Option<Instant>>,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -122,6 +124,7 @@ impl Upstream {
             models: ModelCache::default(),
             last_check: std::sync::Mutex::new(None),
             check_flight: tokio::sync::Mutex::new(()),
+            check_started: std::sync::Mutex::new(None),
         })
     }
 
@@ -254,25 +257,44 @@ impl Upstream {
     /// anonymous health requests cannot make relay spend the upstream key. A success refreshes
     /// the model cache; a failure never touches it.
     pub async fn check(&self) -> Result<(), ApiError> {
-        let down = || ApiError::BadGateway("the upstream did not answer its last check".into());
-        let fresh = |last: &Option<(Instant, bool)>| match last {
-            Some((at, ok)) if at.elapsed() < CHECK_INTERVAL => Some(*ok),
-            _ => None,
+        let result = |ok: bool| {
+            if ok {
+                Ok(())
+            } else {
+                Err(ApiError::BadGateway(
+                    "the upstream did not answer its last check".into(),
+                ))
+            }
         };
-        if let Some(ok) = fresh(&self.last_check()) {
-            return if ok { Ok(()) } else { Err(down()) };
+        if let Some(ok) = self.fresh_check() {
+            return result(ok);
         }
+        // One check at a time: callers arriving meanwhile wait for its result.
         let _one_at_a_time = self.check_flight.lock().await;
-        if let Some(ok) = fresh(&self.last_check()) {
-            return if ok { Ok(()) } else { Err(down()) };
+        if let Some(ok) = self.fresh_check() {
+            return result(ok);
         }
-        // Down until it answers: a caller that gives up (its own timeout) cancels this call,
-        // and the next ones must not start another before the interval is over.
-        self.set_last_check(false);
-        let models = self.fetch_models().await?;
+        if let Ok(mut started) = self.check_started.lock() {
+            if started.is_some_and(|at| at.elapsed() < CHECK_INTERVAL) {
+                // A check started within the interval was given up by its caller (its own
+                // timeout): do not start another before the interval is over.
+                return result(self.last_check().is_some_and(|(_, ok)| ok));
+            }
+            *started = Some(Instant::now());
+        }
+        let checked = self.fetch_models().await;
+        self.set_last_check(checked.is_ok());
+        let models = checked?;
         self.models.store(Arc::new(models)).await;
-        self.set_last_check(true);
         Ok(())
+    }
+
+    /// The last check's result, if it is recent.
+    fn fresh_check(&self) -> Option<bool> {
+        match self.last_check() {
+            Some((at, ok)) if at.elapsed() < CHECK_INTERVAL => Some(ok),
+            _ => None,
+        }
     }
 
     fn last_check(&self) -> Option<(Instant, bool)> {

@@ -154,28 +154,31 @@ fn inspect(
         return Verdict::Keep;
     }
     let mentions = |needle: &[u8]| memchr::memmem::find(data, needle).is_some();
-    if !mentions(b"\"usage\"") && !mentions(b"\"error\"") {
+    let error_like = mentions(b"\"error\"");
+    if !error_like && !mentions(b"\"usage\"") {
         return Verdict::Keep;
     }
-    let Ok(chunk) = serde_json::from_slice::<ChunkView>(data) else {
-        return Verdict::Keep;
-    };
-    if chunk.error.is_some() {
-        seen.error = true;
-        // The upstream's own error event: nothing in it may carry a key to the client.
-        let text = String::from_utf8_lossy(event);
-        let masked = mask.mask(&text);
-        if masked != text {
-            return Verdict::Replace(Bytes::from(masked));
+    if let Ok(chunk) = serde_json::from_slice::<ChunkView>(data) {
+        seen.error |= chunk.error.is_some();
+        if let Some(usage) = chunk.usage {
+            ctx.set_usage(usage);
+            if !forward_usage && chunk.choices.as_ref().is_none_or(Vec::is_empty) {
+                return Verdict::Drop;
+            }
         }
     }
-    if let Some(usage) = chunk.usage {
-        ctx.set_usage(usage);
-        if !forward_usage && chunk.choices.as_ref().is_none_or(Vec::is_empty) {
-            return Verdict::Drop;
-        }
+    // An error from the upstream, parsed or not: nothing in it may carry a key to the client.
+    match error_like.then(|| masked(mask, event)).flatten() {
+        Some(event) => Verdict::Replace(event),
+        None => Verdict::Keep,
     }
-    Verdict::Keep
+}
+
+/// `bytes` with every key masked, when there was one to mask.
+fn masked(mask: &KeyMask, bytes: &[u8]) -> Option<Bytes> {
+    let text = String::from_utf8_lossy(bytes);
+    let masked = mask.mask(&text);
+    (masked != text).then(|| Bytes::from(masked))
 }
 
 /// What the stream has shown so far.
@@ -256,6 +259,7 @@ where
                             // No event boundary in sight: not SSE as we know it. Relay the bytes
                             // as they came rather than hold them without bound.
                             let bytes = std::mem::take(this.buf).freeze();
+                            let bytes = masked(this.mask, &bytes).unwrap_or(bytes);
                             return Poll::Ready(Some(Ok(bytes)));
                         }
                         continue;
@@ -292,6 +296,7 @@ where
                     *this.phase = Phase::Finished;
                     let rest = std::mem::take(this.buf).freeze();
                     if this.seen.done || this.seen.error {
+                        let rest = masked(this.mask, &rest).unwrap_or(rest);
                         return Poll::Ready((!rest.is_empty()).then_some(Ok(rest)));
                     }
                     // A cut-off partial event is dropped: clients parse each event as JSON and
@@ -428,6 +433,30 @@ mod tests {
         );
         assert!(
             !out.to_ascii_lowercase().contains("upstream-secret-key"),
+            "{out}"
+        );
+        // Masked too: an error event that does not parse as a chunk, and what follows an error
+        // event when the upstream then closes.
+        let (out, _) = relay(
+            vec![Ok(
+                "data: {\"error\":{\"message\":\"sk-abc\"},\"usage\":{\"total_tokens\":0}}\n\n",
+            )],
+            false,
+        )
+        .await;
+        assert!(
+            out.contains("[redacted]") && !out.contains("sk-abc"),
+            "{out}"
+        );
+        let (out, _) = relay(
+            vec![Ok(
+                "data: {\"error\":{\"message\":\"x\"}}\n\ndata: {\"error\":\"sk-zzz\"}\n",
+            )],
+            false,
+        )
+        .await;
+        assert!(
+            out.contains("[redacted]") && !out.contains("sk-zzz"),
             "{out}"
         );
     }

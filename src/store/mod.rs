@@ -6,7 +6,8 @@
 //! deliberately not sqlx's `Any` driver, which loses types such as UUIDs and timestamps. The
 //! engines differ only in how a transaction that reads then writes begins and locks a row
 //! (`Store::begin_write`, `Store::row_lock`), which the refresh-token rotation relies on.
-//! Nothing here is on the chat request path: JWTs are verified in memory.
+//! The chat request path reaches it only through `auth::status`, a cache that asks for each
+//! user's state at most every few seconds: JWTs are verified in memory.
 
 use std::time::Duration;
 
