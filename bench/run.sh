@@ -35,10 +35,12 @@ wait_http() { for _ in $(seq 1 100); do curl -s -o /dev/null "$1" && return 0; s
 taskset -c "$LOAD_CPU" "$RELAY" mock-upstream --port "$MOCK" --chunks 20 2>/dev/null & PIDS+=($!)
 taskset -c "$LOAD_CPU" "$RELAY" mock-upstream --port "$PACED_MOCK" --chunks 20 --chunk-delay-ms 50 2>/dev/null & PIDS+=($!)
 
+# Every relay shares one database, as replicas do: a token is only good where its user exists.
+# They start one after another, so that only the first applies the migrations.
 start_relay() { # port upstream-port log-level [redis-url]
   (cd "$TMP" && exec env -i PATH="$PATH" HOST=127.0.0.1 PORT="$1" \
     SECRET_KEY=bench-secret-key-bench-secret-key-0123456789 OPENAI_API_KEY=sk-bench \
-    OPENAI_BASE_URL="http://127.0.0.1:$2/v1" DATABASE_URL="sqlite://$TMP/relay-$1.db" \
+    OPENAI_BASE_URL="http://127.0.0.1:$2/v1" DATABASE_URL="sqlite://$TMP/relay.db" \
     REDIS_URL="${4:-}" RATE_LIMIT_KEY_PREFIX="bench-$$" \
     RATE_LIMIT_REQUESTS=1000000000 RATE_LIMIT_WINDOW=1 LOG_LEVEL="$3" \
     taskset -c "$PROXY_CPU" "$RELAY" serve 2>/dev/null) &
@@ -46,8 +48,10 @@ start_relay() { # port upstream-port log-level [redis-url]
 # The relay under test logs no line per request (like the nginx reference, access_log off);
 # a second one logs its JSON line per request (the production default) for comparison.
 start_relay "$RELAY_PORT" "$MOCK" warn; RELAY_PID=$!; PIDS+=($RELAY_PID)
+wait_http "http://127.0.0.1:$RELAY_PORT/api/v1/health"
 LOGGED_PORT=$((BASE_PORT + 12))
 start_relay "$LOGGED_PORT" "$MOCK" info; LOGGED_PID=$!; PIDS+=($LOGGED_PID)
+wait_http "http://127.0.0.1:$LOGGED_PORT/api/v1/health"
 # A third one takes its rate-limit decisions in Redis (the others in memory).
 REDIS_PORT_RELAY=$((BASE_PORT + 13))
 start_relay "$REDIS_PORT_RELAY" "$MOCK" warn "$REDIS"; REDIS_RELAY_PID=$!; PIDS+=($REDIS_RELAY_PID)

@@ -43,6 +43,16 @@ pub enum ApiError {
     /// 404: unknown route or resource.
     #[error("not found")]
     NotFound,
+    /// 404: no model with this id among those clients may use.
+    #[error("the model {0:?} does not exist or is not offered on this server")]
+    ModelNotFound(String),
+    /// 404: no route serves this path.
+    #[error(
+        "{0} is not a path relay serves; under /api/v1 it serves auth/register, auth/login, \
+         auth/me, auth/refresh, auth/logout, chat/completions, chat/completions/stream, \
+         chat/models, models, models/{{model}}, embeddings, health and health/detailed"
+    )]
+    NoRoute(String),
     /// 408: the request body did not arrive within `REQUEST_BODY_TIMEOUT_SECONDS`. Sent with
     /// `Connection: close`: the rest of the body may still be on its way.
     #[error("the request body did not arrive in time")]
@@ -182,7 +192,7 @@ impl ApiError {
             Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
             Self::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
             Self::Forbidden { .. } => StatusCode::FORBIDDEN,
-            Self::NotFound => StatusCode::NOT_FOUND,
+            Self::NotFound | Self::NoRoute(_) | Self::ModelNotFound(_) => StatusCode::NOT_FOUND,
             Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -202,7 +212,8 @@ impl ApiError {
             Self::BadRequest { code, .. }
             | Self::Unauthorized { code, .. }
             | Self::Forbidden { code, .. } => code,
-            Self::NotFound => "not_found",
+            Self::NotFound | Self::NoRoute(_) => "not_found",
+            Self::ModelNotFound(_) => "model_not_found",
             Self::RequestTimeout => "request_timeout",
             Self::Conflict(_) => "conflict",
             Self::PayloadTooLarge => "request_too_large",

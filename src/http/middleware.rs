@@ -31,6 +31,21 @@ pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// The CSP for API responses: nothing may be loaded or framed.
 pub const API_CSP: &str = "default-src 'none'; frame-ancestors 'none'";
 
+/// The longest unmatched path written to a log line, in bytes.
+const MAX_LOGGED_PATH: usize = 256;
+
+/// `text` cut to at most `max` bytes, at a character boundary.
+pub fn shorten(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
 fn sane_request_id(value: &HeaderValue) -> bool {
     let bytes = value.as_bytes();
     (1..=128).contains(&bytes.len())
@@ -84,6 +99,11 @@ pub async fn observe(State(trust_proxy): State<bool>, mut req: Request, next: Ne
     let client_ip = client_ip_of(req.headers(), req.extensions(), trust_proxy);
     let method = req.method().clone();
     let route = req.extensions().get::<MatchedPath>().cloned();
+    // No route matched: the path itself goes on the log line (bounded), so that a client
+    // calling something relay does not serve can be seen.
+    let unmatched_path = route
+        .is_none()
+        .then(|| shorten(req.uri().path(), MAX_LOGGED_PATH).to_owned());
 
     let mut response = next.run(req).await;
 
@@ -134,6 +154,7 @@ pub async fn observe(State(trust_proxy): State<bool>, mut req: Request, next: Ne
         client_ip,
         method,
         route,
+        unmatched_path,
         status,
         start,
     };
@@ -155,6 +176,7 @@ struct RequestLog {
     client_ip: IpAddr,
     method: Method,
     route: Option<MatchedPath>,
+    unmatched_path: Option<String>,
     status: StatusCode,
     start: Instant,
 }
@@ -168,6 +190,7 @@ impl RequestLog {
             target: "relay::request",
             method = %self.method,
             route = self.route.as_ref().map_or("-", MatchedPath::as_str),
+            path = self.unmatched_path.as_deref(),
             status = self.status.as_u16(),
             latency_ms = (latency_ms * 1000.0).round() / 1000.0,
             request_id = %String::from_utf8_lossy(self.ctx.request_id.as_bytes()),

@@ -35,6 +35,7 @@ pub mod auth;
 pub mod chat;
 pub mod deadline;
 pub mod docs;
+pub mod embeddings;
 pub mod extract;
 pub mod health;
 pub mod middleware;
@@ -107,10 +108,12 @@ fn routes(state: Option<&AppState>) -> OpenApiRouter<AppState> {
         ));
     let chat = OpenApiRouter::new()
         .routes(routes!(chat::create_chat_completion))
-        .routes(routes!(chat::stream_chat_completion));
+        .routes(routes!(chat::stream_chat_completion))
+        .routes(routes!(embeddings::create_embedding));
     let models = OpenApiRouter::new()
         .routes(routes!(models::list_chat_models))
-        .routes(routes!(models::list_models));
+        .routes(routes!(models::list_models))
+        .routes(routes!(models::get_model));
     let health = OpenApiRouter::new()
         .routes(routes!(health::get_health))
         .routes(routes!(health::get_health_detailed));
@@ -122,23 +125,46 @@ fn routes(state: Option<&AppState>) -> OpenApiRouter<AppState> {
     )
 }
 
-fn cors(origins: &Origins) -> CorsLayer {
+/// Whether `origin` is a local development server: `http://localhost:<port>` or
+/// `http://127.0.0.1:<port>` (Vite's 5173, Next's 3000, …), allowed in `--dev`.
+fn is_local_dev_origin(origin: &[u8]) -> bool {
+    let port = origin
+        .strip_prefix(b"http://localhost:")
+        .or_else(|| origin.strip_prefix(b"http://127.0.0.1:"));
+    port.is_some_and(|p| (1..=5).contains(&p.len()) && p.iter().all(u8::is_ascii_digit))
+}
+
+fn cors(origins: &Origins, dev: bool) -> CorsLayer {
     let allow_origin = match origins {
         Origins::Any => AllowOrigin::any(),
-        Origins::List(list) => AllowOrigin::list(
-            list.iter()
+        Origins::List(list) => {
+            let list: Vec<HeaderValue> = list
+                .iter()
                 .filter_map(|o| HeaderValue::from_str(o).ok())
-                .collect::<Vec<_>>(),
-        ),
+                .collect();
+            if dev {
+                AllowOrigin::predicate(move |origin, _| {
+                    list.contains(origin) || is_local_dev_origin(origin.as_bytes())
+                })
+            } else {
+                AllowOrigin::list(list)
+            }
+        }
     };
+    // The request headers are mirrored: the official SDKs send `X-Stainless-*` (their
+    // version, OS, retry count, …), `OpenAI-*` and `Idempotency-Key` from a browser, and more
+    // in each release; relay ignores them. Only allowed origins get any CORS header at all, and
+    // no credentials (cookies) are involved: the token travels in `Authorization`.
     CorsLayer::new()
         .allow_origin(allow_origin)
-        .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
-        .allow_headers([
-            header::AUTHORIZATION,
-            header::CONTENT_TYPE,
-            HeaderName::from_static("x-request-id"),
+        .allow_methods([
+            Method::GET,
+            Method::POST,
+            Method::PATCH,
+            Method::DELETE,
+            Method::OPTIONS,
         ])
+        .allow_headers(tower_http::cors::AllowHeaders::mirror_request())
         .expose_headers(EXPOSED_HEADERS.map(HeaderName::from_static))
         .max_age(std::time::Duration::from_secs(600))
 }
@@ -147,8 +173,9 @@ fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
     ApiError::internal(anyhow::anyhow!("handler panicked")).into_response()
 }
 
-async fn not_found() -> ApiError {
-    ApiError::NotFound
+/// Any path no route serves: a 404 naming it, and what relay serves instead.
+async fn not_found(uri: http::Uri) -> ApiError {
+    ApiError::NoRoute(middleware::shorten(uri.path(), 200).to_owned())
 }
 
 /// The whole application router.
@@ -171,7 +198,7 @@ pub fn with_layers<S: Clone + Send + Sync + 'static>(
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(config.server.max_request_bytes))
         .layer(CatchPanicLayer::custom(panic_response))
-        .layer(cors(&config.server.allowed_origins))
+        .layer(cors(&config.server.allowed_origins, config.dev))
         .layer(axum::middleware::from_fn_with_state(
             config.server.trust_proxy_headers,
             middleware::observe,

@@ -1,12 +1,12 @@
 //! `/models` and `/chat/models`: the models clients may use.
 
 use axum::Json;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::auth::AuthUser;
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorEnvelope};
 use crate::relay::Model;
 use crate::state::AppState;
 
@@ -50,4 +50,29 @@ pub async fn list_models(
     _user: AuthUser,
 ) -> Result<Json<ModelList>, ApiError> {
     allowed_models(&state).await
+}
+
+/// One model the server offers, by id.
+#[utoipa::path(
+    get, path = "/models/{model}", tag = "chat",
+    security(("bearer" = []), ("oauth2" = [])),
+    params(("model" = String, Path, description = "Model id")),
+    responses(
+        (status = 200, description = "The model", body = Model),
+        (status = 404, description = "Not a model clients may use", body = ErrorEnvelope),
+    )
+)]
+pub async fn get_model(
+    State(state): State<AppState>,
+    _user: AuthUser,
+    Path(model): Path<String>,
+) -> Result<Json<Model>, ApiError> {
+    state
+        .upstream
+        .allowed_models()
+        .await?
+        .into_iter()
+        .find(|m| m.id == model)
+        .map(Json)
+        .ok_or_else(|| ApiError::ModelNotFound(model))
 }

@@ -16,6 +16,7 @@ use serde_json::value::RawValue;
 
 use super::Upstream;
 use super::body::{self, Fields, Scalar, Splices};
+use super::client::Api;
 use super::models::ModelPolicy;
 use super::sse::SseRelay;
 use crate::context::{RequestContext, Usage};
@@ -244,7 +245,9 @@ pub async fn complete(
     chat: PreparedChat,
     ctx: Arc<RequestContext>,
 ) -> Result<Completion, ApiError> {
-    let response = upstream.post_chat(chat.body, chat.stream).await?;
+    let response = upstream
+        .post(Api::ChatCompletions, chat.body, chat.stream)
+        .await?;
     let is_sse = response
         .headers()
         .get(CONTENT_TYPE)

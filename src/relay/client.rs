@@ -31,6 +31,15 @@ use super::models::{Model, ModelCache, ModelPolicy, UpstreamModelList};
 use crate::config::UpstreamConfig;
 use crate::error::ApiError;
 
+/// The upstream APIs relay forwards to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Api {
+    /// `POST /chat/completions`.
+    ChatCompletions,
+    /// `POST /embeddings`.
+    Embeddings,
+}
+
 /// An upstream answer whose headers arrived; its body is read (or streamed) by the caller.
 pub type UpstreamResponse = http::Response<Incoming>;
 
@@ -47,6 +56,7 @@ const MAX_MODELS_BODY: usize = 4 * 1024 * 1024;
 pub struct Upstream {
     client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     chat_uri: Uri,
+    embeddings_uri: Uri,
     models_uri: Uri,
     authorization: HeaderValue,
     mask: Arc<KeyMask>,
@@ -116,6 +126,7 @@ impl Upstream {
         Ok(Upstream {
             client,
             chat_uri: join(&config.base_url, "chat/completions")?,
+            embeddings_uri: join(&config.base_url, "embeddings")?,
             models_uri: join(&config.base_url, "models")?,
             authorization,
             mask: Arc::new(KeyMask::new(api_key)),
@@ -143,15 +154,24 @@ impl Upstream {
         &self.policy
     }
 
-    /// Sends a chat completion request. Returns the upstream's response once its headers
-    /// arrived with a success status; every failure is already mapped to the client's error.
-    pub async fn post_chat(&self, body: Bytes, stream: bool) -> Result<UpstreamResponse, ApiError> {
+    /// Sends a request to `api`. Returns the upstream's response once its headers arrived with
+    /// a success status; every failure is already mapped to the client's error.
+    pub async fn post(
+        &self,
+        api: Api,
+        body: Bytes,
+        stream: bool,
+    ) -> Result<UpstreamResponse, ApiError> {
         let accept = if stream {
             HeaderValue::from_static("text/event-stream")
         } else {
             HeaderValue::from_static("application/json")
         };
-        let request = Request::post(self.chat_uri.clone())
+        let uri = match api {
+            Api::ChatCompletions => &self.chat_uri,
+            Api::Embeddings => &self.embeddings_uri,
+        };
+        let request = Request::post(uri.clone())
             .header(AUTHORIZATION, self.authorization.clone())
             .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
             .header(ACCEPT, accept)
@@ -183,7 +203,7 @@ impl Upstream {
         Err(upstream_error(status, &headers, &body, &self.mask))
     }
 
-    /// Reads a whole (non-streamed) completion, bounded in size.
+    /// Reads a whole (non-streamed) answer, bounded in size.
     pub async fn read_completion(&self, response: UpstreamResponse) -> Result<Bytes, ApiError> {
         self.read_limited(response, MAX_COMPLETION_BODY).await
     }

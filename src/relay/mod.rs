@@ -8,6 +8,7 @@
 pub mod body;
 pub mod chat;
 pub mod client;
+pub mod embeddings;
 pub mod errors;
 pub mod models;
 pub mod sse;

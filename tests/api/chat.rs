@@ -445,3 +445,53 @@ async fn models_are_filtered_and_cached() {
     let resp = app.get("/models").await;
     assert_eq!(resp.status(), 401);
 }
+
+#[tokio::test]
+async fn embeddings_are_relayed_and_checked() {
+    let (app, token) = with_mock().await;
+    let body =
+        json!({"model": "mock-embed", "input": ["the quick brown fox", "jumps"], "dimensions": 8});
+    let resp = app.post_json_authed("/embeddings", &token, &body).await;
+    assert_eq!(resp.status(), 200);
+    let list: Value = resp.json().await.unwrap();
+    assert_eq!(list["object"], "list");
+    assert_eq!(list["data"].as_array().unwrap().len(), 2);
+    assert_eq!(list["data"][1]["embedding"].as_array().unwrap().len(), 8);
+    assert_eq!(list["usage"]["prompt_tokens"], 5);
+    for (body, param) in [
+        (json!({"model": "mock-embed"}), "input"),
+        (json!({"input": "x"}), "model"),
+        (json!({"model": 3, "input": "x"}), "model"),
+        (json!({"model": "mock-embed", "input": 3}), "input"),
+    ] {
+        let resp = app.post_json_authed("/embeddings", &token, &body).await;
+        assert_eq!(resp.status(), 422, "{body}");
+        let err: Value = resp.json().await.unwrap();
+        assert_eq!(err["error"]["param"], param, "{body}");
+    }
+    let resp = app.post_json("/embeddings", &body).await;
+    assert_eq!(resp.status(), 401, "no anonymous embeddings");
+
+    let app = crate::support::spawn_app_with(Db::Sqlite, &[("ALLOWED_MODELS", "mock-echo")]).await;
+    let (token, _) = app.user_tokens("embed@example.com").await;
+    let body = json!({"model": "mock-embed", "input": "x"});
+    let resp = app.post_json_authed("/embeddings", &token, &body).await;
+    assert_eq!(resp.status(), 403);
+}
+
+#[tokio::test]
+async fn one_model_can_be_looked_up() {
+    let (app, token) = with_mock().await;
+    let resp = app.get_authed("/models/mock-echo", &token).await;
+    assert_eq!(resp.status(), 200);
+    let model: Value = resp.json().await.unwrap();
+    assert_eq!(
+        (model["id"].as_str(), model["object"].as_str()),
+        (Some("mock-echo"), Some("model"))
+    );
+    let resp = app.get_authed("/models/gpt-not-here", &token).await;
+    assert_eq!(resp.status(), 404);
+    let err: Value = resp.json().await.unwrap();
+    assert_eq!(err["error"]["code"], "model_not_found");
+    assert_eq!(app.get("/models/mock-echo").await.status(), 401);
+}

@@ -148,10 +148,7 @@ async fn cors_allows_only_configured_origins() {
             .request(reqwest::Method::OPTIONS, app.api("/auth/login"))
             .header("origin", origin)
             .header("access-control-request-method", "POST")
-            .header(
-                "access-control-request-headers",
-                "authorization, content-type",
-            )
+            .header("access-control-request-headers", SDK_HEADERS)
             .send()
     };
     let resp = preflight("https://app.example.com").await.unwrap();
@@ -159,18 +156,77 @@ async fn cors_allows_only_configured_origins() {
     let h = resp.headers();
     assert_eq!(h["access-control-allow-origin"], "https://app.example.com");
     let methods = h["access-control-allow-methods"].to_str().unwrap();
-    for m in ["GET", "POST", "OPTIONS"] {
+    for m in ["GET", "POST", "PATCH", "DELETE", "OPTIONS"] {
         assert!(methods.contains(m), "{methods}");
     }
     let allowed = h["access-control-allow-headers"]
         .to_str()
         .unwrap()
         .to_ascii_lowercase();
-    for name in ["authorization", "content-type", "x-request-id"] {
-        assert!(allowed.contains(name), "{allowed}");
+    for name in SDK_HEADERS.split(", ") {
+        assert!(allowed.contains(name), "{name} not in {allowed}");
     }
     let resp = preflight("https://evil.example.com").await.unwrap();
     assert!(resp.headers().get("access-control-allow-origin").is_none());
+    // Local development servers are allowed in --dev only.
+    let resp = preflight("http://localhost:5173").await.unwrap();
+    assert!(resp.headers().get("access-control-allow-origin").is_none());
+}
+
+/// What the official `openai` npm SDK sends from a browser page (v5/v6), besides the body.
+const SDK_HEADERS: &str = "authorization, content-type, x-request-id, x-stainless-arch, \
+    x-stainless-lang, x-stainless-os, x-stainless-package-version, x-stainless-retry-count, \
+    x-stainless-runtime, x-stainless-runtime-version, x-stainless-timeout, openai-organization, \
+    openai-project, idempotency-key";
+
+#[tokio::test]
+async fn dev_mode_allows_any_local_development_origin() {
+    let db = std::sync::Arc::new(crate::support::TestDb::new(Db::Sqlite).await);
+    let app = crate::support::spawn_app_on(db, &[], relay::config::Mode::Dev).await;
+    let preflight = |origin: &'static str| {
+        app.client
+            .request(reqwest::Method::OPTIONS, app.api("/chat/completions"))
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header("access-control-request-headers", SDK_HEADERS)
+            .send()
+    };
+    for origin in [
+        "http://localhost:5173",
+        "http://127.0.0.1:3000",
+        "https://app.example.com",
+    ] {
+        let resp = preflight(origin).await.unwrap();
+        assert_eq!(resp.headers()["access-control-allow-origin"], origin);
+    }
+    for origin in [
+        "http://localhost:5173.evil.example",
+        "https://localhost:5173",
+        "http://localhost",
+        "http://evil.example.com",
+    ] {
+        let resp = preflight(origin).await.unwrap();
+        assert!(
+            resp.headers().get("access-control-allow-origin").is_none(),
+            "{origin}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn unknown_paths_name_the_path_and_what_relay_serves() {
+    let app = spawn_app(Db::Sqlite).await;
+    for path in ["/api/v1/nothing/here", "/api/v1/completions", "/v1/models"] {
+        let resp = app.client.get(app.url(path)).send().await.unwrap();
+        assert_eq!(resp.status(), 404, "{path}");
+        let err = envelope(resp).await;
+        assert_eq!(err["code"], "not_found", "{path}");
+        let message = err["message"].as_str().unwrap();
+        assert!(
+            message.contains(path) && message.contains("chat/completions"),
+            "{path}: {message}"
+        );
+    }
 }
 
 #[tokio::test]

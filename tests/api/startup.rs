@@ -186,6 +186,22 @@ async fn the_request_log_line_names_the_client_ip() {
     let line: Value = serde_json::from_str(&line).unwrap();
     assert_eq!(line["client_ip"], "198.51.100.23", "{line}");
     assert_eq!(line["route"], "/api/v1/health", "{line}");
+    assert!(line.get("path").is_none(), "{line}");
+    // No route matched: the path is on the line.
+    let resp = reqwest::Client::new()
+        .post(format!("{}/api/v1/no/such/thing", server.base))
+        .header("x-request-id", "no-route-on-the-log-line")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+    let line = server
+        .wait_for_log("no-route-on-the-log-line", Duration::from_secs(5))
+        .expect("the request's log line");
+    let line: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(line["route"], "-", "{line}");
+    assert_eq!(line["path"], "/api/v1/no/such/thing", "{line}");
+    assert_eq!(line["status"], 404, "{line}");
 }
 
 #[test]

@@ -62,7 +62,7 @@ def relay_url():
             "OPENAI_API_KEY": "sk-python-tests",
             "OPENAI_BASE_URL": f"http://127.0.0.1:{mock_port}/v1",
             "DEFAULT_MODEL": "mock-echo",
-            "ALLOWED_MODELS": "mock-echo,mock-error-429,mock-error-500",
+            "ALLOWED_MODELS": "mock-echo,mock-embed,mock-error-429,mock-error-500",
             "DATABASE_URL": f"sqlite://{tmp}/relay.db",
             "REDIS_URL": "",
             "RATE_LIMIT_REQUESTS": "100000",

@@ -54,7 +54,31 @@ def test_default_model_is_used_when_none_is_named(client):
 
 def test_models_list(client):
     ids = [m.id for m in client.models.list()]
-    assert ids == ["mock-echo"]
+    assert ids == ["mock-echo", "mock-embed"]
+
+
+def test_models_retrieve(client):
+    model = client.models.retrieve("mock-echo")
+    assert (model.id, model.object) == ("mock-echo", "model")
+    # Allowed by relay but not offered by the upstream, and not allowed at all: both unknown.
+    for missing in ["mock-error-500", "gpt-not-here"]:
+        with pytest.raises(openai.NotFoundError) as err:
+            client.models.retrieve(missing)
+        assert err.value.code == "model_not_found"
+
+
+def test_embeddings_create(client):
+    # The SDK asks for base64 by default and decodes it; floats when asked for.
+    result = client.embeddings.create(model="mock-embed", input=["the quick brown fox", "jumps"])
+    assert [d.index for d in result.data] == [0, 1]
+    assert all(len(d.embedding) == 8 for d in result.data)
+    assert result.usage.prompt_tokens == 5
+    floats = client.embeddings.create(
+        model="mock-embed", input="the quick brown fox", encoding_format="float"
+    )
+    assert floats.data[0].embedding == pytest.approx(result.data[0].embedding, abs=1e-6)
+    with pytest.raises(openai.PermissionDeniedError):
+        client.embeddings.create(model="text-embedding-3-small", input="x")
 
 
 def test_bad_token_raises_authentication_error(relay_url):

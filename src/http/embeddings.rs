@@ -1,0 +1,54 @@
+//! `/embeddings`: authenticate, hand the body to `relay::embeddings`.
+
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use http::{HeaderValue, header};
+use serde::Deserialize;
+use utoipa::ToSchema;
+
+use crate::auth::AuthUser;
+use crate::error::{ApiError, ErrorEnvelope};
+use crate::http::extract::{Ctx, RawJson};
+use crate::state::AppState;
+
+/// The OpenAI Embeddings request. Only the fields relay checks are listed; every other field
+/// (`dimensions`, `encoding_format`, …) is forwarded unchanged.
+#[derive(Deserialize, ToSchema)]
+#[allow(dead_code)]
+pub struct EmbeddingRequest {
+    /// Model id (required; `ALLOWED_MODELS` applies).
+    model: String,
+    /// A string, or an array of strings or token arrays.
+    #[schema(value_type = Object)]
+    input: serde_json::Value,
+}
+
+/// Create embeddings.
+#[utoipa::path(
+    post, path = "/embeddings", tag = "embeddings",
+    security(("bearer" = []), ("oauth2" = [])),
+    request_body = EmbeddingRequest,
+    responses(
+        (status = 200, description = "The embeddings, as the upstream answered"),
+        (status = 401, description = "Missing or invalid token", body = ErrorEnvelope),
+        (status = 403, description = "Model not allowed", body = ErrorEnvelope),
+        (status = 422, description = "Invalid request", body = ErrorEnvelope),
+        (status = 502, description = "Upstream unreachable or not OpenAI-shaped", body = ErrorEnvelope),
+    )
+)]
+pub async fn create_embedding(
+    State(state): State<AppState>,
+    _user: AuthUser,
+    Ctx(ctx): Ctx,
+    RawJson(body): RawJson,
+) -> Result<Response, ApiError> {
+    let answer = crate::relay::embeddings::create(&state.upstream, body, ctx).await?;
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        answer,
+    )
+        .into_response())
+}
