@@ -404,9 +404,16 @@ impl RelayProcess {
                 kept.lock().unwrap().push(line);
             }
         });
-        let addr = rx
-            .recv_timeout(std::time::Duration::from_secs(30))
-            .expect("relay did not start");
+        let addr = match rx.recv_timeout(std::time::Duration::from_secs(30)) {
+            Ok(addr) => addr,
+            Err(e) => {
+                // Not left running behind a failed test.
+                let _ = child.kill();
+                let _ = child.wait();
+                let logs = logs.lock().unwrap().join("\n");
+                panic!("relay did not start ({e}); it logged:\n{logs}");
+            }
+        };
         RelayProcess {
             child,
             base: format!("http://{addr}"),
