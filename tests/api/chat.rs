@@ -495,3 +495,62 @@ async fn one_model_can_be_looked_up() {
     assert_eq!(err["error"]["code"], "model_not_found");
     assert_eq!(app.get("/models/mock-echo").await.status(), 401);
 }
+
+#[tokio::test]
+async fn the_mock_answers_the_responses_api_like_openai() {
+    // The groundwork for relaying /responses: the built-in mock speaks it, JSON and events.
+    let base = crate::support::spawn_mock(Default::default()).await;
+    let client = reqwest::Client::new();
+    let post = |body: Value| {
+        client
+            .post(format!("{base}/responses"))
+            .bearer_auth("sk-mock")
+            .json(&body)
+            .send()
+    };
+    let resp = post(json!({"model": "mock-echo", "input": "hello relay world"}))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let object: Value = resp.json().await.unwrap();
+    assert_eq!(object["object"], "response");
+    assert_eq!(object["status"], "completed");
+    assert_eq!(
+        object["output"][0]["content"][0]["text"],
+        "hello relay world"
+    );
+    assert_eq!(object["usage"]["input_tokens"], 3);
+    assert_eq!(object["usage"]["output_tokens"], 3);
+
+    let body = json!({"model": "mock-echo", "stream": true,
+        "input": [{"role": "user", "content": [{"type": "input_text", "text": "one two"}]}]});
+    let text = post(body).await.unwrap().text().await.unwrap();
+    let events: Vec<(String, Value)> = text
+        .split("\n\n")
+        .filter(|e| !e.is_empty())
+        .map(|e| {
+            let (head, data) = e.split_once('\n').unwrap();
+            let kind = head.strip_prefix("event: ").unwrap().to_owned();
+            let data: Value = serde_json::from_str(data.strip_prefix("data: ").unwrap()).unwrap();
+            assert_eq!(data["type"], kind);
+            (kind, data)
+        })
+        .collect();
+    let kinds: Vec<&str> = events.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(kinds.first(), Some(&"response.created"));
+    assert_eq!(kinds.last(), Some(&"response.completed"));
+    let deltas: String = events
+        .iter()
+        .filter(|(k, _)| k == "response.output_text.delta")
+        .map(|(_, d)| d["delta"].as_str().unwrap())
+        .collect();
+    assert_eq!(deltas, "one two");
+    let sequence: Vec<u64> = events
+        .iter()
+        .map(|(_, d)| d["sequence_number"].as_u64().unwrap())
+        .collect();
+    assert_eq!(sequence, (0..events.len() as u64).collect::<Vec<_>>());
+    let completed = &events.last().unwrap().1["response"];
+    assert_eq!(completed["usage"]["output_tokens"], 2);
+    assert_eq!(events[0].1["response"]["id"], completed["id"]);
+}

@@ -6,7 +6,8 @@
 //! with small deterministic vectors (model `mock-embed`) and usage; `GET /v1/models` and
 //! `GET /v1/models/{id}` with `mock-echo` and `mock-embed`. Models named `mock-error-<status>`
 //! answer with that status and an OpenAI error body (429 with `Retry-After: 7`), so clients'
-//! error handling can be tried.
+//! error handling can be tried. `POST /v1/responses` answers the Responses API the same way
+//! (`responses.rs`): a response object, or its typed event stream.
 //! It keeps no state and does little work per request, so that it is never the bottleneck of a
 //! benchmark.
 
@@ -20,11 +21,13 @@ use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use base64::Engine as _;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use serde_json::{Value, json};
 
 use crate::error::ErrorEnvelope;
+
+mod embeddings;
+mod responses;
 
 /// The largest request body the mock reads.
 const MAX_BODY_BYTES: usize = 64 * 1024 * 1024;
@@ -33,8 +36,6 @@ const MAX_BODY_BYTES: usize = 64 * 1024 * 1024;
 pub const MOCK_MODEL: &str = "mock-echo";
 /// The embedding model the mock offers.
 pub const MOCK_EMBEDDING_MODEL: &str = "mock-embed";
-/// Numbers in each of the mock's embeddings.
-const EMBEDDING_DIMENSIONS: usize = 8;
 
 /// How the mock behaves.
 #[derive(Debug, Clone, Default)]
@@ -62,7 +63,8 @@ pub fn router(options: MockOptions) -> Router {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(list_models))
         .route("/v1/models/{id}", get(get_model))
-        .route("/v1/embeddings", post(embeddings))
+        .route("/v1/embeddings", post(embeddings::create_embeddings))
+        .route("/v1/responses", post(responses::create_response))
         // Whatever relay may forward (its `MAX_REQUEST_BYTES` is 8 MiB by default), and more.
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
@@ -177,83 +179,6 @@ async fn get_model(headers: HeaderMap, Path(id): Path<String>) -> Response {
             "model_not_found",
         )
     }
-}
-
-/// A small vector that depends only on `text` (a hash spread over `EMBEDDING_DIMENSIONS`
-/// numbers in [-1, 1]): the same input always embeds the same way.
-fn embed(text: &str) -> Vec<f64> {
-    let mut state: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in text.bytes() {
-        state = (state ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
-    }
-    (0..EMBEDDING_DIMENSIONS)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            #[allow(clippy::cast_precision_loss)] // a mock's numbers
-            let unit = (state % 2001) as f64 / 1000.0 - 1.0;
-            unit
-        })
-        .collect()
-}
-
-async fn embeddings(headers: HeaderMap, body: Bytes) -> Response {
-    if !authorized(&headers) {
-        return missing_key();
-    }
-    let Ok(request) = serde_json::from_slice::<Value>(&body) else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "body is not JSON",
-            "invalid_request_error",
-            "invalid_json",
-        );
-    };
-    let inputs: Vec<String> = match &request["input"] {
-        Value::String(s) => vec![s.clone()],
-        Value::Array(items) => items
-            .iter()
-            .map(|i| i.as_str().map_or_else(|| i.to_string(), str::to_owned))
-            .collect(),
-        _ => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "input is required",
-                "invalid_request_error",
-                "missing_input",
-            );
-        }
-    };
-    let tokens: usize = inputs.iter().map(|i| i.split_whitespace().count()).sum();
-    // As OpenAI does: floats, or with `encoding_format: base64` their little-endian f32 bytes
-    // in base64 (what the SDKs ask for by default).
-    let base64 = request["encoding_format"] == "base64";
-    let data: Vec<Value> = inputs
-        .iter()
-        .enumerate()
-        .map(|(index, text)| {
-            let vector = embed(text);
-            let embedding = if base64 {
-                #[allow(clippy::cast_possible_truncation)] // f32 is the wire format
-                let bytes: Vec<u8> = vector
-                    .iter()
-                    .flat_map(|x| (*x as f32).to_le_bytes())
-                    .collect();
-                json!(base64::engine::general_purpose::STANDARD.encode(bytes))
-            } else {
-                json!(vector)
-            };
-            json!({"object": "embedding", "index": index, "embedding": embedding})
-        })
-        .collect();
-    axum::Json(json!({
-        "object": "list",
-        "data": data,
-        "model": request["model"].as_str().unwrap_or(MOCK_EMBEDDING_MODEL),
-        "usage": {"prompt_tokens": tokens, "total_tokens": tokens}
-    }))
-    .into_response()
 }
 
 async fn chat_completions(
@@ -406,7 +331,11 @@ fn stream_answer(
         frames.push(Bytes::from(format!("data: {usage}\n\n")));
     }
     frames.push(Bytes::from_static(b"data: [DONE]\n\n"));
-    let delay = options.chunk_delay;
+    sse(frames, options.chunk_delay)
+}
+
+/// An SSE answer sending `frames` one by one, `delay` apart.
+fn sse(frames: Vec<Bytes>, delay: Duration) -> Response {
     let stream = futures_util::stream::unfold(
         (frames.into_iter(), true),
         move |(mut frames, first)| async move {
