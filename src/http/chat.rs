@@ -14,7 +14,7 @@ use utoipa::ToSchema;
 use crate::auth::AuthUser;
 use crate::context::RequestContext;
 use crate::error::{ApiError, ErrorEnvelope};
-use crate::http::extract::{Ctx, RawJson};
+use crate::http::extract::{Ctx, RawJson, json_bytes};
 use crate::relay::chat::{Completion, complete, prepare};
 use crate::state::AppState;
 
@@ -109,13 +109,6 @@ async fn relay_chat(
             Body::from_stream(events),
         )
             .into_response(),
-        Completion::Json(body) => (
-            [(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            )],
-            body,
-        )
-            .into_response(),
+        Completion::Json(body) => json_bytes(body),
     })
 }

@@ -1,14 +1,13 @@
 //! `/embeddings`: authenticate, hand the body to `relay::embeddings`.
 
 use axum::extract::State;
-use axum::response::{IntoResponse, Response};
-use http::{HeaderValue, header};
+use axum::response::Response;
 use serde::Deserialize;
 use utoipa::ToSchema;
 
 use crate::auth::AuthUser;
 use crate::error::{ApiError, ErrorEnvelope};
-use crate::http::extract::{Ctx, RawJson};
+use crate::http::extract::{Ctx, RawJson, json_bytes};
 use crate::state::AppState;
 
 /// The OpenAI Embeddings request. Only the fields relay checks are listed; every other field
@@ -43,12 +42,5 @@ pub async fn create_embedding(
     RawJson(body): RawJson,
 ) -> Result<Response, ApiError> {
     let answer = crate::relay::embeddings::create(&state.upstream, body, ctx).await?;
-    Ok((
-        [(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        )],
-        answer,
-    )
-        .into_response())
+    Ok(json_bytes(answer))
 }

@@ -93,6 +93,16 @@ impl<S: Send + Sync> FromRequestParts<S> for Ctx {
     }
 }
 
+/// A response carrying `body`, JSON bytes relayed as they came.
+pub fn json_bytes(body: Bytes) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    (
+        [(CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+        body,
+    )
+        .into_response()
+}
+
 /// A JSON body as bytes, unparsed (the relay validates and forwards it): checks the content
 /// type and reads the body with our rejections.
 pub struct RawJson(pub Bytes);

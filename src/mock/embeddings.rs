@@ -7,7 +7,7 @@ use base64::Engine as _;
 use http::{HeaderMap, StatusCode};
 use serde_json::{Value, json};
 
-use super::{MOCK_EMBEDDING_MODEL, error, missing_key};
+use super::{MOCK_EMBEDDING_MODEL, error, request_of};
 
 /// Numbers in each of the mock's embeddings.
 const EMBEDDING_DIMENSIONS: usize = 8;
@@ -33,16 +33,9 @@ fn embed(text: &str) -> Vec<f64> {
 
 /// `POST /v1/embeddings`.
 pub(super) async fn create_embeddings(headers: HeaderMap, body: Bytes) -> Response {
-    if !super::authorized(&headers) {
-        return missing_key();
-    }
-    let Ok(request) = serde_json::from_slice::<Value>(&body) else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "body is not JSON",
-            "invalid_request_error",
-            "invalid_json",
-        );
+    let request = match request_of(&headers, &body) {
+        Ok(request) => request,
+        Err(refused) => return *refused,
     };
     let inputs: Vec<String> = match &request["input"] {
         Value::String(s) => vec![s.clone()],

@@ -118,6 +118,21 @@ fn error(status: StatusCode, message: &str, kind: &str, code: &str) -> Response 
     response
 }
 
+/// The request's JSON body, or the answer when it has no key or no JSON.
+fn request_of(headers: &HeaderMap, body: &[u8]) -> Result<Value, Box<Response>> {
+    if !authorized(headers) {
+        return Err(Box::new(missing_key()));
+    }
+    serde_json::from_slice(body).map_err(|_| {
+        Box::new(error(
+            StatusCode::BAD_REQUEST,
+            "body is not JSON",
+            "invalid_request_error",
+            "invalid_json",
+        ))
+    })
+}
+
 fn authorized(headers: &HeaderMap) -> bool {
     headers
         .get(header::AUTHORIZATION)
@@ -186,16 +201,9 @@ async fn chat_completions(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if !authorized(&headers) {
-        return missing_key();
-    }
-    let Ok(request) = serde_json::from_slice::<Value>(&body) else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "body is not JSON",
-            "invalid_request_error",
-            "invalid_json",
-        );
+    let request = match request_of(&headers, &body) {
+        Ok(request) => request,
+        Err(refused) => return *refused,
     };
     let model = request["model"].as_str().unwrap_or(MOCK_MODEL).to_owned();
     if let Some(status) = model

@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use http::{HeaderMap, StatusCode};
 use serde_json::{Value, json};
 
-use super::{MOCK_MODEL, Mock, error, missing_key, now, pieces, sse, text_of};
+use super::{MOCK_MODEL, Mock, error, now, pieces, request_of, sse, text_of};
 
 /// The text of `input`: a string, or the last user message of a list of input items.
 fn input_text(input: &Value) -> Option<String> {
@@ -69,16 +69,9 @@ pub(super) async fn create_response(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if !super::authorized(&headers) {
-        return missing_key();
-    }
-    let Ok(request) = serde_json::from_slice::<Value>(&body) else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "body is not JSON",
-            "invalid_request_error",
-            "invalid_json",
-        );
+    let request = match request_of(&headers, &body) {
+        Ok(request) => request,
+        Err(refused) => return *refused,
     };
     let Some(prompt) = input_text(&request["input"]) else {
         return error(
