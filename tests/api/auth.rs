@@ -251,34 +251,29 @@ async fn upgrade_kills_tokens_that_slipped_into_revoked_families(db: Db) {
         let revoked_at = revoked.then_some(now);
         let hash = relay::auth::jwt::token_hash(&token);
         let expires_at = now + chrono::Duration::hours(1);
+        // One statement, type-checked for each engine's pool.
+        macro_rules! insert_on {
+            ($pool:expr) => {
+                sqlx::query(sql)
+                    .bind(id)
+                    .bind(user.id)
+                    .bind(family)
+                    .bind(&hash)
+                    .bind(expires_at)
+                    .bind(now)
+                    .bind(used_at)
+                    .bind(revoked_at)
+                    .execute($pool)
+                    .await
+                    .unwrap();
+            };
+        }
         match &store {
             Store::Sqlite(pool) => {
-                sqlx::query(sql)
-                    .bind(id)
-                    .bind(user.id)
-                    .bind(family)
-                    .bind(hash)
-                    .bind(expires_at)
-                    .bind(now)
-                    .bind(used_at)
-                    .bind(revoked_at)
-                    .execute(pool)
-                    .await
-                    .unwrap();
+                insert_on!(pool);
             }
             Store::Postgres(pool) => {
-                sqlx::query(sql)
-                    .bind(id)
-                    .bind(user.id)
-                    .bind(family)
-                    .bind(hash)
-                    .bind(expires_at)
-                    .bind(now)
-                    .bind(used_at)
-                    .bind(revoked_at)
-                    .execute(pool)
-                    .await
-                    .unwrap();
+                insert_on!(pool);
             }
         }
         tokens.push(token);
