@@ -46,11 +46,21 @@ pub enum ApiError {
     /// 404: no model with this id among those clients may use.
     #[error("the model {0:?} does not exist or is not offered on this server")]
     ModelNotFound(String),
+    /// 404: no stored response with this id that belongs to the caller (whether it exists for
+    /// someone else is not said). `param` names the request field it came from, if any.
+    #[error("no response with id {id:?} was found")]
+    ResponseNotFound {
+        /// The id asked for (already checked to be short and plain).
+        id: String,
+        /// The request field, e.g. `previous_response_id`.
+        param: Option<&'static str>,
+    },
     /// 404: no route serves this path.
     #[error(
         "{0} is not a path relay serves; under /api/v1 it serves auth/register, auth/login, \
          auth/me, auth/refresh, auth/logout, chat/completions, chat/completions/stream, \
-         chat/models, models, models/{{model}}, embeddings, health and health/detailed"
+         chat/models, models, models/{{model}}, embeddings, responses, responses/{{id}} (with \
+         /cancel and /input_items), health and health/detailed"
     )]
     NoRoute(String),
     /// 408: the request body did not arrive within `REQUEST_BODY_TIMEOUT_SECONDS`. Sent with
@@ -192,7 +202,10 @@ impl ApiError {
             Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
             Self::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
             Self::Forbidden { .. } => StatusCode::FORBIDDEN,
-            Self::NotFound | Self::NoRoute(_) | Self::ModelNotFound(_) => StatusCode::NOT_FOUND,
+            Self::NotFound
+            | Self::NoRoute(_)
+            | Self::ModelNotFound(_)
+            | Self::ResponseNotFound { .. } => StatusCode::NOT_FOUND,
             Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -212,7 +225,7 @@ impl ApiError {
             Self::BadRequest { code, .. }
             | Self::Unauthorized { code, .. }
             | Self::Forbidden { code, .. } => code,
-            Self::NotFound | Self::NoRoute(_) => "not_found",
+            Self::NotFound | Self::NoRoute(_) | Self::ResponseNotFound { .. } => "not_found",
             Self::ModelNotFound(_) => "model_not_found",
             Self::RequestTimeout => "request_timeout",
             Self::Conflict(_) => "conflict",
@@ -319,6 +332,12 @@ impl IntoResponse for ApiError {
                 response.extensions_mut().insert(ErrorDetail(why.clone()));
                 response
             }
+            Self::ResponseNotFound { param, .. } => envelope_response(
+                status,
+                self.to_string(),
+                self.code(),
+                param.map(str::to_owned),
+            ),
             Self::Validation { message, param } => {
                 envelope_response(status, message, "invalid_value", Some(param))
             }

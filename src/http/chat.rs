@@ -94,21 +94,26 @@ async fn relay_chat(
 ) -> Result<Response, ApiError> {
     let chat = prepare(raw, state.upstream.policy(), force_stream)?;
     Ok(match complete(&state.upstream, chat, ctx).await? {
-        Completion::Stream(events) => (
-            [
-                (
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static("text/event-stream"),
-                ),
-                (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
-                (
-                    header::HeaderName::from_static("x-accel-buffering"),
-                    HeaderValue::from_static("no"),
-                ),
-            ],
-            Body::from_stream(events),
-        )
-            .into_response(),
+        Completion::Stream(events) => event_stream_response(Body::from_stream(events)),
         Completion::Json(body) => json_bytes(body),
     })
+}
+
+/// A `text/event-stream` answer, marked so that no cache or proxy (nginx) holds it back.
+pub fn event_stream_response(events: Body) -> Response {
+    (
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/event-stream"),
+            ),
+            (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+            (
+                header::HeaderName::from_static("x-accel-buffering"),
+                HeaderValue::from_static("no"),
+            ),
+        ],
+        events,
+    )
+        .into_response()
 }

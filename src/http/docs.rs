@@ -18,6 +18,7 @@ use utoipa_swagger_ui::SwaggerUi;
     tags(
         (name = "auth", description = "Users and tokens"),
         (name = "chat", description = "The OpenAI-compatible relay"),
+        (name = "responses", description = "The Responses API; stored responses are served to their creator only"),
         (name = "health", description = "Health checks"),
     )
 )]

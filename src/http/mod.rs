@@ -11,7 +11,8 @@
 //! 3. `CatchPanicLayer` — a panicking handler becomes a 500 envelope, not a dropped connection.
 //! 4. `DefaultBodyLimit` — bodies over `MAX_REQUEST_BYTES` are refused (413) while being read.
 //! 5. Per-group layers: `Cache-Control: no-store` on `/auth/*`; the rate limit
-//!    (`ratelimit::limit`, a `route_layer`, so unknown paths are not limited) on chat, models
+//!    (`ratelimit::limit`, a `route_layer`, so unknown paths are not limited) on chat (with
+//!    embeddings and responses), models
 //!    and the account (`me`, `logout`) (per user), register and refresh (per IP). Login checks
 //!    its limits (IP, then email) in its handler.
 //!
@@ -41,6 +42,7 @@ pub mod health;
 pub mod middleware;
 pub mod models;
 pub mod ratelimit;
+pub mod responses;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
@@ -109,7 +111,11 @@ fn routes(state: Option<&AppState>) -> OpenApiRouter<AppState> {
     let chat = OpenApiRouter::new()
         .routes(routes!(chat::create_chat_completion))
         .routes(routes!(chat::stream_chat_completion))
-        .routes(routes!(embeddings::create_embedding));
+        .routes(routes!(embeddings::create_embedding))
+        .routes(routes!(responses::create_response))
+        .routes(routes!(responses::get_response, responses::delete_response))
+        .routes(routes!(responses::cancel_response))
+        .routes(routes!(responses::list_input_items));
     let models = OpenApiRouter::new()
         .routes(routes!(models::list_chat_models))
         .routes(routes!(models::list_models))

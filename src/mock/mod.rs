@@ -7,9 +7,10 @@
 //! `GET /v1/models/{id}` with `mock-echo` and `mock-embed`. Models named `mock-error-<status>`
 //! answer with that status and an OpenAI error body (429 with `Retry-After: 7`), so clients'
 //! error handling can be tried. `POST /v1/responses` answers the Responses API the same way
-//! (`responses.rs`): a response object, or its typed event stream.
-//! It keeps no state and does little work per request, so that it is never the bottleneck of a
-//! benchmark.
+//! (`responses.rs`): a response object, or its typed event stream; it keeps the most recent
+//! responses for `GET`/`DELETE /v1/responses/{id}`, `/cancel` and `/input_items`, and refuses an
+//! unknown `previous_response_id` with a 404, as OpenAI does. Apart from those, it keeps no
+//! state and does little work per request, so that it is never the bottleneck of a benchmark.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -51,6 +52,8 @@ pub struct MockOptions {
 struct Mock {
     options: MockOptions,
     counter: AtomicU64,
+    /// Stored responses (the most recent few thousand), for `GET /v1/responses/{id}` & co.
+    stored: std::sync::Mutex<responses::Stored>,
 }
 
 /// The mock's routes.
@@ -58,6 +61,7 @@ pub fn router(options: MockOptions) -> Router {
     let state = Arc::new(Mock {
         options,
         counter: AtomicU64::new(0),
+        stored: std::sync::Mutex::default(),
     });
     Router::new()
         .route("/v1/chat/completions", post(chat_completions))
@@ -65,6 +69,18 @@ pub fn router(options: MockOptions) -> Router {
         .route("/v1/models/{id}", get(get_model))
         .route("/v1/embeddings", post(embeddings::create_embeddings))
         .route("/v1/responses", post(responses::create_response))
+        .route(
+            "/v1/responses/{id}",
+            get(responses::get_response).delete(responses::delete_response),
+        )
+        .route(
+            "/v1/responses/{id}/cancel",
+            post(responses::cancel_response),
+        )
+        .route(
+            "/v1/responses/{id}/input_items",
+            get(responses::list_input_items),
+        )
         // Whatever relay may forward (its `MAX_REQUEST_BYTES` is 8 MiB by default), and more.
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)

@@ -1,18 +1,82 @@
 //! The mock's Responses API: `POST /v1/responses` echoes the last user text, as one response
 //! object or, with `"stream": true`, as the typed event sequence OpenAI sends
 //! (`response.created` … `response.output_text.delta` … `response.completed`, each
-//! `event: <type>` + `data: <json>` with a `sequence_number`), usage included.
+//! `event: <type>` + `data: <json>` with a `sequence_number`), usage included. Responses are
+//! kept (the most recent [`MAX_STORED`]) for the calls on a stored response.
 
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use http::{HeaderMap, StatusCode};
 use serde_json::{Value, json};
 
-use super::{MOCK_MODEL, Mock, error, now, pieces, request_of, sse, text_of};
+use super::{
+    MOCK_MODEL, Mock, authorized, error, missing_key, now, pieces, request_of, sse, text_of,
+};
+
+/// How many responses the mock keeps.
+const MAX_STORED: usize = 4096;
+
+/// A stored response and its input items.
+struct Entry {
+    response: Value,
+    input_items: Vec<Value>,
+    background: bool,
+}
+
+/// The responses the mock keeps, oldest dropped first.
+#[derive(Default)]
+pub(super) struct Stored {
+    order: VecDeque<String>,
+    by_id: HashMap<String, Entry>,
+}
+
+impl Stored {
+    fn insert(&mut self, id: String, entry: Entry) {
+        if self.order.len() >= MAX_STORED
+            && let Some(oldest) = self.order.pop_front()
+        {
+            self.by_id.remove(&oldest);
+        }
+        self.order.push_back(id.clone());
+        self.by_id.insert(id, entry);
+    }
+}
+
+/// The input as a list of items, each with an id, as `input_items` lists them.
+fn input_items(id: &str, input: &Value) -> Vec<Value> {
+    let items = match input {
+        Value::String(text) => vec![json!({
+            "type": "message", "role": "user",
+            "content": [{"type": "input_text", "text": text}]
+        })],
+        Value::Array(items) => items.clone(),
+        _ => Vec::new(),
+    };
+    items
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut item)| {
+            if item.get("id").is_none() && item.is_object() {
+                item["id"] = json!(format!("msg_in{i}_{id}"));
+                item["status"] = json!("completed");
+            }
+            item
+        })
+        .collect()
+}
+
+fn not_found(id: &str) -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        &format!("Response with id '{id}' not found."),
+        "invalid_request_error",
+        "not_found",
+    )
+}
 
 /// The text of `input`: a string, or the last user message of a list of input items.
 fn input_text(input: &Value) -> Option<String> {
@@ -87,8 +151,23 @@ pub(super) async fn create_response(
     } else {
         prompt.clone()
     };
+    if let Some(previous) = request["previous_response_id"].as_str() {
+        let known = mock
+            .stored
+            .lock()
+            .is_ok_and(|stored| stored.by_id.contains_key(previous));
+        if !known {
+            return error(
+                StatusCode::NOT_FOUND,
+                &format!("Previous response with id '{previous}' not found."),
+                "invalid_request_error",
+                "previous_response_not_found",
+            );
+        }
+    }
     let input_tokens = prompt.split_whitespace().count();
-    let id = format!("resp_mock{}", mock.counter.fetch_add(1, Ordering::Relaxed));
+    // Unguessable, like OpenAI's: a response id is not a secret, but it is not a counter either.
+    let id = format!("resp_{}", uuid::Uuid::new_v4().simple());
     if !mock.options.latency.is_zero() {
         tokio::time::sleep(mock.options.latency).await;
     }
@@ -100,6 +179,18 @@ pub(super) async fn create_response(
         "output_tokens_details": {"reasoning_tokens": 0}
     });
     let done = response_object(&id, &model, &request, "completed", Some(&answer), usage);
+    if request["store"].as_bool() != Some(false)
+        && let Ok(mut stored) = mock.stored.lock()
+    {
+        stored.insert(
+            id.clone(),
+            Entry {
+                response: done.clone(),
+                input_items: input_items(&id, &request["input"]),
+                background: request["background"].as_bool() == Some(true),
+            },
+        );
+    }
     if request["stream"].as_bool() != Some(true) {
         return axum::Json(done).into_response();
     }
@@ -148,6 +239,86 @@ pub(super) async fn create_response(
         })
         .collect();
     sse(frames, mock.options.chunk_delay)
+}
+
+/// Runs `f` on the stored response `id`, or answers 404 (401 without a key).
+fn with_stored(
+    mock: &Mock,
+    headers: &HeaderMap,
+    id: &str,
+    f: impl FnOnce(&mut Stored) -> Response,
+) -> Response {
+    if !authorized(headers) {
+        return missing_key();
+    }
+    match mock.stored.lock() {
+        Ok(mut stored) if stored.by_id.contains_key(id) => f(&mut stored),
+        _ => not_found(id),
+    }
+}
+
+/// `GET /v1/responses/{id}`.
+pub(super) async fn get_response(
+    State(mock): State<Arc<Mock>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    with_stored(&mock, &headers, &id, |stored| {
+        axum::Json(stored.by_id[&id].response.clone()).into_response()
+    })
+}
+
+/// `DELETE /v1/responses/{id}`.
+pub(super) async fn delete_response(
+    State(mock): State<Arc<Mock>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    with_stored(&mock, &headers, &id, |stored| {
+        stored.by_id.remove(&id);
+        stored.order.retain(|kept| *kept != id);
+        axum::Json(json!({"id": id, "object": "response.deleted", "deleted": true})).into_response()
+    })
+}
+
+/// `POST /v1/responses/{id}/cancel`: only a background response can be cancelled.
+pub(super) async fn cancel_response(
+    State(mock): State<Arc<Mock>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    with_stored(&mock, &headers, &id, |stored| {
+        let Some(entry) = stored.by_id.get_mut(&id) else {
+            return not_found(&id);
+        };
+        if !entry.background {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "Only responses created with background=true can be cancelled.",
+                "invalid_request_error",
+                "invalid_request",
+            );
+        }
+        entry.response["status"] = json!("cancelled");
+        axum::Json(entry.response.clone()).into_response()
+    })
+}
+
+/// `GET /v1/responses/{id}/input_items`.
+pub(super) async fn list_input_items(
+    State(mock): State<Arc<Mock>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    with_stored(&mock, &headers, &id, |stored| {
+        let items = &stored.by_id[&id].input_items;
+        axum::Json(json!({
+            "object": "list", "data": items, "has_more": false,
+            "first_id": items.first().and_then(|i| i.get("id")),
+            "last_id": items.last().and_then(|i| i.get("id")),
+        }))
+        .into_response()
+    })
 }
 
 #[cfg(test)]

@@ -149,6 +149,37 @@ impl<'de> Visitor<'de> for ObjectVisitor {
     }
 }
 
+/// Checks the number `name` of `body`, when present and not null: `min` ≤ it (≤ `max`), and a
+/// whole number when `integer`. The 422 names the field and the range.
+pub fn check_number(
+    body: &Fields<'_>,
+    name: &str,
+    min: f64,
+    max: Option<f64>,
+    integer: bool,
+) -> Result<(), ApiError> {
+    let ok = match body.scalar(name) {
+        Scalar::Absent | Scalar::Null => return Ok(()),
+        Scalar::Number {
+            value,
+            integer: is_int,
+        } => (is_int || !integer) && value >= min && max.is_none_or(|max| value <= max),
+        _ => false,
+    };
+    if ok {
+        return Ok(());
+    }
+    let range = match max {
+        Some(max) => format!("between {min} and {max}"),
+        None => format!("at least {min}"),
+    };
+    let kind = if integer { "an integer" } else { "a number" };
+    Err(ApiError::validation(
+        name,
+        format!("{name} must be {kind} {range}"),
+    ))
+}
+
 /// A value read leniently: what relay needs to check a field's type and range.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Scalar<'a> {

@@ -15,10 +15,10 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::Upstream;
-use super::body::{self, Fields, Scalar, Splices};
+use super::body::{self, Fields, Scalar, Splices, check_number};
 use super::client::Api;
 use super::models::ModelPolicy;
-use super::sse::SseRelay;
+use super::sse::{Protocol, SseRelay};
 use crate::context::{RequestContext, Usage};
 use crate::error::ApiError;
 
@@ -48,35 +48,6 @@ const FIELDS: &[&str] = &[
     "max_tokens",
     "max_completion_tokens",
 ];
-
-fn check_number(
-    body: &Fields<'_>,
-    name: &str,
-    min: f64,
-    max: Option<f64>,
-    integer: bool,
-) -> Result<(), ApiError> {
-    let ok = match body.scalar(name) {
-        Scalar::Absent | Scalar::Null => return Ok(()),
-        Scalar::Number {
-            value,
-            integer: is_int,
-        } => (is_int || !integer) && value >= min && max.is_none_or(|max| value <= max),
-        _ => false,
-    };
-    if ok {
-        return Ok(());
-    }
-    let range = match max {
-        Some(max) => format!("between {min} and {max}"),
-        None => format!("at least {min}"),
-    };
-    let kind = if integer { "an integer" } else { "a number" };
-    Err(ApiError::validation(
-        name,
-        format!("{name} must be {kind} {range}"),
-    ))
-}
 
 /// Each message must be an object with a non-empty string `role` (given once).
 fn check_message(i: usize, raw: &RawValue) -> Result<(), ApiError> {
@@ -224,6 +195,7 @@ pub fn prepare(
 }
 
 /// What the upstream answered, ready for the client.
+#[allow(clippy::large_enum_variant)] // made once per request and consumed at once; boxing it would add an allocation
 pub enum Completion {
     /// Server-sent events, relayed as they arrive (usage recorded in the request's context).
     Stream(SseRelay<BodyDataStream<Incoming>>),
@@ -257,7 +229,9 @@ pub async fn complete(
         return Ok(Completion::Stream(SseRelay::new(
             BodyDataStream::new(response.into_body()),
             upstream.timeout(),
-            chat.forward_usage,
+            Protocol::Chat {
+                forward_usage: chat.forward_usage,
+            },
             ctx,
             upstream.mask(),
         )));

@@ -38,6 +38,8 @@ pub enum Api {
     ChatCompletions,
     /// `POST /embeddings`.
     Embeddings,
+    /// `POST /responses`.
+    Responses,
 }
 
 /// An upstream answer whose headers arrived; its body is read (or streamed) by the caller.
@@ -57,7 +59,10 @@ pub struct Upstream {
     client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     chat_uri: Uri,
     embeddings_uri: Uri,
+    responses_uri: Uri,
     models_uri: Uri,
+    /// The base URL without its trailing slash, for paths built per request.
+    base: String,
     authorization: HeaderValue,
     mask: Arc<KeyMask>,
     timeout: Duration,
@@ -127,7 +132,9 @@ impl Upstream {
             client,
             chat_uri: join(&config.base_url, "chat/completions")?,
             embeddings_uri: join(&config.base_url, "embeddings")?,
+            responses_uri: join(&config.base_url, "responses")?,
             models_uri: join(&config.base_url, "models")?,
+            base: config.base_url.as_str().trim_end_matches('/').to_owned(),
             authorization,
             mask: Arc::new(KeyMask::new(api_key)),
             timeout: config.timeout,
@@ -170,6 +177,7 @@ impl Upstream {
         let uri = match api {
             Api::ChatCompletions => &self.chat_uri,
             Api::Embeddings => &self.embeddings_uri,
+            Api::Responses => &self.responses_uri,
         };
         let request = Request::post(uri.clone())
             .header(AUTHORIZATION, self.authorization.clone())
@@ -178,6 +186,32 @@ impl Upstream {
             .header(USER_AGENT, USER_AGENT_VALUE)
             .body(Full::new(body));
         self.send(request).await
+    }
+
+    /// Sends `method` to `path` under the base URL (e.g. `responses/resp_1/cancel`, with a
+    /// query string when the client gave one), asking for JSON; `body` for a POST. `path` must
+    /// be made of characters already checked by the caller.
+    pub async fn call(
+        &self,
+        method: http::Method,
+        path: &str,
+        body: Bytes,
+    ) -> Result<UpstreamResponse, ApiError> {
+        let uri =
+            Uri::try_from(format!("{}/{path}", self.base)).map_err(|_| ApiError::BadRequest {
+                message: "the request path or query is not valid".into(),
+                code: "invalid_request",
+            })?;
+        let mut request = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header(AUTHORIZATION, self.authorization.clone())
+            .header(ACCEPT, HeaderValue::from_static("application/json"))
+            .header(USER_AGENT, USER_AGENT_VALUE);
+        if !body.is_empty() {
+            request = request.header(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        }
+        self.send(request.body(Full::new(body))).await
     }
 
     async fn send(

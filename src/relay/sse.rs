@@ -6,10 +6,15 @@
 //! upstream's body, so backpressure is end to end, and when the client goes away the stream is
 //! dropped and the upstream connection with it.
 //!
-//! Each complete event is looked at once, to pick up `usage`, notice `[DONE]` and upstream error
-//! events, and to drop the usage chunk when the client did not ask for it. Anything that does
-//! not parse is relayed as it came. When the upstream fails, stalls for longer than the idle
-//! timeout, or ends without `[DONE]`, the client gets one final `data: {"error": …}` event.
+//! Two protocols ([`Protocol`]): Chat Completions (`data:` chunks ending with `data: [DONE]`)
+//! and the Responses API (typed events, `event: <type>` + `data:`, ending with
+//! `response.completed`, `response.incomplete` or `response.failed`). Each complete event is
+//! looked at once, and parsed only where relay needs something from it: the usage, the end of
+//! the stream, upstream errors (masked), the usage chunk a chat client did not ask for
+//! (dropped), and a response's id (from `response.created`). Anything that does not parse is
+//! relayed as it came. When the upstream fails, stalls for longer than the idle timeout, or
+//! ends before its last event, the client gets one final error event in the protocol's shape:
+//! `data: {"error": …}` for chat, `event: error` for responses.
 //!
 //! (Over 400 lines with its unit tests, which feed it split, cut and stalled streams; the
 //! relay itself is about 250 lines and one piece: the poll loop and the event inspection.)
@@ -72,9 +77,48 @@ fn event_data(event: &[u8]) -> Option<std::borrow::Cow<'_, [u8]>> {
     }
 }
 
-/// The final event sent when the upstream fails mid-stream.
-pub fn error_event(message: &str, code: &str) -> Bytes {
-    ErrorEnvelope::new("server_error", message, Some(code.to_owned()), None).to_sse_event()
+/// Which stream protocol is relayed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// Chat Completions: `data:` chunks ending with `data: [DONE]`. The usage chunk (relay
+    /// always asks for it) reaches the client only when `forward_usage`.
+    Chat {
+        /// Whether the client asked for the usage chunk.
+        forward_usage: bool,
+    },
+    /// The Responses API: typed events ending with `response.completed`, `.incomplete` or
+    /// `.failed`; usage is in the last one.
+    Responses,
+}
+
+/// The final event sent when the upstream fails mid-stream, in `protocol`'s shape. For the
+/// Responses API it is an `error` event with both shapes clients read: the flat one OpenAI
+/// sends (`type`, `code`, `message`, `param`, `sequence_number`) and the nested `error` object
+/// that makes the Python SDK raise.
+pub fn error_event(protocol: Protocol, sequence: u64, message: &str, code: &str) -> Bytes {
+    let envelope = ErrorEnvelope::new("server_error", message, Some(code.to_owned()), None);
+    match protocol {
+        Protocol::Chat { .. } => envelope.to_sse_event(),
+        Protocol::Responses => {
+            let data = serde_json::json!({
+                "type": "error",
+                "sequence_number": sequence,
+                "code": code,
+                "message": message,
+                "param": null,
+                "error": envelope.error,
+            });
+            Bytes::from(format!("event: error\ndata: {data}\n\n"))
+        }
+    }
+}
+
+/// The `event:` name of an event, if it has one.
+fn event_name(event: &[u8]) -> Option<&[u8]> {
+    event.split(|b| *b == b'\n').find_map(|line| {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        line.strip_prefix(b"event:").map(<[u8]>::trim_ascii)
+    })
 }
 
 /// The largest event held while waiting for its end.
@@ -95,7 +139,7 @@ pin_project_lite::pin_project! {
         idle: tokio::time::Sleep,
         timeout: Duration,
         buf: BytesMut,
-        forward_usage: bool,
+        protocol: Protocol,
         ctx: Arc<RequestContext>,
         mask: Arc<KeyMask>,
         seen: Seen,
@@ -104,12 +148,12 @@ pin_project_lite::pin_project! {
 }
 
 impl<S> SseRelay<S> {
-    /// Relays `upstream`, ending with an error event after `timeout` without a byte; keys in
-    /// the upstream's own error events are masked with `mask`.
+    /// Relays `upstream` in `protocol`, ending with an error event after `timeout` without a
+    /// byte; keys in the upstream's own error events are masked with `mask`.
     pub fn new(
         upstream: S,
         timeout: Duration,
-        forward_usage: bool,
+        protocol: Protocol,
         ctx: Arc<RequestContext>,
         mask: Arc<KeyMask>,
     ) -> Self {
@@ -118,12 +162,18 @@ impl<S> SseRelay<S> {
             idle: tokio::time::sleep(timeout),
             timeout,
             buf: BytesMut::new(),
-            forward_usage,
+            protocol,
             ctx,
             mask,
             seen: Seen::default(),
             phase: Phase::Streaming,
         }
+    }
+
+    /// The id of the response being streamed, once its `response.created` event was seen
+    /// (Responses API only).
+    pub fn response_id(&self) -> Option<&str> {
+        self.seen.response_id.as_deref()
     }
 }
 
@@ -140,37 +190,93 @@ enum Verdict {
 /// Looks at one complete event.
 fn inspect(
     event: &[u8],
-    forward_usage: bool,
+    protocol: Protocol,
     ctx: &RequestContext,
     mask: &KeyMask,
     seen: &mut Seen,
 ) -> Verdict {
+    seen.events += 1;
     let Some(data) = event_data(event) else {
         return Verdict::Keep;
     };
     let data: &[u8] = &data;
-    if data.trim_ascii() == b"[DONE]" {
-        seen.done = true;
-        return Verdict::Keep;
-    }
     let mentions = |needle: &[u8]| memchr::memmem::find(data, needle).is_some();
     let error_like = mentions(b"\"error\"");
-    if !error_like && !mentions(b"\"usage\"") {
-        return Verdict::Keep;
-    }
-    if let Ok(chunk) = serde_json::from_slice::<ChunkView>(data) {
-        seen.error |= chunk.error.is_some();
-        if let Some(usage) = chunk.usage {
-            ctx.set_usage(usage);
-            if !forward_usage && chunk.choices.as_ref().is_none_or(Vec::is_empty) {
-                return Verdict::Drop;
+    match protocol {
+        Protocol::Chat { forward_usage } => {
+            if data.trim_ascii() == b"[DONE]" {
+                seen.done = true;
+                return Verdict::Keep;
+            }
+            if !error_like && !mentions(b"\"usage\"") {
+                return Verdict::Keep;
+            }
+            if let Ok(chunk) = serde_json::from_slice::<ChunkView>(data) {
+                seen.error |= chunk.error.is_some();
+                if let Some(usage) = chunk.usage {
+                    ctx.set_usage(usage);
+                    if !forward_usage && chunk.choices.as_ref().is_none_or(Vec::is_empty) {
+                        return Verdict::Drop;
+                    }
+                }
             }
         }
+        Protocol::Responses => match event_name(event) {
+            Some(b"response.created") => {
+                if let Ok(created) = serde_json::from_slice::<ResponseEvent>(data) {
+                    seen.response_id = Some(created.response.id);
+                }
+            }
+            Some(b"response.completed" | b"response.incomplete" | b"response.failed") => {
+                seen.done = true;
+                if let Ok(last) = serde_json::from_slice::<ResponseEvent>(data)
+                    && let Some(usage) = last.response.usage
+                {
+                    ctx.set_usage(usage.into());
+                }
+            }
+            Some(b"error") => seen.error = true,
+            _ => {}
+        },
     }
     // An error from the upstream, parsed or not: nothing in it may carry a key to the client.
     match error_like.then(|| masked(mask, event)).flatten() {
         Some(event) => Verdict::Replace(event),
         None => Verdict::Keep,
+    }
+}
+
+/// A Responses API event that carries the response object, as far as relay reads it.
+#[derive(Deserialize)]
+struct ResponseEvent {
+    response: ResponseView,
+}
+
+/// A response object, as far as relay reads it (also the non-streamed answer).
+#[derive(Deserialize)]
+pub struct ResponseView {
+    /// The id the upstream stores it under.
+    pub id: String,
+    /// Token counts, once the response is complete.
+    #[serde(default)]
+    pub usage: Option<ResponseUsage>,
+}
+
+/// The Responses API's usage object.
+#[derive(Debug, Clone, Copy, Deserialize)]
+pub struct ResponseUsage {
+    #[serde(default)]
+    input_tokens: u64,
+    #[serde(default)]
+    output_tokens: u64,
+}
+
+impl From<ResponseUsage> for Usage {
+    fn from(usage: ResponseUsage) -> Self {
+        Usage {
+            prompt_tokens: usage.input_tokens,
+            completion_tokens: usage.output_tokens,
+        }
     }
 }
 
@@ -184,8 +290,14 @@ fn masked(mask: &KeyMask, bytes: &[u8]) -> Option<Bytes> {
 /// What the stream has shown so far.
 #[derive(Debug, Default)]
 struct Seen {
+    /// The last event was seen (`[DONE]`, or a response's final event).
     done: bool,
+    /// The upstream sent an error event.
     error: bool,
+    /// Events seen so far (the sequence number of the next one, in the Responses API).
+    events: u64,
+    /// The response's id, from `response.created`.
+    response_id: Option<String>,
 }
 
 /// An error from the upstream body.
@@ -235,7 +347,7 @@ where
                         let end = scanned + len;
                         let verdict = inspect(
                             &this.buf[scanned..end],
-                            *this.forward_usage,
+                            *this.protocol,
                             this.ctx,
                             this.mask,
                             this.seen,
@@ -249,7 +361,8 @@ where
                         }
                         scanned = end;
                         if this.seen.done {
-                            // Nothing may follow `[DONE]`; do not wait for the upstream to close.
+                            // Nothing may follow the last event; do not wait for the upstream to
+                            // close.
                             *this.phase = Phase::Finished;
                             break;
                         }
@@ -279,13 +392,18 @@ where
                 Poll::Ready(Some(Err(err))) => {
                     *this.phase = Phase::Finished;
                     tracing::warn!(error = %err, "upstream stream failed");
+                    let (protocol, sequence) = (*this.protocol, this.seen.events);
                     let event = if err.is_timeout() || this.idle.is_elapsed() {
                         error_event(
+                            protocol,
+                            sequence,
                             "the upstream stopped sending for too long",
                             "upstream_timeout",
                         )
                     } else {
                         error_event(
+                            protocol,
+                            sequence,
                             "the upstream connection failed mid-stream",
                             "upstream_stream_error",
                         )
@@ -303,9 +421,11 @@ where
                     // would fail on it before they saw the error event.
                     tracing::warn!(
                         dropped_bytes = rest.len(),
-                        "upstream stream ended without [DONE]"
+                        "upstream stream ended before its last event"
                     );
                     return Poll::Ready(Some(Ok(error_event(
+                        *this.protocol,
+                        this.seen.events,
                         "the upstream stream ended unexpectedly",
                         "upstream_stream_error",
                     ))));
@@ -318,6 +438,8 @@ where
                             "upstream stream stalled"
                         );
                         return Poll::Ready(Some(Ok(error_event(
+                            *this.protocol,
+                            this.seen.events,
                             "the upstream stopped sending for too long",
                             "upstream_timeout",
                         ))));
@@ -360,26 +482,38 @@ mod tests {
         chunks: Vec<Result<&'static str, &'static str>>,
         forward_usage: bool,
     ) -> (String, Arc<RequestContext>) {
+        let (text, ctx, _) = relay_in(Protocol::Chat { forward_usage }, chunks).await;
+        (text, ctx)
+    }
+
+    /// Relays `chunks`; returns the text, the context and the response id seen.
+    async fn relay_in(
+        protocol: Protocol,
+        chunks: Vec<Result<&'static str, &'static str>>,
+    ) -> (String, Arc<RequestContext>, Option<String>) {
         let ctx = ctx();
         let upstream = futures_util::stream::iter(
             chunks
                 .into_iter()
                 .map(|c| c.map(|s| Bytes::from_static(s.as_bytes()))),
         );
-        let out: Vec<_> = SseRelay::new(
+        let mut stream = Box::pin(SseRelay::new(
             upstream,
             Duration::from_secs(5),
-            forward_usage,
+            protocol,
             ctx.clone(),
             mask(),
-        )
-        .collect()
-        .await;
+        ));
+        let mut out = Vec::new();
+        while let Some(item) = stream.next().await {
+            out.push(item);
+        }
+        let id = stream.response_id().map(str::to_owned);
         let text = out
             .into_iter()
             .map(|b| String::from_utf8(b.unwrap().to_vec()).unwrap())
             .collect();
-        (text, ctx)
+        (text, ctx, id)
     }
 
     const USAGE: &str =
@@ -511,10 +645,83 @@ mod tests {
         let upstream =
             futures_util::stream::iter([Ok::<_, &str>(Bytes::from_static(b"data: {}\n\n"))])
                 .chain(futures_util::stream::pending());
-        let out: Vec<_> = SseRelay::new(upstream, Duration::from_secs(2), false, ctx(), mask())
-            .collect()
-            .await;
+        let out: Vec<_> = SseRelay::new(
+            upstream,
+            Duration::from_secs(2),
+            Protocol::Chat {
+                forward_usage: false,
+            },
+            ctx(),
+            mask(),
+        )
+        .collect()
+        .await;
         assert_eq!(out.len(), 2);
         assert!(String::from_utf8_lossy(out[1].as_ref().unwrap()).contains("upstream_timeout"));
+    }
+
+    const CREATED: &str = "event: response.created\ndata: {\"type\":\"response.created\",\"sequence_number\":0,\"response\":{\"id\":\"resp_1\",\"usage\":null,\"error\":null}}\n\n";
+    const DELTA: &str = "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"sequence_number\":1,\"delta\":\"hi\"}\n\n";
+    const COMPLETED: &str = "event: response.completed\ndata: {\"type\":\"response.completed\",\"sequence_number\":2,\"response\":{\"id\":\"resp_1\",\"usage\":{\"input_tokens\":4,\"output_tokens\":6,\"total_tokens\":10}}}\n\n";
+
+    #[tokio::test]
+    async fn responses_events_pass_with_their_id_and_usage_tapped() {
+        let (out, ctx, id) = relay_in(
+            Protocol::Responses,
+            vec![
+                Ok(CREATED),
+                Ok(&DELTA[..20]),
+                Ok(&DELTA[20..]),
+                Ok(COMPLETED),
+                // Nothing after the last event is relayed, nor waited for.
+                Ok("event: response.output_text.delta\ndata: {}\n\n"),
+            ],
+        )
+        .await;
+        assert_eq!(out, format!("{CREATED}{DELTA}{COMPLETED}"));
+        assert_eq!(id.as_deref(), Some("resp_1"));
+        assert_eq!(
+            ctx.usage(),
+            Some(Usage {
+                prompt_tokens: 4,
+                completion_tokens: 6
+            })
+        );
+    }
+
+    #[tokio::test]
+    async fn a_cut_responses_stream_ends_with_an_error_event() {
+        for cut in [
+            Err("connection reset"),
+            Ok("event: response.output_text.delta\ndata: {\"ty"),
+        ] {
+            let (out, _, _) =
+                relay_in(Protocol::Responses, vec![Ok(CREATED), Ok(DELTA), cut]).await;
+            let last = out.strip_prefix(&format!("{CREATED}{DELTA}")).unwrap();
+            let data = last
+                .strip_prefix("event: error\ndata: ")
+                .and_then(|rest| rest.strip_suffix("\n\n"))
+                .unwrap_or_else(|| panic!("not one error event: {last:?}"));
+            let data: serde_json::Value = serde_json::from_str(data).unwrap();
+            assert_eq!(data["type"], "error");
+            assert_eq!(data["sequence_number"], 2);
+            assert_eq!(data["code"], "upstream_stream_error");
+            assert_eq!(data["error"]["code"], "upstream_stream_error");
+            assert!(data["message"].as_str().unwrap().contains("upstream"));
+        }
+        // An upstream that ends cleanly on its final event needs no error event.
+        let (out, _, _) = relay_in(Protocol::Responses, vec![Ok(CREATED), Ok(COMPLETED)]).await;
+        assert_eq!(out, format!("{CREATED}{COMPLETED}"));
+    }
+
+    #[tokio::test]
+    async fn upstream_responses_error_events_end_the_stream_masked() {
+        let failed = "event: error\ndata: {\"type\":\"error\",\"code\":\"x\",\"message\":\"bad key upstream-secret-key\",\"sequence_number\":1}\n\n";
+        let (out, _, _) = relay_in(Protocol::Responses, vec![Ok(CREATED), Ok(failed)]).await;
+        assert!(out.starts_with(CREATED));
+        assert!(out.contains("bad key [redacted]"), "{out}");
+        assert!(!out.contains("upstream-secret-key"));
+        // The upstream's own error event ends the stream: no second one from relay.
+        assert_eq!(out.matches("event: error").count(), 1, "{out}");
     }
 }

@@ -69,6 +69,7 @@ macro_rules! on_pool {
     };
 }
 
+mod responses;
 mod tokens;
 mod users;
 

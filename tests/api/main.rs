@@ -12,4 +12,5 @@ mod hostile_bodies;
 mod http;
 mod openapi;
 mod ratelimit;
+mod responses;
 mod startup;

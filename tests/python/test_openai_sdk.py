@@ -121,3 +121,64 @@ def test_spent_capacity_raises_rate_limit_error(relay_url):
     assert err.value.body["type"] == "rate_limit_error"
     assert int(err.value.response.headers["retry-after"]) >= 1
     assert err.value.response.headers["x-ratelimit-remaining"] == "0"
+
+
+@pytest.fixture(scope="module")
+def responses_client(relay_url):
+    token = new_user_token(relay_url, "responses@example.com")
+    return openai.OpenAI(base_url=f"{relay_url}/api/v1", api_key=token, max_retries=0)
+
+
+def test_responses_create(responses_client):
+    response = responses_client.responses.create(model="mock-echo", input="the quick brown fox")
+    assert response.object == "response"
+    assert response.status == "completed"
+    assert response.output_text == "the quick brown fox"
+    assert (response.usage.input_tokens, response.usage.output_tokens) == (4, 4)
+
+
+def test_responses_stream(responses_client):
+    stream = responses_client.responses.create(
+        model="mock-echo", input=[{"role": "user", "content": "jumps over the dog"}], stream=True
+    )
+    events = list(stream)
+    assert events[0].type == "response.created"
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert text == "jumps over the dog"
+    assert events[-1].type == "response.completed"
+    assert events[-1].response.usage.output_tokens == 4
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+
+
+def test_responses_previous_response_id_is_the_owners_only(relay_url, responses_client):
+    first = responses_client.responses.create(model="mock-echo", input="remember the fox")
+    second = responses_client.responses.create(
+        model="mock-echo", input="what did I say?", previous_response_id=first.id
+    )
+    assert second.previous_response_id == first.id
+    assert responses_client.responses.retrieve(first.id).output_text == "remember the fox"
+    items = responses_client.responses.input_items.list(first.id)
+    assert items.data[0].content[0].text == "remember the fox"
+
+    other = openai.OpenAI(
+        base_url=f"{relay_url}/api/v1",
+        api_key=new_user_token(relay_url, "other@example.com"),
+        max_retries=0,
+    )
+    with pytest.raises(openai.NotFoundError) as err:
+        other.responses.create(model="mock-echo", input="tell me", previous_response_id=first.id)
+    assert err.value.body["param"] == "previous_response_id"
+    with pytest.raises(openai.NotFoundError):
+        other.responses.retrieve(first.id)
+    with pytest.raises(openai.NotFoundError):
+        other.responses.delete(first.id)
+    # Still there for its owner, who can delete it.
+    responses_client.responses.delete(first.id)
+    with pytest.raises(openai.NotFoundError):
+        responses_client.responses.retrieve(first.id)
+
+
+def test_responses_conversation_is_refused_clearly(responses_client):
+    with pytest.raises(openai.UnprocessableEntityError) as err:
+        responses_client.responses.create(model="mock-echo", input="x", conversation="conv_1")
+    assert err.value.body["param"] == "conversation"

@@ -28,6 +28,10 @@ pub struct Shared {
     pub model_hits: AtomicUsize,
     /// When a streaming response's body was dropped (the connection closed).
     pub stream_closed: Mutex<Option<Instant>>,
+    /// Calls on stored responses: `METHOD /v1/responses/…?query`.
+    pub stored_calls: Mutex<Vec<String>>,
+    /// Responses created so far (for their ids).
+    pub responses_created: AtomicUsize,
 }
 
 pub struct FakeUpstream {
@@ -50,6 +54,8 @@ pub async fn start() -> FakeUpstream {
     let app = Router::new()
         .route("/v1/chat/completions", post(chat))
         .route("/v1/models", get(models))
+        .route("/v1/responses", post(responses))
+        .route("/v1/responses/{*rest}", axum::routing::any(stored_response))
         .with_state(shared.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -195,3 +201,94 @@ async fn chat(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes
 }
 
 use futures_util::StreamExt as _;
+
+/// One typed event of the Responses API.
+fn typed(kind: &str, mut data: Value) -> Bytes {
+    data["type"] = json!(kind);
+    Bytes::from(format!("event: {kind}\ndata: {data}\n\n"))
+}
+
+fn delta(text: &str) -> Bytes {
+    typed(
+        "response.output_text.delta",
+        json!({"delta": text, "output_index": 0}),
+    )
+}
+
+/// `POST /v1/responses`: the model picks the behaviour, as for chat.
+async fn responses(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
+    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    shared.received.lock().unwrap().push(Received {
+        headers,
+        body: body.clone(),
+    });
+    let n = shared.responses_created.fetch_add(1, Ordering::SeqCst);
+    let id = format!("resp_fake{n}");
+    let object = |status: &str, usage: Value| {
+        json!({"id": id, "object": "response", "status": status, "model": body["model"],
+            "output": [], "usage": usage})
+    };
+    let created = typed(
+        "response.created",
+        json!({"response": object("in_progress", Value::Null)}),
+    );
+    let usage = json!({"input_tokens": 11, "output_tokens": 2, "total_tokens": 13});
+    let completed = typed(
+        "response.completed",
+        json!({"response": object("completed", usage.clone())}),
+    );
+    if body["stream"] != json!(true) {
+        return axum::Json(object("completed", usage)).into_response();
+    }
+    match body["model"].as_str().unwrap_or_default() {
+        "fake-cut" => {
+            let stream = futures_util::stream::iter([Ok(created), Ok(delta("partial"))]).chain(
+                futures_util::stream::once(async {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    Err::<Bytes, std::io::Error>(std::io::Error::other("cut"))
+                }),
+            );
+            sse(Body::from_stream(stream))
+        }
+        "fake-stall" => {
+            let stream =
+                futures_util::stream::iter([Ok::<_, Infallible>(created), Ok(delta("first"))])
+                    .chain(futures_util::stream::pending());
+            sse(Body::from_stream(stream))
+        }
+        "fake-endless" => {
+            let guard = CloseGuard(shared.clone());
+            let head = futures_util::stream::iter([Ok::<_, Infallible>(created)]);
+            let ticks = futures_util::stream::unfold(guard, |guard| async move {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                Some((Ok::<_, Infallible>(delta("tick ")), guard))
+            });
+            sse(Body::from_stream(head.chain(ticks)))
+        }
+        // A server that sends no `response.created`: streamed all the same.
+        "fake-no-created" => sse(Body::from_stream(futures_util::stream::iter([
+            Ok::<_, Infallible>(delta("no created")),
+            Ok(completed),
+        ]))),
+        _ => sse(Body::from_stream(futures_util::stream::iter([
+            Ok::<_, Infallible>(created),
+            Ok(delta("fake ")),
+            Ok(delta("answer")),
+            Ok(completed),
+        ]))),
+    }
+}
+
+/// Any call on a stored response: recorded, and answered with what was asked.
+async fn stored_response(
+    State(shared): State<Arc<Shared>>,
+    method: http::Method,
+    uri: http::Uri,
+) -> Response {
+    let call = format!(
+        "{method} {}",
+        uri.path_and_query().map_or("", |p| p.as_str())
+    );
+    shared.stored_calls.lock().unwrap().push(call.clone());
+    axum::Json(json!({"object": "response", "call": call})).into_response()
+}
