@@ -46,14 +46,14 @@ pub enum ApiError {
     /// 404: no model with this id among those clients may use.
     #[error("the model {0:?} does not exist or is not offered on this server")]
     ModelNotFound(String),
-    /// 404: no stored response with this id that belongs to the caller (whether it exists for
-    /// someone else is not said). `param` names the request field it came from, if any.
-    #[error("no response with id {id:?} was found")]
+    /// 404: no stored response or item with this id that belongs to the caller (whether it
+    /// exists for someone else is not said). `param` names the request field it came from.
+    #[error("no response or item with id {id:?} was found")]
     ResponseNotFound {
-        /// The id asked for (already checked to be short and plain).
+        /// The id asked for (cut to 128 characters; sent back as JSON, so escaped).
         id: String,
-        /// The request field, e.g. `previous_response_id`.
-        param: Option<&'static str>,
+        /// The request field, e.g. `previous_response_id` or `input[2].id`.
+        param: Option<String>,
     },
     /// 404: no route serves this path.
     #[error(
@@ -332,12 +332,9 @@ impl IntoResponse for ApiError {
                 response.extensions_mut().insert(ErrorDetail(why.clone()));
                 response
             }
-            Self::ResponseNotFound { param, .. } => envelope_response(
-                status,
-                self.to_string(),
-                self.code(),
-                param.map(str::to_owned),
-            ),
+            Self::ResponseNotFound { ref param, .. } => {
+                envelope_response(status, self.to_string(), self.code(), param.clone())
+            }
             Self::Validation { message, param } => {
                 envelope_response(status, message, "invalid_value", Some(param))
             }

@@ -1,8 +1,8 @@
--- Who created each stored response (the upstream keeps responses by id, under relay's one
--- key). relay serves a stored response, and accepts its id as previous_response_id, only for
--- the user recorded here.
+-- Who created each stored response and each of its output items (the upstream keeps them by
+-- id, under relay's one key). relay serves a stored response, and accepts an id as
+-- previous_response_id or in an input item, only for the user recorded here.
 CREATE TABLE response_owners (
-    response_id TEXT PRIMARY KEY,
+    object_id   TEXT PRIMARY KEY,
     user_id     UUID NOT NULL REFERENCES users (id) ON DELETE CASCADE,
     created_at  TIMESTAMPTZ NOT NULL
 );

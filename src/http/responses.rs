@@ -21,12 +21,14 @@ use crate::state::AppState;
 pub struct CreateResponseRequest {
     /// Model id; `DEFAULT_MODEL` when missing.
     model: Option<String>,
-    /// A string, or an array of input items (`item_reference` items are refused).
-    #[schema(value_type = Object)]
+    /// A string, or an array of input items (an item naming an `id` must be one of the
+    /// caller's).
+    #[schema(value_type = serde_json::Value)]
     input: serde_json::Value,
     /// Stream the answer as typed server-sent events.
     stream: Option<bool>,
     /// At least 1.
+    #[schema(minimum = 1)]
     max_output_tokens: Option<u32>,
     /// A response of the caller's own to continue.
     previous_response_id: Option<String>,

@@ -17,14 +17,17 @@ use super::{
     MOCK_MODEL, Mock, authorized, error, missing_key, now, pieces, request_of, sse, text_of,
 };
 
-/// How many responses the mock keeps.
+/// How many responses the mock keeps, and how many bytes of them (about).
 const MAX_STORED: usize = 4096;
+const MAX_STORED_BYTES: usize = 64 * 1024 * 1024;
 
 /// A stored response and its input items.
 struct Entry {
     response: Value,
     input_items: Vec<Value>,
     background: bool,
+    /// About how much memory it takes (the request's and the answer's sizes).
+    bytes: usize,
 }
 
 /// The responses the mock keeps, oldest dropped first.
@@ -32,17 +35,29 @@ struct Entry {
 pub(super) struct Stored {
     order: VecDeque<String>,
     by_id: HashMap<String, Entry>,
+    bytes: usize,
 }
 
 impl Stored {
     fn insert(&mut self, id: String, entry: Entry) {
-        if self.order.len() >= MAX_STORED
-            && let Some(oldest) = self.order.pop_front()
-        {
-            self.by_id.remove(&oldest);
-        }
+        self.bytes += entry.bytes;
         self.order.push_back(id.clone());
         self.by_id.insert(id, entry);
+        while self.order.len() > MAX_STORED || self.bytes > MAX_STORED_BYTES {
+            let Some(oldest) = self.order.pop_front() else {
+                break;
+            };
+            if let Some(gone) = self.by_id.remove(&oldest) {
+                self.bytes -= gone.bytes;
+            }
+        }
+    }
+
+    fn remove(&mut self, id: &str) {
+        if let Some(gone) = self.by_id.remove(id) {
+            self.bytes -= gone.bytes;
+            self.order.retain(|kept| kept != id);
+        }
     }
 }
 
@@ -188,6 +203,7 @@ pub(super) async fn create_response(
                 response: done.clone(),
                 input_items: input_items(&id, &request["input"]),
                 background: request["background"].as_bool() == Some(true),
+                bytes: 2 * body.len() + answer.len(),
             },
         );
     }
@@ -275,8 +291,7 @@ pub(super) async fn delete_response(
     Path(id): Path<String>,
 ) -> Response {
     with_stored(&mock, &headers, &id, |stored| {
-        stored.by_id.remove(&id);
-        stored.order.retain(|kept| *kept != id);
+        stored.remove(&id);
         axum::Json(json!({"id": id, "object": "response.deleted", "deleted": true})).into_response()
     })
 }

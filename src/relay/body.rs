@@ -80,7 +80,10 @@ fn invalid_json(e: serde_json::Error) -> ApiError {
 }
 
 fn duplicate(name: &str) -> ApiError {
-    ApiError::validation(name, format!("{name} appears more than once"))
+    ApiError::validation(
+        name,
+        format!("{name} appears more than once (or also in another letter case)"),
+    )
 }
 
 enum Picked<'a> {
@@ -89,29 +92,35 @@ enum Picked<'a> {
     Fields(Vec<Option<&'a RawValue>>),
 }
 
-/// A key: the index of a wanted name, or none.
+/// A key: the index of a wanted name (and whether it is spelt exactly so), or none.
 struct KeySeed {
     names: &'static [&'static str],
 }
 
 impl<'de> DeserializeSeed<'de> for KeySeed {
-    type Value = Option<usize>;
+    type Value = Option<(usize, bool)>;
 
-    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Option<usize>, D::Error> {
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
         d.deserialize_str(self)
     }
 }
 
 impl Visitor<'_> for KeySeed {
-    type Value = Option<usize>;
+    type Value = Option<(usize, bool)>;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("a key")
     }
 
-    // Called with the unescaped key, borrowed or not: `"mod\u0065l"` is `model`.
-    fn visit_str<E: de::Error>(self, key: &str) -> Result<Option<usize>, E> {
-        Ok(self.names.iter().position(|n| *n == key))
+    // Called with the unescaped key, borrowed or not: `"mod\u0065l"` is `model`. A key that
+    // differs from a wanted name only in letter case (`"Model"`) counts as that name: an
+    // upstream that matches keys case-insensitively (Go's encoding/json does) would read it.
+    fn visit_str<E: de::Error>(self, key: &str) -> Result<Self::Value, E> {
+        Ok(self
+            .names
+            .iter()
+            .position(|n| n.eq_ignore_ascii_case(key))
+            .map(|i| (i, self.names[i] == key)))
     }
 }
 
@@ -131,9 +140,11 @@ impl<'de> Visitor<'de> for ObjectVisitor {
         let mut duplicate = None;
         while let Some(key) = map.next_key_seed(KeySeed { names: self.names })? {
             match key {
-                Some(i) => {
+                Some((i, exact)) => {
                     let value: &'de RawValue = map.next_value()?;
-                    if values[i].replace(value).is_some() && duplicate.is_none() {
+                    // A look-alike is refused even alone: relay would not have checked it.
+                    let twice = values[i].replace(value).is_some() || !exact;
+                    if twice && duplicate.is_none() {
                         duplicate = Some(self.names[i]);
                     }
                 }

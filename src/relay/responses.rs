@@ -4,18 +4,23 @@
 //! [`stored`] relays the calls on a stored response (`GET`, `DELETE`, `/cancel`,
 //! `/input_items`).
 //!
-//! The upstream keeps responses by id under relay's one key, so an id is a capability: whoever
-//! presents it could read the conversation, continue it (`previous_response_id`) or delete it.
-//! relay therefore records who created each response ([`Owners`]) and serves an id only to its
-//! owner; for anyone else it is a 404 and nothing reaches the upstream. Ids relay cannot check
-//! are refused: `conversation` (the Conversations API, which relay does not serve) and input
-//! items of type `item_reference` (items of stored responses, whose owner relay does not track).
+//! The upstream keeps responses and their output items by id under relay's one key, so an id
+//! is a capability: whoever presents it could read the conversation, continue it
+//! (`previous_response_id`, or an input item that names an item by `id`, such as the
+//! `item_reference`s the AI SDK sends) or delete it. relay therefore records who created each
+//! response and each of its output items ([`Owners`]), before the client can learn the ids, and
+//! accepts an id only from its owner; for anyone else it is a 404 and nothing reaches the
+//! upstream. Ids relay cannot check are refused: `conversation` (the Conversations API, which
+//! relay does not serve) and code-interpreter container ids.
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::{Stream, StreamExt as _};
+use futures_util::Stream;
+use futures_util::future::BoxFuture;
 use http::header::CONTENT_TYPE;
 use http_body_util::BodyDataStream;
 use serde_json::value::RawValue;
@@ -24,7 +29,8 @@ use uuid::Uuid;
 use super::Upstream;
 use super::body::{self, Fields, Scalar, Splices, check_number};
 use super::client::Api;
-use super::sse::{Protocol, ResponseView, SseRelay};
+use super::response_view::{MAX_OWNED_IDS, ResponseView};
+use super::sse::{BodyError, Protocol, SseRelay};
 use crate::context::RequestContext;
 use crate::error::ApiError;
 use crate::store::Store;
@@ -39,6 +45,7 @@ const FIELDS: &[&str] = &[
     "top_p",
     "previous_response_id",
     "conversation",
+    "tools",
 ];
 
 /// A request ready to send upstream.
@@ -50,8 +57,9 @@ pub struct PreparedResponse {
     pub stream: bool,
     /// The model used.
     pub model: String,
-    /// The response this one continues, whose owner must be the caller.
-    pub previous_response_id: Option<String>,
+    /// The ids the request names (`previous_response_id`, input items' `id`s), each with the
+    /// field it is in: the caller must own every one.
+    pub referenced: Vec<(String, String)>,
 }
 
 /// Whether `id` looks like an id the upstream gives (`resp_…`: letters, digits, `_`, `-`);
@@ -63,21 +71,66 @@ pub fn plausible_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
-/// Each input item may be anything the upstream takes, except a reference to a stored item.
-fn check_input_item(i: usize, raw: &RawValue) -> Result<(), ApiError> {
-    if let Some(Ok(item)) = body::object(raw, &["type"])
-        && item.scalar("type") == Scalar::Str("item_reference".into())
-    {
+/// Each input item may be anything the upstream takes; one that names an `id` (an
+/// `item_reference`, with or without its `type`, or an output item sent back, such as a
+/// reasoning item or a function call) refers to a stored item, which the caller must own.
+fn check_input_item(
+    i: usize,
+    raw: &RawValue,
+    referenced: &mut Vec<(String, String)>,
+) -> Result<(), ApiError> {
+    let item = match body::object(raw, &["type", "id"]) {
+        None => return Ok(()),
+        Some(Err(name)) => {
+            return Err(ApiError::validation(
+                format!("input[{i}].{name}"),
+                format!("{name} appears more than once (or also in another letter case)"),
+            ));
+        }
+        Some(Ok(item)) => item,
+    };
+    match item.scalar("id") {
+        Scalar::Absent | Scalar::Null => Ok(()),
+        Scalar::Str(id) if referenced.len() < MAX_OWNED_IDS => {
+            referenced.push((format!("input[{i}].id"), id.into_owned()));
+            Ok(())
+        }
+        Scalar::Str(_) => Err(ApiError::validation(
+            "input",
+            format!("input names more than {MAX_OWNED_IDS} stored items"),
+        )),
+        _ => Err(ApiError::validation(
+            format!("input[{i}].id"),
+            "an item's id must be a string",
+        )),
+    }
+}
+
+/// A code-interpreter tool may start a container (`{"type": "auto"}`) but not name one: a
+/// container holds the files of whoever used it, and relay does not track containers' owners.
+fn check_tool(i: usize, raw: &RawValue) -> Result<(), ApiError> {
+    let Some(tool) = body::object(raw, &["type", "container"]) else {
+        return Ok(());
+    };
+    let tool = tool.map_err(|name| {
+        ApiError::validation(
+            format!("tools[{i}].{name}"),
+            format!("{name} appears more than once (or also in another letter case)"),
+        )
+    })?;
+    if matches!(tool.scalar("container"), Scalar::Str(_)) {
         return Err(ApiError::validation(
-            format!("input[{i}].type"),
-            "relay does not forward item references (items of stored responses); send the \
-             item itself, or continue the response with previous_response_id",
+            format!("tools[{i}].container"),
+            "relay does not forward container ids; use {\"type\": \"auto\"} for a new \
+             container",
         ));
     }
     Ok(())
 }
 
-fn validate(body: &Fields<'_>) -> Result<(), ApiError> {
+/// Checks `body`; returns the ids it names, each with its field.
+fn validate(body: &Fields<'_>) -> Result<Vec<(String, String)>, ApiError> {
+    let mut referenced = Vec::new();
     match body.scalar("input") {
         Scalar::Absent | Scalar::Null => {
             return Err(ApiError::validation("input", "input is required"));
@@ -89,7 +142,7 @@ fn validate(body: &Fields<'_>) -> Result<(), ApiError> {
                 .is_some_and(|raw| raw.get().starts_with('[')) =>
         {
             if let Some(input) = body.get("input") {
-                body::each_element(input, check_input_item)?;
+                body::each_element(input, |i, raw| check_input_item(i, raw, &mut referenced))?;
             }
         }
         _ => {
@@ -115,7 +168,9 @@ fn validate(body: &Fields<'_>) -> Result<(), ApiError> {
     }
     match body.scalar("previous_response_id") {
         Scalar::Absent | Scalar::Null => {}
-        Scalar::Str(id) if !id.is_empty() => {}
+        Scalar::Str(id) if !id.is_empty() => {
+            referenced.push(("previous_response_id".to_owned(), id.into_owned()));
+        }
         _ => {
             return Err(ApiError::validation(
                 "previous_response_id",
@@ -130,17 +185,20 @@ fn validate(body: &Fields<'_>) -> Result<(), ApiError> {
              previous_response_id",
         ));
     }
+    if let Some(tools) = body.get("tools") {
+        body::each_element(tools, check_tool)?;
+    }
     check_number(body, "max_output_tokens", 1.0, None, true)?;
     check_number(body, "temperature", 0.0, Some(2.0), false)?;
     check_number(body, "top_p", 0.0, Some(1.0), false)?;
-    Ok(())
+    Ok(referenced)
 }
 
 /// Validates and prepares a request: reads only the fields relay needs, and splices the
 /// default model into the client's bytes when `model` is missing.
 pub fn prepare(original: Bytes, policy: &super::ModelPolicy) -> Result<PreparedResponse, ApiError> {
     let body = body::fields(&original, FIELDS)?;
-    validate(&body)?;
+    let referenced = validate(&body)?;
     let mut edits = Splices::new(&original);
     let model = match body.scalar("model") {
         Scalar::Str(model) => model.into_owned(),
@@ -155,19 +213,18 @@ pub fn prepare(original: Bytes, policy: &super::ModelPolicy) -> Result<PreparedR
         }
     };
     policy.check(&model)?;
-    let previous_response_id = match body.scalar("previous_response_id") {
-        Scalar::Str(id) => Some(id.into_owned()),
-        _ => None,
-    };
     Ok(PreparedResponse {
         stream: body.scalar("stream") == Scalar::Bool(true),
         body: edits.apply(&original),
         model,
-        previous_response_id,
+        referenced,
     })
 }
 
-/// Who created which stored response: the caller, and where that is recorded.
+/// How long recording an answer's ids may hold it back.
+const RECORD_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Who created which stored response or item: the caller, and where that is recorded.
 pub struct Owners<'a> {
     /// The database holding `response_owners`.
     pub store: &'a Store,
@@ -177,27 +234,40 @@ pub struct Owners<'a> {
 
 impl Owners<'_> {
     /// A 404 unless the caller created `id` (`param`: the request field it came from).
-    pub async fn check(&self, id: &str, param: Option<&'static str>) -> Result<(), ApiError> {
-        let not_found = || ApiError::ResponseNotFound {
+    pub async fn check(&self, id: &str, param: Option<&str>) -> Result<(), ApiError> {
+        self.check_all(&[(param.unwrap_or_default(), id)]).await
+    }
+
+    /// A 404 naming the first of `(field, id)` the caller did not create (field empty for a
+    /// path). Ids that cannot be the upstream's are not looked up.
+    async fn check_all(&self, ids: &[(&str, &str)]) -> Result<(), ApiError> {
+        let not_found = |param: &str, id: &str| ApiError::ResponseNotFound {
             id: id.chars().take(128).collect(),
-            param,
+            param: (!param.is_empty()).then(|| param.to_owned()),
         };
-        if !plausible_id(id) || !self.store.owns_response(id, self.user).await? {
-            return Err(not_found());
+        if let Some((param, id)) = ids.iter().find(|(_, id)| !plausible_id(id)) {
+            return Err(not_found(param, id));
+        }
+        let plain: Vec<&str> = ids.iter().map(|(_, id)| *id).collect();
+        if let Some(missing) = self.store.first_not_owned(&plain, self.user).await? {
+            let param = ids
+                .iter()
+                .find(|(_, id)| *id == missing)
+                .map_or("", |(p, _)| p);
+            return Err(not_found(param, missing));
         }
         Ok(())
     }
+}
 
-    /// Records the caller as the owner of `id`. A failure is logged, not returned: the answer
-    /// is already paid for, and an id without an owner is merely served to nobody.
-    async fn record(&self, id: &str) {
-        if !plausible_id(id) {
-            tracing::warn!("the upstream gave a response id relay cannot record");
-            return;
-        }
-        if let Err(err) = self.store.record_response_owner(id, self.user).await {
-            tracing::error!(error = %err, "could not record a response's owner");
-        }
+/// Records `user` as the owner of `ids`, within [`RECORD_TIMEOUT`]. A failure is logged, not
+/// returned: the answer is paid for, and an id without an owner is merely served to nobody.
+async fn record(store: Store, user: Uuid, mut ids: Vec<String>) {
+    ids.retain(|id| plausible_id(id));
+    match tokio::time::timeout(RECORD_TIMEOUT, store.record_owned(&ids, user)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => tracing::error!(error = %err, "could not record a response's owner"),
+        Err(_) => tracing::error!("recording a response's owner took too long"),
     }
 }
 
@@ -213,19 +283,68 @@ pub enum Answer {
     Json(Bytes),
 }
 
-/// Sends a prepared request upstream (after checking that the caller owns the response it
-/// continues) and records the caller as the new response's owner before the client can learn
-/// its id: from the JSON answer, or from the stream's first event (`response.created`), which
-/// relay waits for before it starts the client's stream.
+pin_project_lite::pin_project! {
+    /// The event relay, holding back each chunk that gives the caller new ids (the response's
+    /// in `response.created`, its items' in `response.output_item.added`) until they are
+    /// recorded as the caller's: a client never holds an id relay would refuse it.
+    struct Recording<S> {
+        #[pin]
+        events: SseRelay<S>,
+        store: Store,
+        user: Uuid,
+        recorded: usize,
+        held: Option<(Bytes, BoxFuture<'static, ()>)>,
+    }
+}
+
+impl<S, E> Stream for Recording<S>
+where
+    S: Stream<Item = Result<Bytes, E>>,
+    E: BodyError,
+{
+    type Item = Result<Bytes, std::convert::Infallible>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let mut this = self.project();
+        if let Some((_, recording)) = this.held.as_mut() {
+            ready!(recording.as_mut().poll(cx));
+            return Poll::Ready(this.held.take().map(|(chunk, _)| Ok(chunk)));
+        }
+        let chunk = match ready!(this.events.as_mut().poll_next(cx)) {
+            None => return Poll::Ready(None),
+            Some(Ok(chunk)) => chunk,
+            Some(Err(never)) => match never {},
+        };
+        let owned = this.events.as_ref().get_ref().owned_ids();
+        if owned.len() > *this.recorded {
+            let new = owned[*this.recorded..].to_vec();
+            *this.recorded = owned.len();
+            let mut recording: BoxFuture<'static, ()> =
+                Box::pin(record(this.store.clone(), *this.user, new));
+            if recording.as_mut().poll(cx).is_pending() {
+                *this.held = Some((chunk, recording));
+                return Poll::Pending;
+            }
+        }
+        Poll::Ready(Some(Ok(chunk)))
+    }
+}
+
+/// Sends a prepared request upstream (after checking that the caller owns every id it names)
+/// and records the caller as the owner of the new response and its items before the client
+/// can learn their ids: from the JSON answer, or as the stream gives them.
 pub async fn create(
     upstream: &Upstream,
     owners: &Owners<'_>,
     request: PreparedResponse,
     ctx: Arc<RequestContext>,
 ) -> Result<Answer, ApiError> {
-    if let Some(previous) = &request.previous_response_id {
-        owners.check(previous, Some("previous_response_id")).await?;
-    }
+    let referenced: Vec<(&str, &str)> = request
+        .referenced
+        .iter()
+        .map(|(param, id)| (param.as_str(), id.as_str()))
+        .collect();
+    owners.check_all(&referenced).await?;
     let response = upstream
         .post(Api::Responses, request.body, request.stream)
         .await?;
@@ -235,32 +354,32 @@ pub async fn create(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|ct| ct.starts_with("text/event-stream"));
     if request.stream && is_sse {
-        let mut events = Box::pin(SseRelay::new(
+        let events = SseRelay::new(
             BodyDataStream::new(response.into_body()),
             upstream.timeout(),
             Protocol::Responses,
             ctx,
             upstream.mask(),
-        ));
-        // The first read holds `response.created` (OpenAI sends it first); relay waits for
-        // that read only, never for more, so that a server that sends no such event is still
-        // streamed (its ids are then served to nobody).
-        let first = events.next().await;
-        if let Some(id) = events.response_id() {
-            owners.record(id).await;
-        }
-        let head = futures_util::stream::iter(first);
-        return Ok(Answer::Stream(Box::pin(head.chain(events))));
+        );
+        return Ok(Answer::Stream(Box::pin(Recording {
+            events,
+            store: owners.store.clone(),
+            user: owners.user,
+            recorded: 0,
+            held: None,
+        })));
     }
     let body = upstream.read_completion(response).await?;
-    let view: ResponseView = serde_json::from_slice(&body).map_err(|_| {
+    let Some(view) = ResponseView::read(&body) else {
         tracing::warn!(model = %request.model, "upstream answer is not a response object");
-        ApiError::BadGateway("the upstream's answer is not in the OpenAI format".into())
-    })?;
-    owners.record(&view.id).await;
+        return Err(ApiError::BadGateway(
+            "the upstream's answer is not in the OpenAI format".into(),
+        ));
+    };
     if let Some(usage) = view.usage {
-        ctx.set_usage(usage.into());
+        ctx.set_usage(usage);
     }
+    record(owners.store.clone(), owners.user, view.owned_ids()).await;
     Ok(Answer::Json(body))
 }
 
@@ -277,9 +396,59 @@ pub enum StoredCall {
     InputItems,
 }
 
+/// The query parameters relay passes on for a stored response (`include[]`, paging); any
+/// other is refused, and the query is rebuilt from them rather than copied.
+const QUERY_KEYS: &[&str] = &[
+    "include",
+    "include[]",
+    "include_obfuscation",
+    "starting_after",
+    "after",
+    "before",
+    "limit",
+    "order",
+];
+
+/// The longest query string relay passes on.
+const MAX_QUERY_BYTES: usize = 2048;
+
+/// The query to send upstream, rebuilt from the client's known parameters.
+fn upstream_query(query: Option<&str>) -> Result<String, ApiError> {
+    let query = query.unwrap_or_default();
+    if query.len() > MAX_QUERY_BYTES {
+        return Err(ApiError::validation(
+            "query",
+            format!("the query string is longer than {MAX_QUERY_BYTES} bytes"),
+        ));
+    }
+    let mut out = url::form_urlencoded::Serializer::new(String::new());
+    for (key, value) in url::form_urlencoded::parse(query.as_bytes()) {
+        if key == "stream" {
+            if value == "false" {
+                continue;
+            }
+            return Err(ApiError::validation(
+                "stream",
+                "relay does not resume the stream of a stored response; fetch it without stream",
+            ));
+        }
+        if !QUERY_KEYS.contains(&&*key) {
+            return Err(ApiError::validation(
+                key.chars().take(64).collect::<String>(),
+                format!(
+                    "relay does not pass on this query parameter; it passes on {}",
+                    QUERY_KEYS.join(", ")
+                ),
+            ));
+        }
+        out.append_pair(&key, &value);
+    }
+    Ok(out.finish())
+}
+
 /// Relays `call` on the stored response `id` for its owner (404 for anyone else, with nothing
-/// sent upstream), with the client's query string (`include[]`, paging) when it has one.
-/// Returns the upstream's JSON answer, checked to be JSON.
+/// sent upstream), with the client's known query parameters (`include[]`, paging). Returns the
+/// upstream's JSON answer, checked to be JSON.
 pub async fn stored(
     upstream: &Upstream,
     owners: &Owners<'_>,
@@ -288,24 +457,17 @@ pub async fn stored(
     query: Option<&str>,
 ) -> Result<Bytes, ApiError> {
     owners.check(id, None).await?;
-    if let Some(query) = query
-        && url::form_urlencoded::parse(query.as_bytes())
-            .any(|(key, value)| key == "stream" && value != "false")
-    {
-        return Err(ApiError::validation(
-            "stream",
-            "relay does not resume the stream of a stored response; fetch it without stream",
-        ));
-    }
+    let query = upstream_query(query)?;
     let (method, suffix) = match call {
         StoredCall::Get => (http::Method::GET, ""),
         StoredCall::Delete => (http::Method::DELETE, ""),
         StoredCall::Cancel => (http::Method::POST, "/cancel"),
         StoredCall::InputItems => (http::Method::GET, "/input_items"),
     };
-    let path = match query.filter(|q| !q.is_empty()) {
-        Some(query) => format!("responses/{id}{suffix}?{query}"),
-        None => format!("responses/{id}{suffix}"),
+    let path = if query.is_empty() {
+        format!("responses/{id}{suffix}")
+    } else {
+        format!("responses/{id}{suffix}?{query}")
     };
     let response = upstream.call(method, &path, Bytes::new()).await?;
     let body = upstream.read_completion(response).await?;
@@ -316,7 +478,7 @@ pub async fn stored(
         ));
     }
     if call == StoredCall::Delete
-        && let Err(err) = owners.store.forget_response(id).await
+        && let Err(err) = owners.store.forget_owned(id, owners.user).await
     {
         tracing::warn!(error = %err, "could not forget a deleted response's owner");
     }
@@ -369,17 +531,22 @@ mod tests {
             param_of(json!({"input": "x", "conversation": "conv_1"})),
             "conversation"
         );
+        assert_eq!(param_of(json!({"input": [{"id": 5}]})), "input[0].id");
         assert_eq!(
-            param_of(json!({"input": [
-                {"role": "user", "content": "x"},
-                {"type": "item_reference", "id": "msg_someone_elses"}
-            ]})),
-            "input[1].type"
+            param_of(
+                json!({"input": "x", "tools": [{"type": "code_interpreter", "container": "cntr_1"}]})
+            ),
+            "tools[0].container"
+        );
+        assert_eq!(
+            param_of(json!({"input": "x", "Conversation": "c"})),
+            "conversation"
         );
         for ok in [
             json!({"input": "x"}),
             json!({"input": [{"role": "user", "content": [{"type": "input_text", "text": "x"}]}]}),
             json!({"input": "x", "max_output_tokens": 16, "stream": false, "conversation": null}),
+            json!({"input": "x", "tools": [{"type": "code_interpreter", "container": {"type": "auto"}}]}),
         ] {
             assert!(prepare(Bytes::from(ok.to_string()), &policy(&[])).is_ok());
         }
@@ -402,7 +569,10 @@ mod tests {
             r#"{"model":"gpt-4o-mini", "input" : "x", "stream": true, "previous_response_id": "resp_1" }"#
         );
         assert!(p.stream);
-        assert_eq!(p.previous_response_id.as_deref(), Some("resp_1"));
+        assert_eq!(
+            p.referenced,
+            [("previous_response_id".to_owned(), "resp_1".to_owned())]
+        );
     }
 
     #[test]
@@ -426,6 +596,55 @@ mod tests {
             ),
             Err(ApiError::Validation { ref param, .. }) if param == "previous_response_id"
         ));
+    }
+
+    #[test]
+    fn every_named_item_is_a_reference_to_check() {
+        let raw = br#"{"input": [
+            {"role": "user", "content": "hi"},
+            {"type": "item_reference", "id": "msg_1"},
+            {"id": "msg_2"},
+            {"type": null, "id": "msg_3"},
+            {"type": "reasoning", "id": "rs_4", "summary": []}
+        ], "previous_response_id": "resp_0"}"#;
+        let p = prepare(Bytes::from_static(raw), &policy(&[])).unwrap();
+        let ids: Vec<(&str, &str)> = p
+            .referenced
+            .iter()
+            .map(|(f, i)| (f.as_str(), i.as_str()))
+            .collect();
+        assert_eq!(
+            ids,
+            [
+                ("input[1].id", "msg_1"),
+                ("input[2].id", "msg_2"),
+                ("input[3].id", "msg_3"),
+                ("input[4].id", "rs_4"),
+                ("previous_response_id", "resp_0"),
+            ]
+        );
+        // A second `type` or `id` (in any letter case) would let another value through.
+        for raw in [
+            r#"{"input": [{"type": "message", "type": "item_reference", "id": "x"}]}"#,
+            r#"{"input": [{"id": "msg_mine", "ID": "msg_theirs"}]}"#,
+        ] {
+            assert!(matches!(
+                prepare(Bytes::from(raw), &policy(&[])),
+                Err(ApiError::Validation { .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn queries_are_rebuilt_from_known_keys() {
+        assert_eq!(upstream_query(None).unwrap(), "");
+        assert_eq!(
+            upstream_query(Some("include[]=a.b&limit=5&stream=false")).unwrap(),
+            "include%5B%5D=a.b&limit=5"
+        );
+        assert!(upstream_query(Some("stream=true")).is_err());
+        assert!(upstream_query(Some("x=1")).is_err());
+        assert!(upstream_query(Some(&"limit=1&".repeat(300))).is_err());
     }
 
     #[test]

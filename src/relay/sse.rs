@@ -30,6 +30,7 @@ use serde::Deserialize;
 use serde::de::IgnoredAny;
 
 use super::errors::KeyMask;
+use super::response_view::{MAX_OWNED_IDS, ResponseView, item_id_of_event};
 use crate::context::{RequestContext, Usage};
 use crate::error::ErrorEnvelope;
 
@@ -113,16 +114,30 @@ pub fn error_event(protocol: Protocol, sequence: u64, message: &str, code: &str)
     }
 }
 
-/// The `event:` name of an event, if it has one.
-fn event_name(event: &[u8]) -> Option<&[u8]> {
-    event.split(|b| *b == b'\n').find_map(|line| {
+/// The type of a Responses API event: its last `event:` line (the SSE rule), or, for a server
+/// that sends `data:` only, the `type` its data starts with (the field the SDKs dispatch on).
+fn event_type<'a>(event: &'a [u8], data: &[u8]) -> Option<std::borrow::Cow<'a, [u8]>> {
+    let named = event.rsplit(|b| *b == b'\n').find_map(|line| {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         line.strip_prefix(b"event:").map(<[u8]>::trim_ascii)
-    })
+    });
+    match named {
+        Some(name) => Some(std::borrow::Cow::Borrowed(name)),
+        // The top-level `type` (a nested object may have one too): read in one pass that skips
+        // everything else.
+        None => match super::body::fields(data, &["type"]).ok()?.scalar("type") {
+            super::body::Scalar::Str(t) => {
+                Some(std::borrow::Cow::Owned(t.into_owned().into_bytes()))
+            }
+            _ => None,
+        },
+    }
 }
 
-/// The largest event held while waiting for its end.
-const MAX_EVENT_BYTES: usize = 1024 * 1024;
+/// The largest event held while waiting for its end. Responses events can be large: image
+/// generation sends base64 images, and `response.created` / `.completed` echo the request's
+/// `instructions` and `tools` (up to `MAX_REQUEST_BYTES`).
+const MAX_EVENT_BYTES: usize = 32 * 1024 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -170,10 +185,11 @@ impl<S> SseRelay<S> {
         }
     }
 
-    /// The id of the response being streamed, once its `response.created` event was seen
-    /// (Responses API only).
-    pub fn response_id(&self) -> Option<&str> {
-        self.seen.response_id.as_deref()
+    /// The ids the stream has given its caller so far (Responses API only): the response's
+    /// own, from `response.created`, then its output items', in order, at most
+    /// [`MAX_OWNED_IDS`].
+    pub fn owned_ids(&self) -> &[String] {
+        &self.seen.owned
     }
 }
 
@@ -195,19 +211,19 @@ fn inspect(
     mask: &KeyMask,
     seen: &mut Seen,
 ) -> Verdict {
-    seen.events += 1;
     let Some(data) = event_data(event) else {
         return Verdict::Keep;
     };
+    seen.events += 1;
     let data: &[u8] = &data;
     let mentions = |needle: &[u8]| memchr::memmem::find(data, needle).is_some();
-    let error_like = mentions(b"\"error\"");
-    match protocol {
+    let error_like = match protocol {
         Protocol::Chat { forward_usage } => {
             if data.trim_ascii() == b"[DONE]" {
                 seen.done = true;
                 return Verdict::Keep;
             }
+            let error_like = mentions(b"\"error\"");
             if !error_like && !mentions(b"\"usage\"") {
                 return Verdict::Keep;
             }
@@ -220,25 +236,10 @@ fn inspect(
                     }
                 }
             }
+            error_like
         }
-        Protocol::Responses => match event_name(event) {
-            Some(b"response.created") => {
-                if let Ok(created) = serde_json::from_slice::<ResponseEvent>(data) {
-                    seen.response_id = Some(created.response.id);
-                }
-            }
-            Some(b"response.completed" | b"response.incomplete" | b"response.failed") => {
-                seen.done = true;
-                if let Ok(last) = serde_json::from_slice::<ResponseEvent>(data)
-                    && let Some(usage) = last.response.usage
-                {
-                    ctx.set_usage(usage.into());
-                }
-            }
-            Some(b"error") => seen.error = true,
-            _ => {}
-        },
-    }
+        Protocol::Responses => inspect_response_event(event, data, ctx, seen),
+    };
     // An error from the upstream, parsed or not: nothing in it may carry a key to the client.
     match error_like.then(|| masked(mask, event)).flatten() {
         Some(event) => Verdict::Replace(event),
@@ -246,37 +247,51 @@ fn inspect(
     }
 }
 
-/// A Responses API event that carries the response object, as far as relay reads it.
-#[derive(Deserialize)]
-struct ResponseEvent {
-    response: ResponseView,
-}
-
-/// A response object, as far as relay reads it (also the non-streamed answer).
-#[derive(Deserialize)]
-pub struct ResponseView {
-    /// The id the upstream stores it under.
-    pub id: String,
-    /// Token counts, once the response is complete.
-    #[serde(default)]
-    pub usage: Option<ResponseUsage>,
-}
-
-/// The Responses API's usage object.
-#[derive(Debug, Clone, Copy, Deserialize)]
-pub struct ResponseUsage {
-    #[serde(default)]
-    input_tokens: u64,
-    #[serde(default)]
-    output_tokens: u64,
-}
-
-impl From<ResponseUsage> for Usage {
-    fn from(usage: ResponseUsage) -> Self {
-        Usage {
-            prompt_tokens: usage.input_tokens,
-            completion_tokens: usage.output_tokens,
+/// Looks at one Responses API event; returns whether it reports an error (to be masked).
+fn inspect_response_event(
+    event: &[u8],
+    data: &[u8],
+    ctx: &RequestContext,
+    seen: &mut Seen,
+) -> bool {
+    let own = |seen: &mut Seen, id: String| {
+        if seen.owned.len() < MAX_OWNED_IDS && !seen.owned.contains(&id) {
+            seen.owned.push(id);
         }
+    };
+    let Some(kind) = event_type(event, data) else {
+        return false;
+    };
+    match &*kind {
+        b"response.created" | b"response.in_progress" | b"response.queued" => {
+            if let Some(view) = ResponseView::read_event(data) {
+                own(seen, view.id);
+            }
+            false
+        }
+        b"response.output_item.added" | b"response.output_item.done" => {
+            if let Some(id) = item_id_of_event(data) {
+                own(seen, id);
+            }
+            false
+        }
+        b"response.completed" | b"response.incomplete" | b"response.failed" => {
+            seen.done = true;
+            if let Some(view) = ResponseView::read_event(data) {
+                if let Some(usage) = view.usage {
+                    ctx.set_usage(usage);
+                }
+                for id in view.owned_ids() {
+                    own(seen, id);
+                }
+            }
+            &*kind == b"response.failed"
+        }
+        b"error" => {
+            seen.error = true;
+            true
+        }
+        _ => false,
     }
 }
 
@@ -294,10 +309,11 @@ struct Seen {
     done: bool,
     /// The upstream sent an error event.
     error: bool,
-    /// Events seen so far (the sequence number of the next one, in the Responses API).
+    /// Events with data seen so far (the sequence number of the next one, in the Responses
+    /// API).
     events: u64,
-    /// The response's id, from `response.created`.
-    response_id: Option<String>,
+    /// The ids given to the caller (Responses API): the response's, then its items'.
+    owned: Vec<String>,
 }
 
 /// An error from the upstream body.
@@ -508,7 +524,7 @@ mod tests {
         while let Some(item) = stream.next().await {
             out.push(item);
         }
-        let id = stream.response_id().map(str::to_owned);
+        let id = stream.owned_ids().first().cloned();
         let text = out
             .into_iter()
             .map(|b| String::from_utf8(b.unwrap().to_vec()).unwrap())

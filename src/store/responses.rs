@@ -1,4 +1,5 @@
-//! The `response_owners` table: which user created each response the upstream stores.
+//! The `response_owners` table: which user created each response the upstream stores, and
+//! each of its output items.
 
 use chrono::Utc;
 use uuid::Uuid;
@@ -6,45 +7,58 @@ use uuid::Uuid;
 use super::{Store, StoreError};
 
 impl Store {
-    /// Records `user` as the owner of `response_id`. An id recorded already keeps its first
-    /// owner: nobody can take over a response by presenting its id again.
-    pub async fn record_response_owner(
-        &self,
-        response_id: &str,
-        user: Uuid,
-    ) -> Result<(), StoreError> {
-        const SQL: &str = "INSERT INTO response_owners (response_id, user_id, created_at) \
-                           VALUES ($1, $2, $3) ON CONFLICT (response_id) DO NOTHING";
+    /// Records `user` as the owner of `ids` (a response's and its items'). An id recorded
+    /// already keeps its first owner: nobody takes over an object by presenting its id again.
+    pub async fn record_owned(&self, ids: &[String], user: Uuid) -> Result<(), StoreError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let now = Utc::now();
         on_pool!(self, pool => {
-            sqlx::query(SQL)
-                .bind(response_id)
-                .bind(user)
-                .bind(Utc::now())
-                .execute(pool)
-                .await?;
+            let mut insert = sqlx::QueryBuilder::new(
+                "INSERT INTO response_owners (object_id, user_id, created_at) ",
+            );
+            insert.push_values(ids, |mut row, id| {
+                row.push_bind(id.as_str()).push_bind(user).push_bind(now);
+            });
+            insert.push(" ON CONFLICT (object_id) DO NOTHING");
+            insert.build().execute(pool).await?;
         });
         Ok(())
     }
 
-    /// Whether `user` created `response_id`.
-    pub async fn owns_response(&self, response_id: &str, user: Uuid) -> Result<bool, StoreError> {
-        const SQL: &str = "SELECT 1 FROM response_owners WHERE response_id = $1 AND user_id = $2";
-        let found = on_pool!(self, pool => {
-            sqlx::query(SQL)
-                .bind(response_id)
-                .bind(user)
-                .fetch_optional(pool)
-                .await?
-                .is_some()
+    /// The first of `ids` that `user` does not own, if any.
+    pub async fn first_not_owned<'a>(
+        &self,
+        ids: &[&'a str],
+        user: Uuid,
+    ) -> Result<Option<&'a str>, StoreError> {
+        if ids.is_empty() {
+            return Ok(None);
+        }
+        let owned: Vec<String> = on_pool!(self, pool => {
+            let mut select = sqlx::QueryBuilder::new(
+                "SELECT object_id FROM response_owners WHERE user_id = ",
+            );
+            select.push_bind(user).push(" AND object_id IN (");
+            let mut list = select.separated(", ");
+            for id in ids {
+                list.push_bind(*id);
+            }
+            select.push(")");
+            select.build_query_scalar().fetch_all(pool).await?
         });
-        Ok(found)
+        Ok(ids
+            .iter()
+            .copied()
+            .find(|id| !owned.iter().any(|o| o == id)))
     }
 
-    /// Forgets `response_id` (after the upstream deleted it).
-    pub async fn forget_response(&self, response_id: &str) -> Result<(), StoreError> {
-        const SQL: &str = "DELETE FROM response_owners WHERE response_id = $1";
+    /// Forgets `id` (after the upstream deleted it for its owner `user`).
+    pub async fn forget_owned(&self, id: &str, user: Uuid) -> Result<(), StoreError> {
+        const SQL: &str = "DELETE FROM response_owners WHERE object_id = $1 AND user_id = $2";
         on_pool!(self, pool => {
-            sqlx::query(SQL).bind(response_id).execute(pool).await?;
+            sqlx::query(SQL).bind(id).bind(user).execute(pool).await?;
         });
         Ok(())
     }

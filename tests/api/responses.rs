@@ -278,7 +278,7 @@ async fn nothing_reaches_the_upstream_for_an_id_of_someone_else() {
     assert_eq!(
         *fake.shared.stored_calls.lock().unwrap(),
         [
-            format!("GET /v1/responses/{id}?include[]=message.output_text.logprobs"),
+            format!("GET /v1/responses/{id}?include%5B%5D=message.output_text.logprobs"),
             format!("GET /v1/responses/{id}/input_items?limit=5&order=asc"),
             format!("POST /v1/responses/{id}/cancel"),
             format!("DELETE /v1/responses/{id}"),
@@ -300,16 +300,24 @@ async fn what_relay_cannot_check_is_refused_before_the_upstream() {
     for (body, param) in [
         (json!({"model": "gpt-4o-mini"}), "input"),
         (
+            json!({"input": "x", "Previous_Response_Id": "resp_theirs"}),
+            "previous_response_id",
+        ),
+        (
+            json!({"input": [{"type": "message", "Type": "item_reference", "id": "x"}]}),
+            "input[0].type",
+        ),
+        (
+            json!({"input": "x", "tools": [{"type": "code_interpreter", "container": "cntr_1"}]}),
+            "tools[0].container",
+        ),
+        (
             json!({"input": "x", "conversation": "conv_123"}),
             "conversation",
         ),
         (
             json!({"input": "x", "conversation": {"id": "conv_123"}}),
             "conversation",
-        ),
-        (
-            json!({"input": [{"type": "item_reference", "id": "msg_abc"}]}),
-            "input[0].type",
         ),
         (
             json!({"input": "x", "max_output_tokens": 0}),
@@ -347,7 +355,7 @@ async fn unknown_fields_are_forwarded_byte_for_byte() {
         .unwrap();
     assert_eq!(resp.status(), 200);
     let sent = &fake.received()[0];
-    assert_eq!(sent.body, serde_json::from_str::<Value>(raw).unwrap());
+    assert_eq!(sent.raw, raw.as_bytes(), "the very bytes");
     assert!(sent.headers.get("x-client-secret").is_none());
 }
 
@@ -418,5 +426,111 @@ async fn a_client_gone_mid_stream_closes_the_upstream_response() {
             "the upstream stream is still open"
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn ids_are_recorded_before_the_client_sees_them() {
+    let (app, _fake, alice, mallory) = with_fake(&[]).await;
+    let resp = create(
+        &app,
+        &alice,
+        &json!({"model": "fake-endless", "input": "x", "stream": true}),
+    )
+    .await;
+    let mut stream = resp.bytes_stream();
+    let first = String::from_utf8(stream.next().await.unwrap().unwrap().to_vec()).unwrap();
+    let events = typed_events(&first);
+    assert_eq!(events[0].0, "response.created");
+    let id = events[0].1["response"]["id"].as_str().unwrap().to_owned();
+    // The stream is still running: the id is already hers, and only hers.
+    let resp = app.get_authed(&format!("/responses/{id}"), &alice).await;
+    assert_eq!(resp.status(), 200);
+    assert_hidden(&app, &mallory, &id).await;
+    drop(stream);
+}
+
+#[tokio::test]
+async fn output_items_can_be_referenced_by_their_owner_only() {
+    let (app, alice, mallory) = with_mock(Db::Sqlite).await;
+    // One item from a JSON answer, one from a stream (the AI SDK's default path).
+    let object: Value = create(&app, &alice, &json!({"input": "first turn"}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let json_item = object["output"][0]["id"].as_str().unwrap().to_owned();
+    let text = create(
+        &app,
+        &alice,
+        &json!({"input": "second turn", "stream": true}),
+    )
+    .await
+    .text()
+    .await
+    .unwrap();
+    let events = typed_events(&text);
+    let streamed_item = events
+        .iter()
+        .find(|(kind, _)| kind == "response.output_item.done")
+        .map(|(_, data)| data["item"]["id"].as_str().unwrap().to_owned())
+        .unwrap();
+    // What the AI SDK sends on the next turn: item references to the earlier answers.
+    let next_turn = |items: &[&str]| {
+        let mut input: Vec<Value> = vec![json!({"role": "user", "content": "first turn"})];
+        input.extend(
+            items
+                .iter()
+                .map(|id| json!({"type": "item_reference", "id": id})),
+        );
+        input.push(json!({"role": "user", "content": "third turn"}));
+        json!({"input": input, "stream": true})
+    };
+    let resp = create(&app, &alice, &next_turn(&[&json_item, &streamed_item])).await;
+    assert_eq!(resp.status(), 200);
+    let events = typed_events(&resp.text().await.unwrap());
+    assert_eq!(deltas(&events), "third turn");
+
+    // Someone else's items, however they are named: 404, the field named.
+    for item in [
+        json!({"type": "item_reference", "id": json_item}),
+        json!({"id": streamed_item}),
+        json!({"type": null, "id": json_item}),
+        json!({"type": "message", "role": "assistant", "id": streamed_item, "content": "x"}),
+    ] {
+        let body = json!({"input": [{"role": "user", "content": "hi"}, item]});
+        let resp = create(&app, &mallory, &body).await;
+        assert_eq!(resp.status(), 404, "{body}");
+        let err: Value = resp.json().await.unwrap();
+        assert_eq!(err["error"]["param"], "input[1].id", "{body}");
+    }
+}
+
+#[tokio::test]
+async fn unusual_event_streams_are_read_all_the_same() {
+    let (app, _fake, alice, mallory) = with_fake(&[]).await;
+    for (model, text) in [
+        ("fake-comment-first", "after comment"),
+        ("fake-data-only", "data only"),
+    ] {
+        let resp = create(
+            &app,
+            &alice,
+            &json!({"model": model, "input": "x", "stream": true}),
+        )
+        .await;
+        let body = resp.text().await.unwrap();
+        assert!(!body.contains("upstream_stream_error"), "{model}: {body}");
+        let id = body
+            .split("\"id\":\"")
+            .nth(1)
+            .and_then(|rest| rest.split('"').next())
+            .unwrap()
+            .to_owned();
+        assert!(id.starts_with("resp_fake"), "{model}: {id}");
+        assert!(body.contains(text), "{model}: {body}");
+        let resp = app.get_authed(&format!("/responses/{id}"), &alice).await;
+        assert_eq!(resp.status(), 200, "{model}: the id was recorded");
+        assert_hidden(&app, &mallory, &id).await;
     }
 }

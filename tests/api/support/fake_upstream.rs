@@ -20,6 +20,8 @@ use serde_json::{Value, json};
 pub struct Received {
     pub headers: HeaderMap,
     pub body: Value,
+    /// The body's bytes as they arrived.
+    pub raw: Bytes,
 }
 
 #[derive(Default)]
@@ -100,11 +102,12 @@ impl Drop for CloseGuard {
     }
 }
 
-async fn chat(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
-    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+async fn chat(State(shared): State<Arc<Shared>>, headers: HeaderMap, raw: Bytes) -> Response {
+    let body: Value = serde_json::from_slice(&raw).unwrap_or(Value::Null);
     shared.received.lock().unwrap().push(Received {
         headers: headers.clone(),
         body: body.clone(),
+        raw,
     });
     let model = body["model"].as_str().unwrap_or_default().to_owned();
     let error = |status: u16, message: &str| {
@@ -216,17 +219,25 @@ fn delta(text: &str) -> Bytes {
 }
 
 /// `POST /v1/responses`: the model picks the behaviour, as for chat.
-async fn responses(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
-    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+async fn responses(State(shared): State<Arc<Shared>>, headers: HeaderMap, raw: Bytes) -> Response {
+    let body: Value = serde_json::from_slice(&raw).unwrap_or(Value::Null);
     shared.received.lock().unwrap().push(Received {
         headers,
         body: body.clone(),
+        raw,
     });
     let n = shared.responses_created.fetch_add(1, Ordering::SeqCst);
     let id = format!("resp_fake{n}");
+    let item = json!({"type": "message", "id": format!("msg_fake{n}"), "role": "assistant",
+        "content": [{"type": "output_text", "text": "fake answer"}]});
     let object = |status: &str, usage: Value| {
+        let output = if usage.is_null() {
+            json!([])
+        } else {
+            json!([item])
+        };
         json!({"id": id, "object": "response", "status": status, "model": body["model"],
-            "output": [], "usage": usage})
+            "output": output, "usage": usage, "error": null})
     };
     let created = typed(
         "response.created",
@@ -264,6 +275,29 @@ async fn responses(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: 
                 Some((Ok::<_, Infallible>(delta("tick ")), guard))
             });
             sse(Body::from_stream(head.chain(ticks)))
+        }
+        // A keep-alive comment in a read of its own before `response.created`.
+        "fake-comment-first" => sse(Body::from_stream(futures_util::stream::iter([
+            Ok::<_, Infallible>(Bytes::from_static(b": keep-alive\n\n")),
+            Ok(created),
+            Ok(delta("after comment")),
+            Ok(completed),
+        ]))),
+        // `data:` lines only, with CRLF line ends: the type is in the data.
+        "fake-data-only" => {
+            let text = [created, delta("data only"), completed]
+                .iter()
+                .map(|e| {
+                    let e = String::from_utf8(e.to_vec()).unwrap();
+                    let data = e
+                        .lines()
+                        .find(|l| l.starts_with("data: "))
+                        .unwrap()
+                        .to_owned();
+                    format!("{data}\r\n\r\n")
+                })
+                .collect::<String>();
+            sse(Body::from(text))
         }
         // A server that sends no `response.created`: streamed all the same.
         "fake-no-created" => sse(Body::from_stream(futures_util::stream::iter([
