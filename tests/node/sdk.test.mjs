@@ -134,7 +134,12 @@ describe('openai npm SDK', () => {
       );
     assert.ok(err instanceof OpenAI.NotFoundError, `expected NotFoundError, got ${err}`);
     assert.equal(err.status, 404);
-    // The same for reading the stored response directly.
+    assert.equal(err.param, 'previous_response_id');
+
+    // The same for reading the stored response: the owner can, anyone else is told it is not there.
+    const stored = await client.responses.retrieve(first.id);
+    assert.equal(stored.id, first.id);
+    assert.equal(stored.output_text, 'first turn');
     await assert.rejects(other.responses.retrieve(first.id), OpenAI.NotFoundError);
   });
 
