@@ -3,7 +3,7 @@
 // server for test pages, esbuild for bundling npm packages into a page, and Debian's chromium.
 
 import { spawn } from 'node:child_process';
-import { mkdtemp, rm } from 'node:fs/promises';
+import { access, constants, mkdtemp, rm } from 'node:fs/promises';
 import http from 'node:http';
 import net from 'node:net';
 import os from 'node:os';
@@ -89,6 +89,9 @@ async function waitFor(url, child) {
  * the playground on; `allowedOrigins` becomes `ALLOWED_ORIGINS`. Returns `{base, api, stop}`.
  */
 export async function startRelay({ allowedOrigins, env = {} }) {
+  await access(RELAY_BIN, constants.X_OK).catch(() => {
+    throw new Error(`build relay first (cargo build), or set RELAY_BIN: ${RELAY_BIN} is missing`);
+  });
   const tmp = await mkdtemp(path.join(os.tmpdir(), 'relay-browser-'));
   const [mockPort, relayPort] = [await freePort(), await freePort()];
   const mock = start(['mock-upstream', '--port', String(mockPort)]);
