@@ -1,6 +1,7 @@
 // relay from a real browser (Debian's headless chromium, driven by playwright-core): the
 // official `openai` npm SDK bundled into a page streams from an allowed origin and is blocked
-// from any other; the playground page relay serves logs in and streams with both APIs.
+// from any other; the playground page relay serves logs in, streams with both APIs, refreshes
+// an expired token, and shows a failed stream as one.
 //
 // Run: cd tests/node && npm ci && RELAY_BIN=<path to relay> node --test browser.test.mjs
 
@@ -105,6 +106,14 @@ describe('the playground page', () => {
     return handle.jsonValue();
   }
 
+  /** Fills the login form and presses `button` (`#register-button` or `#login-button`). */
+  async function signIn(page, email, button) {
+    await page.fill('#email', email);
+    await page.fill('#password', PASSWORD);
+    await page.click(button);
+    await page.waitForSelector('#chat', { state: 'visible' });
+  }
+
   async function ask(page, api, text) {
     await page.selectOption('#api', api);
     await page.fill('#prompt', text);
@@ -113,10 +122,7 @@ describe('the playground page', () => {
 
   test('registers, logs in, and streams with Chat Completions and Responses', async () => {
     const page = await open(`${relay.base}/`);
-    await page.fill('#email', 'playground@example.com');
-    await page.fill('#password', PASSWORD);
-    await page.click('#register-button');
-    await page.waitForSelector('#chat', { state: 'visible' });
+    await signIn(page, 'playground@example.com', '#register-button');
     assert.ok((await page.locator('#model option').allTextContents()).includes('mock-echo'));
     await page.selectOption('#model', 'mock-echo');
 
@@ -148,16 +154,33 @@ describe('the playground page', () => {
     // Log out, and back in with the same account.
     await page.click('#logout-button');
     await page.waitForSelector('#login', { state: 'visible' });
-    await page.fill('#email', 'playground@example.com');
-    await page.fill('#password', PASSWORD);
-    await page.click('#login-button');
-    await page.waitForSelector('#chat', { state: 'visible' });
+    await signIn(page, 'playground@example.com', '#login-button');
     await ask(page, 'responses', 'back again');
     assert.deepEqual(await lastAnswer(page, 1), { state: 'done', text: 'back again' });
 
     // Everything ran under the page's strict CSP without a violation or an uncaught error.
     const problems = page.messages.filter((m) => /Content Security Policy|uncaught/.test(m));
     assert.deepEqual(problems, []);
+    await page.close();
+  });
+
+  test('shows a stream that fails midway as an error, for both APIs', async () => {
+    const page = await open(`${relay.base}/`);
+    await signIn(page, 'cut@example.com', '#register-button');
+    // What relay sends when the upstream fails after the answer has started.
+    const sse = (body) => (route) => route.fulfill({ status: 200, contentType: 'text/event-stream', body });
+    await page.route('**/api/v1/chat/completions', sse(
+      'data: {"choices":[{"index":0,"delta":{"content":"half an"}}]}\n\n'
+      + 'data: {"error":{"message":"the upstream stream failed","type":"server_error","code":"upstream_stream_error","param":null}}\n\n',
+    ));
+    await page.route('**/api/v1/responses', sse(
+      'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","delta":"half an"}\n\n'
+      + 'event: error\ndata: {"type":"error","code":"upstream_stream_error","message":"the upstream stream failed","param":null}\n\n',
+    ));
+    await ask(page, 'chat', 'one');
+    assert.deepEqual(await lastAnswer(page, 1), { state: 'error', text: 'half an [the upstream stream failed]' });
+    await ask(page, 'responses', 'two');
+    assert.deepEqual(await lastAnswer(page, 2), { state: 'error', text: 'half an [the upstream stream failed]' });
     await page.close();
   });
 });
