@@ -118,9 +118,13 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         Ok((_, limit)) => tracing::info!(limit, "file limit"),
         Err(err) => tracing::warn!(error = %err, "cannot raise the file limit"),
     }
+    let playground = config.playground_enabled();
     let app = App::build(config).await?;
     let addr = app.local_addr()?;
     tracing::info!(address = %addr, "relay listening on http://{addr}");
+    if playground {
+        tracing::info!("playground page: http://{addr}/");
+    }
     app.run_until_stopped(shutdown_signal()).await
 }
 

@@ -228,6 +228,8 @@ pub struct Config {
     pub debug: bool,
     /// `--dev` was given.
     pub dev: bool,
+    /// `PLAYGROUND`: serve the playground page at `/` (always on in dev mode).
+    pub playground: bool,
     /// Listener, CORS, body size, proxy headers, shutdown.
     pub server: ServerConfig,
     /// Signing key and token lifetimes.
@@ -247,6 +249,7 @@ impl fmt::Debug for Config {
         f.debug_struct("Config")
             .field("debug", &self.debug)
             .field("dev", &self.dev)
+            .field("playground", &self.playground)
             .field("server", &self.server)
             .field("auth", &self.auth)
             .field("upstream", &self.upstream)
@@ -324,6 +327,7 @@ impl Config {
         let config = Config {
             debug,
             dev,
+            playground: p.boolean("PLAYGROUND", false),
             server: sections::server(&mut p),
             auth: sections::auth(&mut p, mode, relaxed),
             upstream: sections::upstream(&mut p, mode, relaxed),
@@ -343,6 +347,11 @@ impl Config {
     /// Whether interactive docs (`/docs`, `/openapi.json`) are served.
     pub fn docs_enabled(&self) -> bool {
         self.debug || self.dev
+    }
+
+    /// Whether the playground page (`/`, `/playground.js`, `/playground.css`) is served.
+    pub fn playground_enabled(&self) -> bool {
+        self.playground || self.dev
     }
 }
 

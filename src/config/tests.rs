@@ -36,6 +36,7 @@ fn defaults_apply_when_secrets_are_given() {
     assert_eq!(c.server.max_connections, 10_000);
     assert_eq!(c.log.format, LogFormat::Json);
     assert!(!c.docs_enabled());
+    assert!(!c.playground_enabled());
 }
 
 #[test]
@@ -134,6 +135,7 @@ fn dev_mode_needs_nothing() {
     assert!(c.upstream.api_key.is_none());
     assert!(c.rate_limits.redis_url.is_none());
     assert!(c.docs_enabled());
+    assert!(c.playground_enabled());
     assert_eq!(c.log.format, LogFormat::Pretty);
 }
 
@@ -182,4 +184,27 @@ fn a_short_secret_key_is_refused_in_debug_and_dev_too() {
     // Only a missing key is replaced (for this process only).
     let c = Config::from_vars(&vars(&[("DEBUG", "true")]), Mode::Serve).unwrap();
     assert!(c.auth.secret_key_ephemeral);
+}
+
+#[test]
+fn the_playground_is_on_in_dev_mode_or_when_asked_for() {
+    let secrets = [("SECRET_KEY", KEY), ("OPENAI_API_KEY", "sk-test")];
+    for (value, on) in [
+        ("true", true),
+        ("1", true),
+        ("false", false),
+        ("off", false),
+    ] {
+        let mut v = vars(&secrets);
+        v.insert("PLAYGROUND".to_owned(), value.to_owned());
+        let c = Config::from_vars(&v, Mode::Serve).unwrap();
+        assert_eq!(c.playground_enabled(), on, "PLAYGROUND={value}");
+        // The playground does not bring the docs with it.
+        assert!(!c.docs_enabled());
+    }
+    let mut v = vars(&secrets);
+    v.insert("PLAYGROUND".to_owned(), "sometimes".to_owned());
+    let err = Config::from_vars(&v, Mode::Serve).unwrap_err();
+    assert_eq!(err.problems.len(), 1, "{err}");
+    assert!(err.problems[0].starts_with("PLAYGROUND"), "{err}");
 }

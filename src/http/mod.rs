@@ -19,8 +19,8 @@
 //! Before all of them, the accept loop (`app.rs`) gives every request body its deadline
 //! (`deadline::DeadlineBody`), which the body extractors turn into a 408.
 //!
-//! Routes are public only when listed here without an `AuthUser` argument: health, docs,
-//! register, login, refresh. Everything else takes `AuthUser`.
+//! Routes are public only when listed here without an `AuthUser` argument: health, docs, the
+//! playground page, register, login, refresh. Everything else takes `AuthUser`.
 //!
 //! Request and response extensions, the way layers and handlers talk to each other:
 //!
@@ -41,6 +41,7 @@ pub mod extract;
 pub mod health;
 pub mod middleware;
 pub mod models;
+pub mod playground;
 pub mod ratelimit;
 pub mod responses;
 
@@ -191,6 +192,9 @@ pub fn router(state: AppState) -> Router {
     let mut app = api;
     if config.docs_enabled() {
         app = app.merge(docs::router(doc));
+    }
+    if config.playground_enabled() {
+        app = app.merge(playground::router());
     }
     with_layers(app, &config).with_state(state)
 }

@@ -270,6 +270,61 @@ async fn docs_only_in_debug() {
     assert!(page.text().await.unwrap().contains("swagger"));
 }
 
+/// The playground page's CSP: its own script, style and API calls, nothing inline.
+const PLAYGROUND_CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
+    connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; \
+    frame-ancestors 'none'";
+
+#[tokio::test]
+async fn the_playground_page_is_served_in_dev_mode_or_when_asked_for() {
+    // Off by default: `/` and the page's files are the API's JSON 404.
+    let app = spawn_app(Db::Sqlite).await;
+    for path in ["/", "/playground.js", "/playground.css"] {
+        let resp = app.client.get(app.url(path)).send().await.unwrap();
+        assert_eq!(resp.status(), 404, "{path}");
+        assert_eq!(envelope(resp).await["code"], "not_found", "{path}");
+    }
+
+    let db = std::sync::Arc::new(crate::support::TestDb::new(Db::Sqlite).await);
+    let dev = crate::support::spawn_app_on(db, &[], Mode::Dev).await;
+    let asked = spawn_app_with(Db::Sqlite, &[("PLAYGROUND", "true")]).await;
+    for app in [dev, asked] {
+        let get = |path: &str| app.client.get(app.url(path)).send();
+        let page = get("/").await.unwrap();
+        assert_eq!(page.status(), 200);
+        let h = page.headers();
+        assert_eq!(h["content-type"], "text/html; charset=utf-8");
+        assert_eq!(h["content-security-policy"], PLAYGROUND_CSP);
+        assert_eq!(h["x-frame-options"], "DENY");
+        assert_eq!(h["x-content-type-options"], "nosniff");
+        let html = page.text().await.unwrap();
+        assert!(html.contains(r#"<script type="module" src="/playground.js">"#));
+        assert!(
+            !html.contains("<style") && !html.contains(" style="),
+            "inline style"
+        );
+
+        let script = get("/playground.js").await.unwrap();
+        assert_eq!(script.status(), 200);
+        assert_eq!(
+            script.headers()["content-type"],
+            "text/javascript; charset=utf-8"
+        );
+        assert_eq!(script.headers()["content-security-policy"], PLAYGROUND_CSP);
+        assert!(script.text().await.unwrap().contains("token_expired"));
+
+        let style = get("/playground.css").await.unwrap();
+        assert_eq!(style.headers()["content-type"], "text/css; charset=utf-8");
+
+        // The API keeps its own CSP.
+        let health = app.get("/health").await;
+        assert_eq!(
+            health.headers()["content-security-policy"],
+            "default-src 'none'; frame-ancestors 'none'"
+        );
+    }
+}
+
 #[tokio::test]
 async fn detailed_health_reports_each_check() {
     let app = spawn_app(Db::Sqlite).await;
