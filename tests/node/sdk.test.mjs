@@ -248,6 +248,38 @@ describe('Vercel AI SDK', () => {
     assert.equal(usage.outputTokens, 4);
   });
 
+  // The next turn of a conversation: the AI SDK sends the earlier answers back as
+  // `item_reference`s to the stored items, which relay serves to their owner only.
+  test('a second turn refers to the first answer by item id; another user cannot', async () => {
+    const first = await streamText({ model: provider('mock-echo'), prompt: 'first turn' });
+    assert.equal(await first.text, 'first turn');
+    const history = [{ role: 'user', content: 'first turn' }, ...(await first.response).messages];
+    const itemId = history[1].content[0].providerOptions?.openai?.itemId;
+    assert.match(itemId ?? '', /^msg_/, 'the answer carries its stored item id');
+
+    let sent;
+    const second = await generateText({
+      model: provider('mock-echo'),
+      messages: [...history, { role: 'user', content: 'second turn' }],
+    });
+    assert.equal(second.text, 'second turn');
+
+    const otherToken = await relay.newUser('ai-sdk-other@example.com');
+    const other = createOpenAI({
+      baseURL: relay.url + '/api/v1',
+      apiKey: otherToken,
+      fetch: async (url, init) => {
+        sent = JSON.parse(init.body);
+        return fetch(url, init);
+      },
+    });
+    await assert.rejects(
+      generateText({ model: other('mock-echo'), messages: [...history, { role: 'user', content: 'tell me' }], maxRetries: 0 }),
+      (err) => err.statusCode === 404 && /input\[1\]\.id/.test(err.responseBody ?? ''),
+    );
+    assert.deepEqual(sent.input[1], { type: 'item_reference', id: itemId });
+  });
+
   test('generateText with provider.chat (Chat Completions)', async () => {
     const result = await generateText({ model: provider.chat('mock-echo'), system: 'You are a test.', prompt: ECHO });
     assert.equal(result.text, ECHO);
