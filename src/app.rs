@@ -31,6 +31,7 @@ pub struct App {
     listener: TcpListener,
     router: axum::Router,
     state: AppState,
+    usage_writer: crate::usage::UsageWriter,
 }
 
 impl App {
@@ -70,6 +71,7 @@ impl App {
             .await
             .with_context(|| format!("cannot listen on {}:{}", server.host, server.port))?;
         let users = UserStatus::new(store.clone());
+        let (usage, usage_writer) = crate::usage::start(store.clone());
         let state = AppState::new(Inner {
             config: Arc::new(config),
             store,
@@ -78,14 +80,16 @@ impl App {
             limiter,
             passwords,
             users,
+            usage,
             started_at: Instant::now(),
         });
-        spawn_token_purge(state.store.clone());
+        spawn_purges(state.store.clone(), state.config.usage.retention_days);
         let router = crate::http::router(state.clone());
         Ok(App {
             listener,
             router,
             state,
+            usage_writer,
         })
     }
 
@@ -194,6 +198,10 @@ impl App {
                 tracing::warn!("grace period over: closing remaining connections");
             }
         }
+        // Every connection is closed: every request's usage record is queued. Write them.
+        self.usage_writer
+            .flush_and_stop(std::time::Duration::from_secs(10))
+            .await;
         self.state.store.close().await;
         tracing::info!("stopped");
         Ok(())
@@ -323,16 +331,26 @@ where
     }
 }
 
-/// Deletes expired refresh tokens now and every hour, so that the table stays bounded.
-fn spawn_token_purge(store: Store) {
+/// Deletes expired refresh tokens, and usage records older than `retention_days` (unless 0),
+/// now and every hour, so that the tables stay bounded.
+fn spawn_purges(store: Store, retention_days: u32) {
     tokio::spawn(async move {
         let mut every = tokio::time::interval(std::time::Duration::from_secs(3600));
         loop {
             every.tick().await;
-            match store.purge_expired_tokens(chrono::Utc::now()).await {
+            let now = chrono::Utc::now();
+            match store.purge_expired_tokens(now).await {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(deleted = n, "expired refresh tokens purged"),
                 Err(e) => tracing::warn!(error = %e, "could not purge expired refresh tokens"),
+            }
+            if retention_days > 0 {
+                let before = now - chrono::Duration::days(i64::from(retention_days));
+                match store.purge_usage(before).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(deleted = n, "old usage records purged"),
+                    Err(e) => tracing::warn!(error = %e, "could not purge old usage records"),
+                }
             }
         }
     });

@@ -8,6 +8,7 @@
 //! the middleware reads both for the request's log line when the response body ends.
 
 use std::sync::{Mutex, OnceLock};
+use std::time::Instant;
 
 use http::HeaderValue;
 use uuid::Uuid;
@@ -21,13 +22,44 @@ pub struct Usage {
     pub completion_tokens: u64,
 }
 
-/// What is learnt about a request while it is handled, for its log line.
+/// A request that went to the upstream: what its usage record needs besides the counts.
+#[derive(Debug, Clone)]
+pub struct UpstreamCall {
+    /// `chat`, `responses` or `embeddings`.
+    pub endpoint: &'static str,
+    /// The model asked for.
+    pub model: String,
+    /// Whether the answer is streamed.
+    pub streamed: bool,
+    /// The size of the request body sent (for a prompt estimate when usage never arrives).
+    pub prompt_bytes: u64,
+}
+
+/// The most text of a streamed answer kept for estimating its tokens when its usage never
+/// arrives (beyond it, the count of bytes delivered is used).
+pub const MAX_DELIVERED_TEXT: usize = 256 * 1024;
+
+/// What a stream delivered, for an estimate when the upstream's usage never arrives.
+#[derive(Debug, Default)]
+pub struct Delivered {
+    /// The answer's text so far (up to [`MAX_DELIVERED_TEXT`] bytes).
+    pub text: String,
+    /// Bytes of answer text delivered, also past the kept text.
+    pub bytes: u64,
+}
+
+/// What is learnt about a request while it is handled, for its log line and usage record.
 #[derive(Debug)]
 pub struct RequestContext {
     /// The request id echoed in `X-Request-ID`.
     pub request_id: HeaderValue,
+    /// When the request arrived.
+    pub started: Instant,
     user_id: OnceLock<Uuid>,
     usage: Mutex<Option<Usage>>,
+    upstream: OnceLock<UpstreamCall>,
+    first_byte: OnceLock<Instant>,
+    delivered: Mutex<Delivered>,
 }
 
 impl RequestContext {
@@ -35,8 +67,12 @@ impl RequestContext {
     pub fn new(request_id: HeaderValue) -> Self {
         RequestContext {
             request_id,
+            started: Instant::now(),
             user_id: OnceLock::new(),
             usage: Mutex::new(None),
+            upstream: OnceLock::new(),
+            first_byte: OnceLock::new(),
+            delivered: Mutex::new(Delivered::default()),
         }
     }
 
@@ -60,5 +96,48 @@ impl RequestContext {
     /// The usage recorded so far.
     pub fn usage(&self) -> Option<Usage> {
         self.usage.lock().ok().and_then(|u| *u)
+    }
+
+    /// Records that the request is going to the upstream (it gets a usage record).
+    pub fn set_upstream(&self, call: UpstreamCall) {
+        let _ = self.upstream.set(call);
+    }
+
+    /// The upstream call, if the request made one.
+    pub fn upstream(&self) -> Option<&UpstreamCall> {
+        self.upstream.get()
+    }
+
+    /// Records that the upstream's answer (its headers) arrived.
+    pub fn set_first_byte(&self) {
+        let _ = self.first_byte.set(Instant::now());
+    }
+
+    /// When the upstream's answer arrived.
+    pub fn first_byte(&self) -> Option<Instant> {
+        self.first_byte.get().copied()
+    }
+
+    /// Notes answer text delivered to the client (a stream's deltas).
+    pub fn add_delivered(&self, text: &str) {
+        if let Ok(mut delivered) = self.delivered.lock() {
+            delivered.bytes += text.len() as u64;
+            let room = MAX_DELIVERED_TEXT.saturating_sub(delivered.text.len());
+            if room > 0 {
+                let mut end = text.len().min(room);
+                while !text.is_char_boundary(end) {
+                    end -= 1;
+                }
+                delivered.text.push_str(&text[..end]);
+            }
+        }
+    }
+
+    /// Takes what was delivered (once, for the usage record).
+    pub fn take_delivered(&self) -> Delivered {
+        self.delivered
+            .lock()
+            .map(|mut d| std::mem::take(&mut *d))
+            .unwrap_or_default()
     }
 }

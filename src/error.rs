@@ -60,7 +60,7 @@ pub enum ApiError {
         "{0} is not a path relay serves; under /api/v1 it serves auth/register, auth/login, \
          auth/me, auth/refresh, auth/logout, chat/completions, chat/completions/stream, \
          chat/models, models, models/{{model}}, embeddings, responses, responses/{{id}} (with \
-         /cancel and /input_items), health and health/detailed"
+         /cancel and /input_items), usage, health and health/detailed"
     )]
     NoRoute(String),
     /// 408: the request body did not arrive within `REQUEST_BODY_TIMEOUT_SECONDS`. Sent with

@@ -13,3 +13,4 @@ pub mod relay;
 pub mod state;
 pub mod store;
 pub mod telemetry;
+pub mod usage;

@@ -10,6 +10,7 @@ use crate::config::Config;
 use crate::ratelimit::RateLimiter;
 use crate::relay::Upstream;
 use crate::store::Store;
+use crate::usage::UsageSink;
 
 /// Cheap to clone: one `Arc`.
 #[derive(Clone)]
@@ -31,6 +32,8 @@ pub struct Inner {
     pub passwords: Passwords,
     /// Whether a token's user still exists and is active (cached for a few seconds).
     pub users: UserStatus,
+    /// Where each request that reached the upstream leaves its usage record.
+    pub usage: UsageSink,
     /// When the process started serving, for `uptime_seconds`.
     pub started_at: Instant,
 }

@@ -221,6 +221,13 @@ pub struct LogConfig {
     pub format: LogFormat,
 }
 
+/// Usage records.
+#[derive(Debug, Clone)]
+pub struct UsageConfig {
+    /// `USAGE_RETENTION_DAYS`: records older than this are purged (hourly); 0 keeps them all.
+    pub retention_days: u32,
+}
+
 /// Every setting relay reads. Built once at start-up and passed down, a section to each part.
 #[derive(Clone)]
 pub struct Config {
@@ -242,6 +249,8 @@ pub struct Config {
     pub database: Database,
     /// `LOG_LEVEL`, `LOG_FORMAT`.
     pub log: LogConfig,
+    /// `USAGE_RETENTION_DAYS`.
+    pub usage: UsageConfig,
 }
 
 impl fmt::Debug for Config {
@@ -260,6 +269,7 @@ impl fmt::Debug for Config {
             )
             .field("database", &self.database)
             .field("log", &self.log)
+            .field("usage", &self.usage)
             .finish_non_exhaustive()
     }
 }
@@ -334,6 +344,7 @@ impl Config {
             rate_limits: sections::limits(&mut p, dev),
             database: sections::database(&mut p),
             log: sections::logging(&mut p, relaxed),
+            usage: sections::usage(&mut p),
         };
         if p.problems.is_empty() {
             Ok(config)

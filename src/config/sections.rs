@@ -10,7 +10,7 @@ use url::Url;
 use super::parse::{Parser, check_origin, parse_list, random_secret};
 use super::{
     AuthConfig, Database, Endpoint, LogConfig, LogFormat, MIN_SECRET_BYTES, Mode, Origins,
-    RateLimits, ServerConfig, UpstreamConfig,
+    RateLimits, ServerConfig, UpstreamConfig, UsageConfig,
 };
 
 /// The largest `MAX_CONNECTIONS` accepted: more than a process can have files open on Linux
@@ -287,4 +287,14 @@ pub(super) fn logging(p: &mut Parser<'_>, relaxed: bool) -> LogConfig {
         }
     };
     LogConfig { level, format }
+}
+
+/// `USAGE_RETENTION_DAYS` (default 400: a year and a bit, for year-over-year bills).
+pub(super) fn usage(p: &mut Parser<'_>) -> UsageConfig {
+    let retention_days = p.parse(
+        "USAGE_RETENTION_DAYS",
+        400,
+        "must be a whole number of days (0 keeps records forever)",
+    );
+    UsageConfig { retention_days }
 }

@@ -19,6 +19,7 @@ use utoipa_swagger_ui::SwaggerUi;
         (name = "auth", description = "Users and tokens"),
         (name = "chat", description = "The OpenAI-compatible relay"),
         (name = "responses", description = "The Responses API; stored responses are served to their creator only"),
+        (name = "usage", description = "What each request cost, in tokens"),
         (name = "health", description = "Health checks"),
     )
 )]

@@ -5,7 +5,9 @@
 //! security headers; turns any error response that is not already JSON (axum's 405, a 413
 //! from the body limit, …) into the OpenAI error envelope; and writes exactly one log line
 //! per request (with the client IP) — when the response body is finished or dropped, so that a stream's line
-//! carries its full duration and its token usage.
+//! carries its full duration and its token usage, or, when the client leaves before the
+//! answer, as a 499. At the same moment a request that reached the upstream leaves its usage
+//! record (`crate::usage`).
 
 use std::net::IpAddr;
 use std::pin::Pin;
@@ -24,6 +26,8 @@ use http::{HeaderName, HeaderValue, Method, StatusCode};
 use crate::context::RequestContext;
 use crate::error::{ErrorDetail, envelope_response, error_code_for};
 use crate::http::ratelimit::client_ip_of;
+use crate::store::UsageRecord;
+use crate::usage::{PendingRecord, UsageSink};
 
 /// `X-Request-ID`.
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -84,10 +88,19 @@ fn default_message(status: StatusCode) -> String {
     }
 }
 
-/// See the module documentation. The state says whether `X-Forwarded-For` is trusted
-/// (`TRUST_PROXY_HEADERS`), for the client IP on the log line.
-pub async fn observe(State(trust_proxy): State<bool>, mut req: Request, next: Next) -> Response {
-    let start = Instant::now();
+/// What `observe` needs besides the request.
+#[derive(Clone)]
+pub struct Observe {
+    /// Whether `X-Forwarded-For` is trusted (`TRUST_PROXY_HEADERS`), for the client IP.
+    pub trust_proxy: bool,
+    /// Where a request that reached the upstream leaves its usage record (none in tests of
+    /// the layers alone).
+    pub usage: Option<UsageSink>,
+}
+
+/// See the module documentation.
+pub async fn observe(State(observe): State<Observe>, mut req: Request, next: Next) -> Response {
+    let Observe { trust_proxy, usage } = observe;
     let request_id = req
         .headers()
         .get(&X_REQUEST_ID)
@@ -95,6 +108,7 @@ pub async fn observe(State(trust_proxy): State<bool>, mut req: Request, next: Ne
         .cloned()
         .unwrap_or_else(new_request_id);
     let ctx = Arc::new(RequestContext::new(request_id.clone()));
+    let start = ctx.started;
     req.extensions_mut().insert(ctx.clone());
     let client_ip = client_ip_of(req.headers(), req.extensions(), trust_proxy);
     let method = req.method().clone();
@@ -105,7 +119,23 @@ pub async fn observe(State(trust_proxy): State<bool>, mut req: Request, next: Ne
         .is_none()
         .then(|| shorten(req.uri().path(), MAX_LOGGED_PATH).to_owned());
 
+    // Should the client leave before the answer (the connection closes while the handler
+    // waits for the upstream), this future is dropped here: the guard still logs the request,
+    // as 499, and leaves its usage record.
+    let mut unanswered = Unanswered(Some(RequestLog {
+        ctx,
+        usage,
+        client_ip,
+        method,
+        route,
+        unmatched_path,
+        status: CLIENT_CLOSED_REQUEST,
+        start,
+    }));
     let mut response = next.run(req).await;
+    let Some(mut log) = unanswered.0.take() else {
+        return response;
+    };
 
     let status = response.status();
     if let Some(ErrorDetail(detail)) = response.extensions_mut().remove::<ErrorDetail>() {
@@ -149,15 +179,7 @@ pub async fn observe(State(trust_proxy): State<bool>, mut req: Request, next: Ne
         headers.insert(CONTENT_SECURITY_POLICY, HeaderValue::from_static(API_CSP));
     }
 
-    let log = RequestLog {
-        ctx,
-        client_ip,
-        method,
-        route,
-        unmatched_path,
-        status,
-        start,
-    };
+    log.status = status;
     if http_body::Body::is_end_stream(response.body()) {
         // Nothing to send (a 204, a redirect): hyper will not poll the body, so log now.
         log.emit(true);
@@ -171,8 +193,26 @@ pub async fn observe(State(trust_proxy): State<bool>, mut req: Request, next: Ne
     })
 }
 
+/// The status logged for a request whose client left before the answer (nginx's 499).
+const CLIENT_CLOSED_REQUEST: StatusCode = match StatusCode::from_u16(499) {
+    Ok(status) => status,
+    Err(_) => StatusCode::BAD_REQUEST,
+};
+
+/// Logs its request (unanswered) when dropped while still holding it.
+struct Unanswered(Option<RequestLog>);
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        if let Some(log) = self.0.take() {
+            log.emit(false);
+        }
+    }
+}
+
 struct RequestLog {
     ctx: Arc<RequestContext>,
+    usage: Option<UsageSink>,
     client_ip: IpAddr,
     method: Method,
     route: Option<MatchedPath>,
@@ -201,7 +241,49 @@ impl RequestLog {
             completed,
             "request"
         );
+        if let Some(sink) = &self.usage {
+            record_usage(sink, &self.ctx, self.status, completed);
+        }
     }
+}
+
+/// Leaves the usage record of a request that reached the upstream (none for the others).
+fn record_usage(sink: &UsageSink, ctx: &RequestContext, status: StatusCode, completed: bool) {
+    let (Some(call), Some(user_id)) = (ctx.upstream(), ctx.user()) else {
+        return;
+    };
+    let millis = |d: std::time::Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    let (usage, pending) = match ctx.usage() {
+        Some(usage) => (usage, None),
+        // A stream that ended before its usage, or a request whose client left before the
+        // answer: estimated from what was delivered (if anything), by the writer (off the
+        // request path).
+        None if (call.streamed && status.is_success()) || !completed => {
+            (crate::context::Usage::default(), Some(ctx.take_delivered()))
+        }
+        None => (crate::context::Usage::default(), None),
+    };
+    sink.record(PendingRecord {
+        record: UsageRecord {
+            user_id,
+            api_key_id: None,
+            endpoint: call.endpoint,
+            model: call.model.clone(),
+            prompt_tokens: usage.prompt_tokens,
+            completion_tokens: usage.completion_tokens,
+            status: status.as_u16(),
+            streamed: call.streamed,
+            cancelled: !completed,
+            estimated: pending.is_some(),
+            duration_ms: millis(ctx.started.elapsed()),
+            ttfb_ms: ctx.first_byte().map(|at| millis(at - ctx.started)),
+            request_id: String::from_utf8_lossy(ctx.request_id.as_bytes()).into_owned(),
+            created_at: chrono::Utc::now()
+                - chrono::Duration::from_std(ctx.started.elapsed()).unwrap_or_default(),
+        },
+        delivered: pending,
+        prompt_bytes: call.prompt_bytes,
+    });
 }
 
 pin_project_lite::pin_project! {

@@ -44,6 +44,7 @@ pub mod models;
 pub mod playground;
 pub mod ratelimit;
 pub mod responses;
+pub mod usage;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
@@ -100,6 +101,7 @@ fn routes(state: Option<&AppState>) -> OpenApiRouter<AppState> {
     let account = OpenApiRouter::new()
         .routes(routes!(auth::get_me))
         .routes(routes!(auth::logout_user));
+    let usage = OpenApiRouter::new().routes(routes!(usage::get_usage));
     let auth = OpenApiRouter::new()
         .routes(routes!(auth::login_user))
         .merge(limited(account, Endpoint::Account, KeyBy::User))
@@ -127,6 +129,7 @@ fn routes(state: Option<&AppState>) -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(docs::ApiDoc::openapi()).nest(
         "/api/v1",
         auth.merge(limited(chat, Endpoint::Chat, KeyBy::User))
+            .merge(limited(usage, Endpoint::Account, KeyBy::User))
             .merge(limited(models, Endpoint::Models, KeyBy::User))
             .merge(health),
     )
@@ -196,13 +199,15 @@ pub fn router(state: AppState) -> Router {
     if config.playground_enabled() {
         app = app.merge(playground::router());
     }
-    with_layers(app, &config).with_state(state)
+    let usage = Some(state.usage.clone());
+    with_layers(app, &config, usage).with_state(state)
 }
 
 /// Adds the fallback and the common layers (see the module documentation) to `routes`.
 pub fn with_layers<S: Clone + Send + Sync + 'static>(
     routes: Router<S>,
     config: &Config,
+    usage: Option<crate::usage::UsageSink>,
 ) -> Router<S> {
     routes
         .fallback(not_found)
@@ -210,7 +215,10 @@ pub fn with_layers<S: Clone + Send + Sync + 'static>(
         .layer(CatchPanicLayer::custom(panic_response))
         .layer(cors(&config.server.allowed_origins, config.dev))
         .layer(axum::middleware::from_fn_with_state(
-            config.server.trust_proxy_headers,
+            middleware::Observe {
+                trust_proxy: config.server.trust_proxy_headers,
+                usage,
+            },
             middleware::observe,
         ))
 }

@@ -19,7 +19,7 @@ use super::body::{self, Fields, Scalar, Splices, check_number};
 use super::client::Api;
 use super::models::ModelPolicy;
 use super::sse::{Protocol, SseRelay};
-use crate::context::{RequestContext, Usage};
+use crate::context::{RequestContext, UpstreamCall, Usage};
 use crate::error::ApiError;
 
 /// A request ready to send upstream.
@@ -217,9 +217,16 @@ pub async fn complete(
     chat: PreparedChat,
     ctx: Arc<RequestContext>,
 ) -> Result<Completion, ApiError> {
+    ctx.set_upstream(UpstreamCall {
+        endpoint: "chat",
+        model: chat.model.clone(),
+        streamed: chat.stream,
+        prompt_bytes: chat.body.len() as u64,
+    });
     let response = upstream
         .post(Api::ChatCompletions, chat.body, chat.stream)
         .await?;
+    ctx.set_first_byte();
     let is_sse = response
         .headers()
         .get(CONTENT_TYPE)

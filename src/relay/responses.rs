@@ -31,7 +31,7 @@ use super::body::{self, Fields, Scalar, Splices, check_number};
 use super::client::Api;
 use super::response_view::{MAX_OWNED_IDS, ResponseView};
 use super::sse::{BodyError, Protocol, SseRelay};
-use crate::context::RequestContext;
+use crate::context::{RequestContext, UpstreamCall};
 use crate::error::ApiError;
 use crate::store::Store;
 
@@ -345,9 +345,16 @@ pub async fn create(
         .map(|(param, id)| (param.as_str(), id.as_str()))
         .collect();
     owners.check_all(&referenced).await?;
+    ctx.set_upstream(UpstreamCall {
+        endpoint: "responses",
+        model: request.model.clone(),
+        streamed: request.stream,
+        prompt_bytes: request.body.len() as u64,
+    });
     let response = upstream
         .post(Api::Responses, request.body, request.stream)
         .await?;
+    ctx.set_first_byte();
     let is_sse = response
         .headers()
         .get(CONTENT_TYPE)

@@ -224,6 +224,9 @@ fn inspect(
                 return Verdict::Keep;
             }
             let error_like = mentions(b"\"error\"");
+            if let Some(text) = string_after(data, b"\"content\":") {
+                ctx.add_delivered(&text);
+            }
             if !error_like && !mentions(b"\"usage\"") {
                 return Verdict::Keep;
             }
@@ -247,6 +250,20 @@ fn inspect(
     }
 }
 
+/// The string value that follows the first `key` (e.g. `"content":`) in `data`, read without
+/// parsing the rest: the text an event delivers, for an estimate should usage never arrive.
+fn string_after(data: &[u8], key: &[u8]) -> Option<String> {
+    let at = memchr::memmem::find(data, key)? + key.len();
+    let rest = data[at..].trim_ascii_start();
+    if rest.first() != Some(&b'"') {
+        return None;
+    }
+    let mut de = serde_json::Deserializer::from_slice(rest);
+    String::deserialize(&mut de)
+        .ok()
+        .filter(|text| !text.is_empty())
+}
+
 /// Looks at one Responses API event; returns whether it reports an error (to be masked).
 fn inspect_response_event(
     event: &[u8],
@@ -263,6 +280,12 @@ fn inspect_response_event(
         return false;
     };
     match &*kind {
+        b"response.output_text.delta" => {
+            if let Some(text) = string_after(data, b"\"delta\":") {
+                ctx.add_delivered(&text);
+            }
+            false
+        }
         b"response.created" | b"response.in_progress" | b"response.queued" => {
             if let Some(view) = ResponseView::read_event(data) {
                 own(seen, view.id);

@@ -71,9 +71,11 @@ macro_rules! on_pool {
 
 mod responses;
 mod tokens;
+mod usage;
 mod users;
 
 pub use tokens::{NewRefreshToken, Spend, SuccessorToken};
+pub use usage::{GroupBy, UsageRecord, UsageSums};
 pub use users::{NewUser, UserRecord};
 
 impl Store {

@@ -350,7 +350,7 @@ async fn a_panicking_handler_becomes_a_500_envelope() {
             v[1].clone()
         }),
     );
-    let app = relay::http::with_layers(routes, &config);
+    let app = relay::http::with_layers(routes, &config, None);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await });

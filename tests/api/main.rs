@@ -14,3 +14,4 @@ mod openapi;
 mod ratelimit;
 mod responses;
 mod startup;
+mod usage;

@@ -1,0 +1,155 @@
+//! The `usage_records` table: one row per request that reached the upstream, written in
+//! batches by the usage writer (`crate::usage`), summed in SQL for `GET /usage`.
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use super::{Store, StoreError};
+
+/// One request's usage, as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageRecord {
+    /// Who made the request.
+    pub user_id: Uuid,
+    /// The API key used, if any.
+    pub api_key_id: Option<Uuid>,
+    /// `chat`, `responses` or `embeddings`.
+    pub endpoint: &'static str,
+    /// The model asked for.
+    pub model: String,
+    /// Prompt (input) tokens.
+    pub prompt_tokens: u64,
+    /// Completion (output) tokens.
+    pub completion_tokens: u64,
+    /// The HTTP status relay answered with.
+    pub status: u16,
+    /// Whether the answer was streamed.
+    pub streamed: bool,
+    /// Whether the client left before the answer ended.
+    pub cancelled: bool,
+    /// Whether the token counts are relay's estimate (the upstream's usage never arrived).
+    pub estimated: bool,
+    /// From the request's arrival to the end of its answer.
+    pub duration_ms: u64,
+    /// From the request's arrival to the upstream's first byte (its answer's headers).
+    pub ttfb_ms: Option<u64>,
+    /// The request id (`X-Request-ID`).
+    pub request_id: String,
+    /// When the request arrived.
+    pub created_at: DateTime<Utc>,
+}
+
+/// How `GET /usage` groups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupBy {
+    /// By UTC day, `YYYY-MM-DD`.
+    Day,
+    /// By model.
+    Model,
+}
+
+/// Sums over a set of records.
+#[derive(Debug, Clone, Default, PartialEq, Eq, sqlx::FromRow)]
+pub struct UsageSums {
+    /// The group's key (empty for the total).
+    pub key: String,
+    /// How many requests.
+    pub requests: i64,
+    /// Prompt tokens.
+    pub prompt_tokens: i64,
+    /// Completion tokens.
+    pub completion_tokens: i64,
+}
+
+const SUMS: &str = "COUNT(*) AS requests, \
+                    CAST(COALESCE(SUM(prompt_tokens), 0) AS BIGINT) AS prompt_tokens, \
+                    CAST(COALESCE(SUM(completion_tokens), 0) AS BIGINT) AS completion_tokens";
+
+fn to_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+impl Store {
+    /// Inserts `records` in one statement.
+    pub async fn insert_usage(&self, records: &[UsageRecord]) -> Result<(), StoreError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        on_pool!(self, pool => {
+            let mut insert = sqlx::QueryBuilder::new(
+                "INSERT INTO usage_records (user_id, api_key_id, endpoint, model, prompt_tokens, \
+                 completion_tokens, status, streamed, cancelled, estimated, duration_ms, ttfb_ms, \
+                 request_id, created_at) ",
+            );
+            insert.push_values(records, |mut row, r| {
+                row.push_bind(r.user_id)
+                    .push_bind(r.api_key_id)
+                    .push_bind(r.endpoint)
+                    .push_bind(r.model.as_str())
+                    .push_bind(to_i64(r.prompt_tokens))
+                    .push_bind(to_i64(r.completion_tokens))
+                    .push_bind(i32::from(r.status))
+                    .push_bind(r.streamed)
+                    .push_bind(r.cancelled)
+                    .push_bind(r.estimated)
+                    .push_bind(to_i64(r.duration_ms))
+                    .push_bind(r.ttfb_ms.map(to_i64))
+                    .push_bind(r.request_id.as_str())
+                    .push_bind(r.created_at);
+            });
+            insert.build().execute(pool).await?;
+        });
+        Ok(())
+    }
+
+    /// `user`'s totals over `[from, to)`, and the same per day or per model (sorted by key).
+    pub async fn usage_summary(
+        &self,
+        user: Uuid,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        group_by: GroupBy,
+    ) -> Result<(UsageSums, Vec<UsageSums>), StoreError> {
+        const RANGE: &str = "FROM usage_records WHERE user_id = $1 AND created_at >= $2 \
+                             AND created_at < $3";
+        let key = match (self, group_by) {
+            (_, GroupBy::Model) => "model",
+            // SQLite keeps timestamps as RFC 3339 text in UTC: the day is its first ten bytes.
+            (Store::Sqlite(_), GroupBy::Day) => "substr(created_at, 1, 10)",
+            (Store::Postgres(_), GroupBy::Day) => {
+                "to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD')"
+            }
+        };
+        let total_sql = format!("SELECT '' AS key, {SUMS} {RANGE}");
+        let groups_sql =
+            format!("SELECT {key} AS key, {SUMS} {RANGE} GROUP BY {key} ORDER BY {key}");
+        let (total, groups) = on_pool!(self, pool => {
+            let total = sqlx::query_as::<_, UsageSums>(&total_sql)
+                .bind(user)
+                .bind(from)
+                .bind(to)
+                .fetch_one(pool)
+                .await?;
+            let groups = sqlx::query_as::<_, UsageSums>(&groups_sql)
+                .bind(user)
+                .bind(from)
+                .bind(to)
+                .fetch_all(pool)
+                .await?;
+            (total, groups)
+        });
+        Ok((total, groups))
+    }
+
+    /// Deletes the records made before `before`; returns how many.
+    pub async fn purge_usage(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
+        let n = on_pool!(self, pool => {
+            sqlx::query("DELETE FROM usage_records WHERE created_at < $1")
+                .bind(before)
+                .execute(pool)
+                .await?
+                .rows_affected()
+        });
+        Ok(n)
+    }
+}

@@ -1,0 +1,171 @@
+//! Usage records, written off the request path.
+//!
+//! A request's end (`http::middleware`, where its log line is written) hands its record to
+//! [`UsageSink::record`], which never waits: the record goes into a bounded queue, or, when
+//! the queue is full (the database is slow or down), is counted as dropped and logged, rather
+//! than holding the request. One task ([`UsageWriter`]) drains the queue in batches of up to
+//! [`MAX_BATCH`] rows, one `INSERT` each. At shutdown the writer is told to stop, writes what
+//! is queued and ends; `App::run` waits for it.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+
+use crate::context::Delivered;
+use crate::store::{Store, UsageRecord};
+
+/// A record as a request leaves it: complete, or (a stream that ended before its usage
+/// arrived) still to be estimated from what it delivered.
+#[derive(Debug)]
+pub struct PendingRecord {
+    /// The record; its token counts are zero while `delivered` is set.
+    pub record: UsageRecord,
+    /// What the stream delivered, when the counts are to be estimated.
+    pub delivered: Option<Delivered>,
+    /// The request body's size, for the prompt estimate.
+    pub prompt_bytes: u64,
+}
+
+/// Records queued at most; beyond this they are dropped (and counted).
+pub const QUEUE_CAPACITY: usize = 16_384;
+/// Rows per `INSERT`.
+pub const MAX_BATCH: usize = 256;
+/// How long a failed batch waits before one more try.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// Where requests leave their usage record. Cheap to clone.
+#[derive(Clone)]
+pub struct UsageSink {
+    queue: mpsc::Sender<PendingRecord>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl UsageSink {
+    /// Queues `record` without waiting; when the queue is full it is dropped and counted.
+    pub fn record(&self, record: PendingRecord) {
+        if self.queue.try_send(record).is_err() {
+            let dropped = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            // One line for the 1st, 2nd, 4th, 8th… drop: visible, never a flood.
+            if dropped.is_power_of_two() {
+                tracing::warn!(dropped, "usage queue full or closed: record dropped");
+            }
+        }
+    }
+
+    /// Records dropped so far (for metrics).
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
+
+/// The task that writes queued records; [`UsageWriter::flush_and_stop`] ends it.
+pub struct UsageWriter {
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl UsageWriter {
+    /// Writes what is queued, then ends; waits at most `limit`.
+    pub async fn flush_and_stop(self, limit: Duration) {
+        let _ = self.stop.send(true);
+        if tokio::time::timeout(limit, self.task).await.is_err() {
+            tracing::warn!("usage records still queued at shutdown were not all written");
+        }
+    }
+}
+
+/// Starts the writer on `store`.
+pub fn start(store: Store) -> (UsageSink, UsageWriter) {
+    let (queue, records) = mpsc::channel(QUEUE_CAPACITY);
+    let (stop, stopped) = watch::channel(false);
+    let task = tokio::spawn(write_loop(store, records, stopped));
+    let sink = UsageSink {
+        queue,
+        dropped: Arc::new(AtomicU64::new(0)),
+    };
+    (sink, UsageWriter { stop, task })
+}
+
+async fn write_loop(
+    store: Store,
+    mut records: mpsc::Receiver<PendingRecord>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    loop {
+        let stopping = tokio::select! {
+            n = records.recv_many(&mut batch, MAX_BATCH) => n == 0,
+            _ = stopped.wait_for(|stop| *stop) => true,
+        };
+        if stopping {
+            // Take whatever is still queued, then end.
+            while !records.is_empty() {
+                records.recv_many(&mut batch, MAX_BATCH).await;
+                write(&store, &mut batch).await;
+            }
+            write(&store, &mut batch).await;
+            return;
+        }
+        write(&store, &mut batch).await;
+    }
+}
+
+/// Estimates what needs it, writes `batch` (one retry after a failure) and empties it.
+async fn write(store: &Store, batch: &mut Vec<PendingRecord>) {
+    if batch.is_empty() {
+        return;
+    }
+    let pending = std::mem::take(batch);
+    // Tokenizing is CPU work: on the blocking pool, never on the runtime's threads.
+    let records =
+        match tokio::task::spawn_blocking(|| pending.into_iter().map(complete).collect::<Vec<_>>())
+            .await
+        {
+            Ok(records) => records,
+            Err(err) => {
+                tracing::error!(error = %err, "usage estimate failed");
+                return;
+            }
+        };
+    let mut result = store.insert_usage(&records).await;
+    if result.is_err() {
+        tokio::time::sleep(RETRY_AFTER).await;
+        result = store.insert_usage(&records).await;
+    }
+    if let Err(err) = result {
+        tracing::error!(error = %err, records = records.len(), "usage records could not be written");
+    }
+}
+
+/// The record, with its estimate filled in when it needs one.
+fn complete(pending: PendingRecord) -> UsageRecord {
+    let mut record = pending.record;
+    if let Some(delivered) = pending.delivered {
+        record.completion_tokens = estimate_completion(&delivered);
+        record.prompt_tokens = pending.prompt_bytes.div_ceil(BYTES_PER_TOKEN);
+    }
+    record
+}
+
+/// Bytes per token assumed for a prompt whose usage never arrived: OpenAI's rule of thumb for
+/// English text (the body's JSON syntax makes this an overestimate of its text).
+pub const BYTES_PER_TOKEN: u64 = 4;
+
+/// The tokens of a stream's delivered text, counted with o200k_base (the encoding of the
+/// GPT-4o and later families), scaled up when more was delivered than was kept.
+pub fn estimate_completion(delivered: &Delivered) -> u64 {
+    if delivered.bytes == 0 {
+        return 0;
+    }
+    let counted = tiktoken_rs::o200k_base_singleton()
+        .encode_ordinary(&delivered.text)
+        .len() as u64;
+    let kept = delivered.text.len() as u64;
+    if kept == 0 || kept >= delivered.bytes {
+        return counted.max(1);
+    }
+    // Only the first part was kept: scale its count to everything delivered.
+    (counted * delivered.bytes).div_ceil(kept)
+}
