@@ -142,9 +142,14 @@ impl App {
             .header_read_timeout(HEADER_READ_TIMEOUT)
             .max_header_size(MAX_HEAD_BYTES);
         let graceful = GracefulShutdown::new();
+        // Every connection's task, so that those still open when the grace period ends can be
+        // ended (and their requests' usage records queued) before the records are flushed.
+        let mut connections = tokio::task::JoinSet::new();
         let mut shutdown = std::pin::pin!(shutdown);
         let mut warned_full: Option<Instant> = None;
         loop {
+            // Finished connections leave the set here, so that it holds only open ones.
+            while connections.try_join_next().is_some() {}
             let permit = match slots.clone().try_acquire_owned() {
                 Ok(permit) => permit,
                 Err(_) => {
@@ -180,7 +185,7 @@ impl App {
                 router.clone().oneshot(req)
             });
             let connection = graceful.watch(http.serve_connection(TokioIo::new(tcp), service));
-            tokio::spawn(async move {
+            connections.spawn(async move {
                 if let Err(err) = connection.await {
                     tracing::debug!(error = %err, "connection ended with an error");
                 }
@@ -198,6 +203,10 @@ impl App {
                 tracing::warn!("grace period over: closing remaining connections");
             }
         }
+        // Close what is still open: dropping a connection's task drops its requests, whose
+        // guards log them and queue their usage records.
+        connections.abort_all();
+        while connections.join_next().await.is_some() {}
         // Every connection is closed: every request's usage record is queued. Write them.
         self.usage_writer
             .flush_and_stop(std::time::Duration::from_secs(10))
@@ -344,8 +353,10 @@ fn spawn_purges(store: Store, retention_days: u32) {
                 Ok(n) => tracing::info!(deleted = n, "expired refresh tokens purged"),
                 Err(e) => tracing::warn!(error = %e, "could not purge expired refresh tokens"),
             }
-            if retention_days > 0 {
-                let before = now - chrono::Duration::days(i64::from(retention_days));
+            if retention_days > 0
+                && let Some(before) =
+                    now.checked_sub_signed(chrono::Duration::days(i64::from(retention_days)))
+            {
                 match store.purge_usage(before).await {
                     Ok(0) => {}
                     Ok(n) => tracing::info!(deleted = n, "old usage records purged"),

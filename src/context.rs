@@ -36,8 +36,9 @@ pub struct UpstreamCall {
 }
 
 /// The most text of a streamed answer kept for estimating its tokens when its usage never
-/// arrives (beyond it, the count of bytes delivered is used).
-pub const MAX_DELIVERED_TEXT: usize = 256 * 1024;
+/// arrives; the estimate scales its count by the bytes delivered beyond it. Small, because
+/// every stream keeps it and it is almost never needed.
+pub const MAX_DELIVERED_TEXT: usize = 16 * 1024;
 
 /// What a stream delivered, for an estimate when the upstream's usage never arrives.
 #[derive(Debug, Default)]
@@ -46,6 +47,15 @@ pub struct Delivered {
     pub text: String,
     /// Bytes of answer text delivered, also past the kept text.
     pub bytes: u64,
+}
+
+/// How a relayed stream ended, as relay saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamEnd {
+    /// Its last event arrived (`[DONE]`, `response.completed`, …).
+    Done,
+    /// It failed after it started (the status its record carries: 502, or 504 for a stall).
+    Failed(u16),
 }
 
 /// What is learnt about a request while it is handled, for its log line and usage record.
@@ -60,6 +70,7 @@ pub struct RequestContext {
     upstream: OnceLock<UpstreamCall>,
     first_byte: OnceLock<Instant>,
     delivered: Mutex<Delivered>,
+    stream_end: OnceLock<StreamEnd>,
 }
 
 impl RequestContext {
@@ -73,6 +84,7 @@ impl RequestContext {
             upstream: OnceLock::new(),
             first_byte: OnceLock::new(),
             delivered: Mutex::new(Delivered::default()),
+            stream_end: OnceLock::new(),
         }
     }
 
@@ -133,11 +145,41 @@ impl RequestContext {
         }
     }
 
+    /// Records how the stream ended (the first report wins).
+    pub fn set_stream_end(&self, end: StreamEnd) {
+        let _ = self.stream_end.set(end);
+    }
+
+    /// How the stream ended, if it did.
+    pub fn stream_end(&self) -> Option<StreamEnd> {
+        self.stream_end.get().copied()
+    }
+
     /// Takes what was delivered (once, for the usage record).
     pub fn take_delivered(&self) -> Delivered {
         self.delivered
             .lock()
             .map(|mut d| std::mem::take(&mut *d))
             .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delivered_text_is_capped_at_a_character_boundary() {
+        let ctx = RequestContext::new(HeaderValue::from_static("t"));
+        ctx.add_delivered(&"a".repeat(MAX_DELIVERED_TEXT - 1));
+        ctx.add_delivered("éé");
+        let delivered = ctx.take_delivered();
+        assert_eq!(
+            delivered.text.len(),
+            MAX_DELIVERED_TEXT - 1,
+            "é does not fit in 1 byte"
+        );
+        assert_eq!(delivered.bytes, MAX_DELIVERED_TEXT as u64 + 3);
+        assert_eq!(ctx.take_delivered().bytes, 0, "taken once");
     }
 }

@@ -80,18 +80,16 @@ impl UsageWriter {
 pub fn start(store: Store) -> (UsageSink, UsageWriter) {
     let (queue, records) = mpsc::channel(QUEUE_CAPACITY);
     let (stop, stopped) = watch::channel(false);
-    let task = tokio::spawn(write_loop(store, records, stopped));
-    let sink = UsageSink {
-        queue,
-        dropped: Arc::new(AtomicU64::new(0)),
-    };
-    (sink, UsageWriter { stop, task })
+    let dropped = Arc::new(AtomicU64::new(0));
+    let task = tokio::spawn(write_loop(store, records, stopped, dropped.clone()));
+    (UsageSink { queue, dropped }, UsageWriter { stop, task })
 }
 
 async fn write_loop(
     store: Store,
     mut records: mpsc::Receiver<PendingRecord>,
     mut stopped: watch::Receiver<bool>,
+    dropped: Arc<AtomicU64>,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     loop {
@@ -100,42 +98,62 @@ async fn write_loop(
             _ = stopped.wait_for(|stop| *stop) => true,
         };
         if stopping {
-            // Take whatever is still queued, then end.
-            while !records.is_empty() {
-                records.recv_many(&mut batch, MAX_BATCH).await;
-                write(&store, &mut batch).await;
+            // No more records from now on (a late one is counted as dropped by its sender);
+            // write every one already queued, then end.
+            records.close();
+            write(&store, &mut batch, &dropped, false).await;
+            while records.recv_many(&mut batch, MAX_BATCH).await > 0 {
+                write(&store, &mut batch, &dropped, false).await;
             }
-            write(&store, &mut batch).await;
             return;
         }
-        write(&store, &mut batch).await;
+        write(&store, &mut batch, &dropped, true).await;
     }
 }
 
-/// Estimates what needs it, writes `batch` (one retry after a failure) and empties it.
-async fn write(store: &Store, batch: &mut Vec<PendingRecord>) {
+/// The longest wait between two tries of a batch while the database is down.
+const MAX_RETRY_WAIT: Duration = Duration::from_secs(30);
+
+/// Estimates what needs it, writes `batch` and empties it. While the database is down the
+/// batch is retried with a growing wait (the queue fills meanwhile, and what does not fit is
+/// dropped and counted); at shutdown (`patient` false) it is tried twice. A batch given up is
+/// counted as dropped.
+async fn write(store: &Store, batch: &mut Vec<PendingRecord>, dropped: &AtomicU64, patient: bool) {
     if batch.is_empty() {
         return;
     }
     let pending = std::mem::take(batch);
-    // Tokenizing is CPU work: on the blocking pool, never on the runtime's threads.
-    let records =
-        match tokio::task::spawn_blocking(|| pending.into_iter().map(complete).collect::<Vec<_>>())
-            .await
-        {
+    let records = if pending.iter().any(|p| p.delivered.is_some()) {
+        // Tokenizing is CPU work: on the blocking pool, never on the runtime's threads.
+        match tokio::task::spawn_blocking(|| pending.into_iter().map(complete).collect()).await {
             Ok(records) => records,
             Err(err) => {
                 tracing::error!(error = %err, "usage estimate failed");
                 return;
             }
-        };
-    let mut result = store.insert_usage(&records).await;
-    if result.is_err() {
-        tokio::time::sleep(RETRY_AFTER).await;
-        result = store.insert_usage(&records).await;
-    }
-    if let Err(err) = result {
-        tracing::error!(error = %err, records = records.len(), "usage records could not be written");
+        }
+    } else {
+        pending.into_iter().map(|p| p.record).collect::<Vec<_>>()
+    };
+    let mut wait = RETRY_AFTER;
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match store.insert_usage(&records).await {
+            Ok(()) => return,
+            Err(err) if patient || tries < 2 => {
+                if tries == 1 {
+                    tracing::warn!(error = %err, records = records.len(), "usage records not written yet; retrying");
+                }
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(MAX_RETRY_WAIT);
+            }
+            Err(err) => {
+                dropped.fetch_add(records.len() as u64, Ordering::Relaxed);
+                tracing::error!(error = %err, records = records.len(), "usage records could not be written");
+                return;
+            }
+        }
     }
 }
 
@@ -143,7 +161,10 @@ async fn write(store: &Store, batch: &mut Vec<PendingRecord>) {
 fn complete(pending: PendingRecord) -> UsageRecord {
     let mut record = pending.record;
     if let Some(delivered) = pending.delivered {
-        record.completion_tokens = estimate_completion(&delivered);
+        // A tokenizer failure (a panic) costs this record's estimate, never the batch.
+        let counted = std::panic::catch_unwind(|| estimate_completion(&delivered));
+        record.completion_tokens =
+            counted.unwrap_or_else(|_| delivered.bytes.div_ceil(BYTES_PER_TOKEN));
         record.prompt_tokens = pending.prompt_bytes.div_ceil(BYTES_PER_TOKEN);
     }
     record
@@ -168,4 +189,26 @@ pub fn estimate_completion(delivered: &Delivered) -> u64 {
     }
     // Only the first part was kept: scale its count to everything delivered.
     (counted * delivered.bytes).div_ceil(kept)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn estimates_count_tokens_and_scale_past_the_kept_text() {
+        let whole = Delivered {
+            text: "hello world, hello world".into(),
+            bytes: 24,
+        };
+        let counted = estimate_completion(&whole);
+        assert!((4..=8).contains(&counted), "{counted}");
+        // Twice as much delivered as kept: twice the count.
+        let half = Delivered {
+            text: whole.text.clone(),
+            bytes: 48,
+        };
+        assert_eq!(estimate_completion(&half), 2 * counted);
+        assert_eq!(estimate_completion(&Delivered::default()), 0);
+    }
 }

@@ -289,6 +289,9 @@ pub(super) fn logging(p: &mut Parser<'_>, relaxed: bool) -> LogConfig {
     LogConfig { level, format }
 }
 
+/// The longest retention that is not "forever" (a century).
+const MAX_RETENTION_DAYS: u32 = 36_500;
+
 /// `USAGE_RETENTION_DAYS` (default 400: a year and a bit, for year-over-year bills).
 pub(super) fn usage(p: &mut Parser<'_>) -> UsageConfig {
     let retention_days = p.parse(
@@ -296,5 +299,11 @@ pub(super) fn usage(p: &mut Parser<'_>) -> UsageConfig {
         400,
         "must be a whole number of days (0 keeps records forever)",
     );
+    if retention_days > MAX_RETENTION_DAYS {
+        p.problem(
+            "USAGE_RETENTION_DAYS",
+            format!("{retention_days} is more than {MAX_RETENTION_DAYS} days; use 0 to keep records forever"),
+        );
+    }
     UsageConfig { retention_days }
 }

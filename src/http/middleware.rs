@@ -23,7 +23,7 @@ use bytes::Bytes;
 use http::header::{CONTENT_SECURITY_POLICY, CONTENT_TYPE};
 use http::{HeaderName, HeaderValue, Method, StatusCode};
 
-use crate::context::RequestContext;
+use crate::context::{RequestContext, StreamEnd, Usage};
 use crate::error::{ErrorDetail, envelope_response, error_code_for};
 use crate::http::ratelimit::client_ip_of;
 use crate::store::UsageRecord;
@@ -247,33 +247,55 @@ impl RequestLog {
     }
 }
 
+/// The longest model name recorded, in bytes.
+const MAX_RECORDED_MODEL: usize = 256;
+
+/// A model name fit for a record: control characters (a NUL would fail PostgreSQL's insert of
+/// the whole batch) replaced, cut to [`MAX_RECORDED_MODEL`] bytes. Without `ALLOWED_MODELS`,
+/// clients name any model they like.
+fn recorded_model(model: &str) -> String {
+    shorten(model, MAX_RECORDED_MODEL)
+        .chars()
+        .map(|c| if c.is_control() { '\u{fffd}' } else { c })
+        .collect()
+}
+
 /// Leaves the usage record of a request that reached the upstream (none for the others).
 fn record_usage(sink: &UsageSink, ctx: &RequestContext, status: StatusCode, completed: bool) {
     let (Some(call), Some(user_id)) = (ctx.upstream(), ctx.user()) else {
         return;
     };
     let millis = |d: std::time::Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    let end = ctx.stream_end();
+    // A stream that failed after it started was answered 200, but did not succeed.
+    let status = match end {
+        Some(StreamEnd::Failed(code)) => code,
+        _ => status.as_u16(),
+    };
+    // Cancelled: the client left before the answer ended (not merely before hyper saw the
+    // body's end after the stream's last event).
+    let cancelled = !completed && end != Some(StreamEnd::Done);
     let (usage, pending) = match ctx.usage() {
         Some(usage) => (usage, None),
         // A stream that ended before its usage, or a request whose client left before the
         // answer: estimated from what was delivered (if anything), by the writer (off the
         // request path).
-        None if (call.streamed && status.is_success()) || !completed => {
-            (crate::context::Usage::default(), Some(ctx.take_delivered()))
+        None if (call.streamed && (200..300).contains(&status)) || cancelled || end.is_some() => {
+            (Usage::default(), Some(ctx.take_delivered()))
         }
-        None => (crate::context::Usage::default(), None),
+        None => (Usage::default(), None),
     };
     sink.record(PendingRecord {
         record: UsageRecord {
             user_id,
             api_key_id: None,
             endpoint: call.endpoint,
-            model: call.model.clone(),
+            model: recorded_model(&call.model),
             prompt_tokens: usage.prompt_tokens,
             completion_tokens: usage.completion_tokens,
-            status: status.as_u16(),
+            status,
             streamed: call.streamed,
-            cancelled: !completed,
+            cancelled,
             estimated: pending.is_some(),
             duration_ms: millis(ctx.started.elapsed()),
             ttfb_ms: ctx.first_byte().map(|at| millis(at - ctx.started)),
@@ -340,6 +362,13 @@ impl http_body::Body for LoggedBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn recorded_models_are_plain_and_short() {
+        assert_eq!(recorded_model("gpt-4o"), "gpt-4o");
+        assert_eq!(recorded_model("a\u{0}b\nc"), "a\u{fffd}b\u{fffd}c");
+        assert_eq!(recorded_model(&"é".repeat(200)).len(), 256);
+    }
 
     #[test]
     fn request_ids_are_checked() {

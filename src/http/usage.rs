@@ -71,7 +71,8 @@ fn parse_query(
     let (mut from, mut to, mut group_by) = (None, None, GroupBy::Day);
     for (key, value) in url::form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
         let time = |name: &str| {
-            DateTime::parse_from_rfc3339(&value)
+            // An unencoded `+01:00` arrives as ` 01:00` (form decoding): take it as meant.
+            DateTime::parse_from_rfc3339(&value.replace(' ', "+"))
                 .map(|t| t.with_timezone(&Utc))
                 .map_err(|_| {
                     ApiError::validation(
@@ -172,6 +173,8 @@ mod tests {
         assert_eq!(by, GroupBy::Day);
         let (from, _, by) =
             parse_query(Some("from=2026-11-30T00:00:00%2B01:00&group_by=model"), now).unwrap();
+        assert_eq!(from.to_rfc3339(), "2026-11-29T23:00:00+00:00");
+        let (from, ..) = parse_query(Some("from=2026-11-30T00:00:00+01:00"), now).unwrap();
         assert_eq!(from.to_rfc3339(), "2026-11-29T23:00:00+00:00");
         assert_eq!(by, GroupBy::Model);
         let param = |q: &str| match parse_query(Some(q), now) {

@@ -31,7 +31,7 @@ use serde::de::IgnoredAny;
 
 use super::errors::KeyMask;
 use super::response_view::{MAX_OWNED_IDS, ResponseView, item_id_of_event};
-use crate::context::{RequestContext, Usage};
+use crate::context::{RequestContext, StreamEnd, Usage};
 use crate::error::ErrorEnvelope;
 
 /// The shape of a chunk, as far as relay cares.
@@ -224,7 +224,10 @@ fn inspect(
                 return Verdict::Keep;
             }
             let error_like = mentions(b"\"error\"");
-            if let Some(text) = string_after(data, b"\"content\":") {
+            // The answer's text, or a tool call's arguments.
+            if let Some(text) = string_after(data, b"\"content\":")
+                .or_else(|| string_after(data, b"\"arguments\":"))
+            {
                 ctx.add_delivered(&text);
             }
             if !error_like && !mentions(b"\"usage\"") {
@@ -280,7 +283,10 @@ fn inspect_response_event(
         return false;
     };
     match &*kind {
-        b"response.output_text.delta" => {
+        b"response.output_text.delta"
+        | b"response.function_call_arguments.delta"
+        | b"response.reasoning_summary_text.delta"
+        | b"response.refusal.delta" => {
             if let Some(text) = string_after(data, b"\"delta\":") {
                 ctx.add_delivered(&text);
             }
@@ -403,6 +409,11 @@ where
                             // Nothing may follow the last event; do not wait for the upstream to
                             // close.
                             *this.phase = Phase::Finished;
+                            this.ctx.set_stream_end(if this.seen.error {
+                                StreamEnd::Failed(502)
+                            } else {
+                                StreamEnd::Done
+                            });
                             break;
                         }
                     }
@@ -432,7 +443,10 @@ where
                     *this.phase = Phase::Finished;
                     tracing::warn!(error = %err, "upstream stream failed");
                     let (protocol, sequence) = (*this.protocol, this.seen.events);
-                    let event = if err.is_timeout() || this.idle.is_elapsed() {
+                    let timed_out = err.is_timeout() || this.idle.is_elapsed();
+                    this.ctx
+                        .set_stream_end(StreamEnd::Failed(if timed_out { 504 } else { 502 }));
+                    let event = if timed_out {
                         error_event(
                             protocol,
                             sequence,
@@ -453,6 +467,8 @@ where
                     *this.phase = Phase::Finished;
                     let rest = std::mem::take(this.buf).freeze();
                     if this.seen.done || this.seen.error {
+                        // The upstream's own error event ended it.
+                        this.ctx.set_stream_end(StreamEnd::Failed(502));
                         let rest = masked(this.mask, &rest).unwrap_or(rest);
                         return Poll::Ready((!rest.is_empty()).then_some(Ok(rest)));
                     }
@@ -462,6 +478,7 @@ where
                         dropped_bytes = rest.len(),
                         "upstream stream ended before its last event"
                     );
+                    this.ctx.set_stream_end(StreamEnd::Failed(502));
                     return Poll::Ready(Some(Ok(error_event(
                         *this.protocol,
                         this.seen.events,
@@ -472,6 +489,7 @@ where
                 Poll::Pending => {
                     if this.idle.as_mut().poll(cx).is_ready() {
                         *this.phase = Phase::Finished;
+                        this.ctx.set_stream_end(StreamEnd::Failed(504));
                         tracing::warn!(
                             timeout_s = this.timeout.as_secs_f64(),
                             "upstream stream stalled"

@@ -65,6 +65,10 @@ const SUMS: &str = "COUNT(*) AS requests, \
                     CAST(COALESCE(SUM(prompt_tokens), 0) AS BIGINT) AS prompt_tokens, \
                     CAST(COALESCE(SUM(completion_tokens), 0) AS BIGINT) AS completion_tokens";
 
+/// The most groups one summary returns (the days of the longest range fit; a user naming more
+/// models than this sees the first ones by name, the total still counts all).
+pub const MAX_GROUPS: usize = 1100;
+
 fn to_i64(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
@@ -121,8 +125,9 @@ impl Store {
             }
         };
         let total_sql = format!("SELECT '' AS key, {SUMS} {RANGE}");
-        let groups_sql =
-            format!("SELECT {key} AS key, {SUMS} {RANGE} GROUP BY {key} ORDER BY {key}");
+        let groups_sql = format!(
+            "SELECT {key} AS key, {SUMS} {RANGE} GROUP BY {key} ORDER BY {key} LIMIT {MAX_GROUPS}"
+        );
         let (total, groups) = on_pool!(self, pool => {
             let total = sqlx::query_as::<_, UsageSums>(&total_sql)
                 .bind(user)

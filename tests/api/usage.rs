@@ -167,9 +167,15 @@ async fn a_client_gone_mid_stream_leaves_one_cancelled_estimated_record() {
 }
 
 #[tokio::test]
-async fn records_are_written_before_a_sigterm_exit() {
+async fn records_are_written_before_a_sigterm_exit_even_past_the_grace_period() {
     let dir = tempfile::tempdir().unwrap();
-    let upstream = support::spawn_mock(relay::mock::MockOptions::default()).await;
+    // A stream of 20 chunks 200 ms apart: 4 s, longer than the 1 s grace period.
+    let upstream = support::spawn_mock(relay::mock::MockOptions {
+        latency: Duration::ZERO,
+        chunks: Some(20),
+        chunk_delay: Duration::from_millis(200),
+    })
+    .await;
     let db = format!("sqlite://{}/usage.db", dir.path().display());
     let mut server = support::RelayProcess::start(
         dir.path(),
@@ -180,30 +186,36 @@ async fn records_are_written_before_a_sigterm_exit() {
             ("OPENAI_BASE_URL", &upstream),
             ("DATABASE_URL", &db),
             ("REDIS_URL", ""),
+            ("SHUTDOWN_GRACE_SECONDS", "1"),
         ],
     );
     let client = reqwest::Client::new();
     let token = server.access_token(&client, "sigterm@example.com").await;
-    let chat =
-        json!({"model": "mock-echo", "messages": [{"role": "user", "content": "remember me"}]});
-    for _ in 0..20 {
-        let resp = client
+    let chat = |stream: bool| {
+        client
             .post(format!("{}/api/v1/chat/completions", server.base))
             .bearer_auth(&token)
-            .json(&chat)
+            .json(&json!({"model": "mock-echo", "stream": stream,
+                "messages": [{"role": "user", "content": "remember me"}]}))
             .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), 200);
-    }
+    };
+    assert_eq!(chat(false).await.unwrap().status(), 200);
+    let mut stream = chat(true).await.unwrap().bytes_stream();
+    stream.next().await.unwrap().unwrap();
     support::send_signal(server.child.id(), "TERM");
     let code = support::wait_for_exit(&mut server.child, Duration::from_secs(10));
     assert_eq!(code, Some(0));
     let store = Store::connect(&relay::config::Database::from_url(&db).unwrap())
         .await
         .unwrap();
-    assert_eq!(records(&store).await.len(), 20);
+    let all = records(&store).await;
     store.close().await;
+    assert_eq!(all.len(), 2, "{all:?}");
+    let (cancelled, estimated, streamed, ..) = all[1].clone();
+    assert!(
+        streamed && cancelled && estimated,
+        "the stream cut at the end of the grace period: {all:?}"
+    );
 }
 
 #[tokio::test]
@@ -224,11 +236,40 @@ async fn a_client_gone_before_the_answer_is_logged_and_recorded() {
         .await;
     assert!(gone.is_err(), "the client gave up");
     let usage = usage_when(&app, &token, "", 1).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let all = records(&app.store).await;
+    assert_eq!(all.len(), 1, "one record: {all:?}");
     let (cancelled, estimated, streamed, ..) = all[0].clone();
     assert!(cancelled && estimated && !streamed);
     assert!(
         usage["total"]["prompt_tokens"].as_i64().unwrap() > 0,
         "{usage}"
+    );
+}
+
+#[tokio::test]
+async fn a_stream_cut_by_the_upstream_is_recorded_as_failed() {
+    let fake = fake_upstream::start().await;
+    let base = fake.base_url();
+    let app = support::spawn_app_with(Db::Sqlite, &[("OPENAI_BASE_URL", &base)]).await;
+    let (token, _) = app.user_tokens("cut@example.com").await;
+    let body = json!({"model": "fake-cut", "stream": true,
+        "messages": [{"role": "user", "content": "x"}]});
+    let text = app.chat(&token, &body).await.text().await.unwrap();
+    assert!(text.contains("upstream_stream_error"));
+    usage_when(&app, &token, "", 1).await;
+    let Store::Sqlite(pool) = &app.store else {
+        unreachable!()
+    };
+    let (status, cancelled, estimated, completion): (i64, bool, bool, i64) =
+        sqlx::query_as("SELECT status, cancelled, estimated, completion_tokens FROM usage_records")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    assert_eq!(status, 502, "answered 200, but it failed");
+    assert!(!cancelled && estimated);
+    assert!(
+        completion >= 2,
+        "'partial answer' was delivered: {completion}"
     );
 }
