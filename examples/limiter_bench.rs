@@ -52,6 +52,8 @@ async fn main() {
         redis_budget: relay::ratelimit::DEFAULT_REDIS_BUDGET,
         key_prefix: format!("bench-{}", uuid::Uuid::new_v4().simple()),
         redis_url: None,
+        tokens: None,
+        max_output_tokens: 4096,
     };
     let memory = RateLimiter::new(limits.clone()).await.unwrap();
     measure(&memory, 20_000).await;

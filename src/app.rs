@@ -77,7 +77,7 @@ impl App {
             store,
             jwt,
             upstream,
-            limiter,
+            limiter: Arc::new(limiter),
             passwords,
             users,
             usage,

@@ -39,6 +39,29 @@ pub struct ServeArgs {
 pub enum UserCommand {
     /// Create a user; the password is read from standard input (never from argv).
     Create(UserCreateArgs),
+    /// Change a user: active, admin, own token limit. Prints the user afterwards.
+    Set(UserSetArgs),
+}
+
+/// Options of `relay user set`.
+#[derive(Debug, Args)]
+pub struct UserSetArgs {
+    /// The user's email address.
+    #[arg(long)]
+    pub email: String,
+    /// Activate (`true`) or deactivate (`false`) the user.
+    #[arg(long)]
+    pub active: Option<bool>,
+    /// Make the user an admin (`true`) or not (`false`).
+    #[arg(long)]
+    pub admin: Option<bool>,
+    /// The user's own token limit (tokens per window); 0 returns to `TOKEN_LIMIT`.
+    #[arg(long)]
+    pub token_limit: Option<u64>,
+    /// The window of the user's own token limit, in seconds; 0 returns to
+    /// `TOKEN_LIMIT_WINDOW`.
+    #[arg(long)]
+    pub token_limit_window: Option<u64>,
 }
 
 /// Options of `relay user create`.

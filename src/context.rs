@@ -49,6 +49,16 @@ pub struct Delivered {
     pub bytes: u64,
 }
 
+/// What to do with a request's token reservation when it ends: called once, with the tokens
+/// the request used (`None`: unknown, so the reservation is kept whole).
+pub struct Settlement(pub Box<dyn FnOnce(Option<u64>) + Send>);
+
+impl std::fmt::Debug for Settlement {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Settlement")
+    }
+}
+
 /// How a relayed stream ended, as relay saw it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StreamEnd {
@@ -71,6 +81,7 @@ pub struct RequestContext {
     first_byte: OnceLock<Instant>,
     delivered: Mutex<Delivered>,
     stream_end: OnceLock<StreamEnd>,
+    settlement: Mutex<Option<Settlement>>,
 }
 
 impl RequestContext {
@@ -85,6 +96,7 @@ impl RequestContext {
             first_byte: OnceLock::new(),
             delivered: Mutex::new(Delivered::default()),
             stream_end: OnceLock::new(),
+            settlement: Mutex::new(None),
         }
     }
 
@@ -153,6 +165,18 @@ impl RequestContext {
     /// How the stream ended, if it did.
     pub fn stream_end(&self) -> Option<StreamEnd> {
         self.stream_end.get().copied()
+    }
+
+    /// Sets what to do with the request's token reservation when it ends.
+    pub fn set_settlement(&self, settlement: Settlement) {
+        if let Ok(mut slot) = self.settlement.lock() {
+            *slot = Some(settlement);
+        }
+    }
+
+    /// Takes the settlement (once, when the request ends).
+    pub fn take_settlement(&self) -> Option<Settlement> {
+        self.settlement.lock().ok().and_then(|mut s| s.take())
     }
 
     /// Takes what was delivered (once, for the usage record).

@@ -90,6 +90,14 @@ pub enum ApiError {
         /// Whole seconds until a request would be allowed (≥ 1).
         retry_after: u64,
     },
+    /// 429: the request's worst case does not fit the user's token bucket.
+    #[error("{message}")]
+    TokenLimited {
+        /// Whole seconds until it would fit (≥ 1).
+        retry_after: u64,
+        /// What the client is told.
+        message: String,
+    },
     /// An upstream error answer, passed through with its own status and (sanitised) body.
     #[error("upstream answered {status}")]
     Upstream {
@@ -211,7 +219,7 @@ impl ApiError {
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Validation { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::RateLimited { .. } | Self::TokenLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Upstream { status, .. } => *status,
             Self::BadGateway(_) => StatusCode::BAD_GATEWAY,
             Self::ServiceUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -233,6 +241,7 @@ impl ApiError {
             Self::UnsupportedMediaType(_) => "unsupported_media_type",
             Self::Validation { .. } => "invalid_value",
             Self::RateLimited { .. } => "rate_limit_exceeded",
+            Self::TokenLimited { .. } => "token_limit_exceeded",
             Self::Upstream { .. } => "upstream_error",
             Self::BadGateway(_) => "bad_gateway",
             Self::ServiceUnavailable(_) => "service_unavailable",
@@ -345,6 +354,17 @@ impl IntoResponse for ApiError {
                     "rate_limit_exceeded",
                     None,
                 );
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(retry_after.max(1)));
+                response
+            }
+            Self::TokenLimited {
+                retry_after,
+                ref message,
+            } => {
+                let mut response =
+                    envelope_response(status, message.clone(), "token_limit_exceeded", None);
                 response
                     .headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from(retry_after.max(1)));

@@ -7,7 +7,7 @@ use clap::Parser as _;
 use relay::app::{App, raise_file_limit, shutdown_signal};
 use relay::auth::Passwords;
 use relay::auth::users::{Registration, create_user};
-use relay::cli::{Cli, Command, MockArgs, ServeArgs, UserCommand, UserCreateArgs};
+use relay::cli::{Cli, Command, MockArgs, ServeArgs, UserCommand, UserCreateArgs, UserSetArgs};
 use relay::config::{Config, Mode};
 use relay::store::Store;
 
@@ -88,6 +88,7 @@ fn main() -> ExitCode {
             Command::Serve(_) => serve(config).await,
             Command::Migrate => migrate(config).await,
             Command::User(UserCommand::Create(args)) => user_create(config, args).await,
+            Command::User(UserCommand::Set(args)) => user_set(config, args).await,
             Command::MockUpstream(_) => Ok(()),
         }
     });
@@ -158,6 +159,58 @@ async fn user_create(config: Config, args: UserCreateArgs) -> anyhow::Result<()>
     store.close().await;
     let mut out = std::io::stdout().lock();
     writeln!(out, "{}", serde_json::to_string(&user)?)?;
+    Ok(())
+}
+
+/// `relay user set`: changes what the flags name, then prints the user (with its own token
+/// limit). Running relays see the change within seconds (their user-state cache).
+async fn user_set(config: Config, args: UserSetArgs) -> anyhow::Result<()> {
+    let store = Store::connect(&config.database).await?;
+    store.migrate().await?;
+    let email = args.email.trim().to_lowercase();
+    let user = store
+        .user_by_email(&email)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("no user with email {email}"))?;
+    if let Some(active) = args.active {
+        store.set_active(user.id, active).await?;
+    }
+    if let Some(admin) = args.admin {
+        store.set_admin(user.id, admin).await?;
+    }
+    if args.token_limit.is_some() || args.token_limit_window.is_some() {
+        let positive = |n: Option<u64>| -> anyhow::Result<Option<i64>> {
+            match n {
+                None | Some(0) => Ok(None),
+                Some(n) => Ok(Some(i64::try_from(n)?)),
+            }
+        };
+        let limit = match args.token_limit {
+            Some(n) => positive(Some(n))?,
+            None => user.token_limit,
+        };
+        let window = match args.token_limit_window {
+            Some(n) => positive(Some(n))?,
+            None => user.token_limit_window,
+        };
+        store.set_token_limit(user.id, limit, window).await?;
+    }
+    let user = store
+        .user_by_id(user.id)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("the user was deleted meanwhile"))?;
+    store.close().await;
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "{}",
+        serde_json::json!({
+            "id": user.id, "email": user.email, "full_name": user.full_name,
+            "is_active": user.is_active, "is_admin": user.is_admin,
+            "created_at": user.created_at,
+            "token_limit": user.token_limit, "token_limit_window": user.token_limit_window,
+        })
+    )?;
     Ok(())
 }
 

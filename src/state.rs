@@ -25,7 +25,7 @@ pub struct Inner {
     /// Token signing and verification.
     pub jwt: JwtKeys,
     /// Rate limits (Redis shared by every replica, memory as the fallback).
-    pub limiter: RateLimiter,
+    pub limiter: Arc<RateLimiter>,
     /// The one pooled upstream client.
     pub upstream: Upstream,
     /// Password hashing on the blocking pool, bounded by a semaphore.

@@ -20,4 +20,16 @@ pub struct AuthUser {
     pub id: Uuid,
     /// Whether the token says the user is an admin.
     pub is_admin: bool,
+    /// The user's own token limit, if one is set (from `auth::status`, a few seconds old at
+    /// most).
+    pub token_limit: Option<UserTokenLimit>,
+}
+
+/// A user's own token limit, overriding `TOKEN_LIMIT` / `TOKEN_LIMIT_WINDOW`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UserTokenLimit {
+    /// Tokens per window.
+    pub tokens: u64,
+    /// The window in seconds (`None`: `TOKEN_LIMIT_WINDOW`).
+    pub window_secs: Option<u64>,
 }

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
+use super::UserTokenLimit;
 use crate::error::ApiError;
 use crate::store::Store;
 
@@ -32,9 +33,21 @@ const MAX_USERS: usize = 100_000;
 /// A user's state as far as requests care.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
-    Active,
+    Active(Option<UserTokenLimit>),
     Inactive,
     Gone,
+}
+
+/// The user's own token limit, from its record (a non-positive value means none).
+fn token_limit_of(record: &crate::store::UserRecord) -> Option<UserTokenLimit> {
+    let tokens = u64::try_from(record.token_limit?).ok().filter(|t| *t > 0)?;
+    Some(UserTokenLimit {
+        tokens,
+        window_secs: record
+            .token_limit_window
+            .and_then(|w| u64::try_from(w).ok())
+            .filter(|w| *w > 0),
+    })
 }
 
 /// The cache; one per process, in the app state.
@@ -64,8 +77,9 @@ impl UserStatus {
         &self.shards[(self.hasher.hash_one(user) as usize) % SHARDS]
     }
 
-    /// `Ok` when `user` exists and is active; a 401 when deleted, a 403 when deactivated.
-    pub async fn check(&self, user: Uuid) -> Result<(), ApiError> {
+    /// `Ok` (with the user's own token limit, if set) when `user` exists and is active; a 401
+    /// when deleted, a 403 when deactivated.
+    pub async fn check(&self, user: Uuid) -> Result<Option<UserTokenLimit>, ApiError> {
         let state = match self.cached(user) {
             Cached::Fresh(state) => state,
             // One request reads it again; the others meanwhile use the state it had.
@@ -73,7 +87,7 @@ impl UserStatus {
             Cached::Unknown => self.refresh(user, None).await,
         };
         match state {
-            State::Active => Ok(()),
+            State::Active(limit) => Ok(limit),
             State::Inactive => Err(ApiError::Forbidden {
                 message: "this account is disabled".into(),
                 code: "user_inactive",
@@ -107,16 +121,16 @@ impl UserStatus {
     /// [`STATUS_TTL`], not one per request.
     async fn refresh(&self, user: Uuid, last: Option<State>) -> State {
         let state = match tokio::time::timeout(LOOKUP_BUDGET, self.store.user_by_id(user)).await {
-            Ok(Ok(Some(record))) if record.is_active => State::Active,
+            Ok(Ok(Some(record))) if record.is_active => State::Active(token_limit_of(&record)),
             Ok(Ok(Some(_))) => State::Inactive,
             Ok(Ok(None)) => State::Gone,
             Ok(Err(e)) => {
                 tracing::warn!(user_id = %user, error = %e, "cannot read the user's state; using the last known");
-                last.unwrap_or(State::Active)
+                last.unwrap_or(State::Active(None))
             }
             Err(_) => {
                 tracing::warn!(user_id = %user, "the user's state took too long to read; using the last known");
-                last.unwrap_or(State::Active)
+                last.unwrap_or(State::Active(None))
             }
         };
         if let Ok(mut map) = self.shard(user).lock() {

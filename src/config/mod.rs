@@ -111,6 +111,12 @@ pub struct RateLimits {
     pub key_prefix: String,
     /// `REDIS_URL`; `None` in dev mode or when set empty (memory limits only).
     pub redis_url: Option<String>,
+    /// `TOKEN_LIMIT` tokens per `TOKEN_LIMIT_WINDOW` seconds, per user; `None` when
+    /// `TOKEN_LIMIT` is 0 (the default: no token limit).
+    pub tokens: Option<Limit>,
+    /// `MAX_OUTPUT_TOKENS`: the output cap relay sets on a request that names none, when a
+    /// token limit applies (its worst case must be bounded).
+    pub max_output_tokens: u32,
 }
 
 impl RateLimits {

@@ -9,7 +9,7 @@ use url::Url;
 
 use super::parse::{Parser, check_origin, parse_list, random_secret};
 use super::{
-    AuthConfig, Database, Endpoint, LogConfig, LogFormat, MIN_SECRET_BYTES, Mode, Origins,
+    AuthConfig, Database, Endpoint, Limit, LogConfig, LogFormat, MIN_SECRET_BYTES, Mode, Origins,
     RateLimits, ServerConfig, UpstreamConfig, UsageConfig,
 };
 
@@ -246,12 +246,30 @@ pub(super) fn limits(p: &mut Parser<'_>, dev: bool) -> RateLimits {
             Err(e) => p.problem("REDIS_URL", format!("is not a URL ({e})")),
         }
     }
+    let token_limit: u32 = p.parse("TOKEN_LIMIT", 0, "is not a whole number of tokens");
+    let tokens = (token_limit > 0).then(|| {
+        p.limit(
+            "TOKEN_LIMIT",
+            "TOKEN_LIMIT_WINDOW",
+            Some(Limit {
+                requests: token_limit,
+                window: Duration::from_secs(86_400),
+            }),
+        )
+    });
+    let max_output_tokens: u32 =
+        p.parse("MAX_OUTPUT_TOKENS", 4096, "is not a whole number of tokens");
+    if max_output_tokens == 0 {
+        p.problem("MAX_OUTPUT_TOKENS", "must be at least 1");
+    }
     RateLimits {
         global,
         overrides,
         redis_budget: Duration::from_millis(redis_budget_ms),
         key_prefix,
         redis_url: (!dev && !redis_url.is_empty()).then_some(redis_url),
+        tokens,
+        max_output_tokens,
     }
 }
 

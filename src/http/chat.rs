@@ -15,6 +15,7 @@ use crate::auth::AuthUser;
 use crate::context::RequestContext;
 use crate::error::{ApiError, ErrorEnvelope};
 use crate::http::extract::{Ctx, RawJson, json_bytes};
+use crate::http::ratelimit::{default_output, reserve_tokens, set_token_headers, worst_case};
 use crate::relay::chat::{Completion, complete, prepare};
 use crate::state::AppState;
 
@@ -58,11 +59,11 @@ pub struct ChatCompletionRequest {
 )]
 pub async fn create_chat_completion(
     State(state): State<AppState>,
-    _user: AuthUser,
+    user: AuthUser,
     Ctx(ctx): Ctx,
     RawJson(body): RawJson,
 ) -> Result<Response, ApiError> {
-    relay_chat(&state, ctx, body, false).await
+    relay_chat(&state, &user, ctx, body, false).await
 }
 
 /// Create a chat completion, always streamed.
@@ -78,25 +79,47 @@ pub async fn create_chat_completion(
 )]
 pub async fn stream_chat_completion(
     State(state): State<AppState>,
-    _user: AuthUser,
+    user: AuthUser,
     Ctx(ctx): Ctx,
     RawJson(body): RawJson,
 ) -> Result<Response, ApiError> {
-    relay_chat(&state, ctx, body, true).await
+    relay_chat(&state, &user, ctx, body, true).await
 }
 
 /// Validates and relays one chat completion; `force_stream` for `/chat/completions/stream`.
+/// With a token limit on, the request's worst case is reserved first: its prompt, bounded by
+/// the body's size in bytes, plus its output cap.
 async fn relay_chat(
     state: &AppState,
+    user: &AuthUser,
     ctx: Arc<RequestContext>,
     raw: Bytes,
     force_stream: bool,
 ) -> Result<Response, ApiError> {
-    let chat = prepare(raw, state.upstream.policy(), force_stream)?;
-    Ok(match complete(&state.upstream, chat, ctx).await? {
+    let chat = prepare(
+        raw,
+        state.upstream.policy(),
+        force_stream,
+        default_output(state, user),
+    )?;
+    let limited = default_output(state, user).is_some();
+    let worst = if limited {
+        worst_case(&chat.body, chat.max_output)?
+    } else {
+        0
+    };
+    let tokens = match reserve_tokens(state, user, &ctx, worst).await {
+        Ok(tokens) => tokens,
+        Err(refusal) => return Ok(refusal),
+    };
+    let mut response = match complete(&state.upstream, chat, ctx).await? {
         Completion::Stream(events) => event_stream_response(Body::from_stream(events)),
         Completion::Json(body) => json_bytes(body),
-    })
+    };
+    if let Some(decision) = tokens {
+        set_token_headers(&mut response, &decision);
+    }
+    Ok(response)
 }
 
 /// A `text/event-stream` answer, marked so that no cache or proxy (nginx) holds it back.

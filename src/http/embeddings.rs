@@ -8,6 +8,7 @@ use utoipa::ToSchema;
 use crate::auth::AuthUser;
 use crate::error::{ApiError, ErrorEnvelope};
 use crate::http::extract::{Ctx, RawJson, json_bytes};
+use crate::http::ratelimit::{reserve_tokens, set_token_headers, worst_case};
 use crate::state::AppState;
 
 /// The OpenAI Embeddings request. Only the fields relay checks are listed; every other field
@@ -37,10 +38,24 @@ pub struct EmbeddingRequest {
 )]
 pub async fn create_embedding(
     State(state): State<AppState>,
-    _user: AuthUser,
+    user: AuthUser,
     Ctx(ctx): Ctx,
     RawJson(body): RawJson,
 ) -> Result<Response, ApiError> {
+    // Embeddings have no output: the worst case is the input, bounded by the body's size.
+    let worst = if state.limiter.token_shape(user.token_limit).is_some() {
+        worst_case(&body, None)?
+    } else {
+        0
+    };
+    let tokens = match reserve_tokens(&state, &user, &ctx, worst).await {
+        Ok(tokens) => tokens,
+        Err(refusal) => return Ok(refusal),
+    };
     let answer = crate::relay::embeddings::create(&state.upstream, body, ctx).await?;
-    Ok(json_bytes(answer))
+    let mut response = json_bytes(answer);
+    if let Some(decision) = tokens {
+        set_token_headers(&mut response, &decision);
+    }
+    Ok(response)
 }

@@ -55,10 +55,11 @@ pub async fn authenticate(parts: &Parts, state: &AppState) -> Result<AuthUser, A
     if let Some(ctx) = parts.extensions.get::<Arc<RequestContext>>() {
         ctx.set_user(access.user_id);
     }
-    state.users.check(access.user_id).await?;
+    let token_limit = state.users.check(access.user_id).await?;
     Ok(AuthUser {
         id: access.user_id,
         is_admin: access.is_admin,
+        token_limit,
     })
 }
 

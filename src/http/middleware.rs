@@ -23,7 +23,7 @@ use bytes::Bytes;
 use http::header::{CONTENT_SECURITY_POLICY, CONTENT_TYPE};
 use http::{HeaderName, HeaderValue, Method, StatusCode};
 
-use crate::context::{RequestContext, StreamEnd, Usage};
+use crate::context::{RequestContext, Settlement, StreamEnd, Usage};
 use crate::error::{ErrorDetail, envelope_response, error_code_for};
 use crate::http::ratelimit::client_ip_of;
 use crate::store::UsageRecord;
@@ -241,10 +241,36 @@ impl RequestLog {
             completed,
             "request"
         );
+        settle_tokens(&self.ctx, self.status);
         if let Some(sink) = &self.usage {
             record_usage(sink, &self.ctx, self.status, completed);
         }
     }
+}
+
+/// Settles the request's token reservation, if it made one: what its usage did not spend goes
+/// back. Without usage, all goes back if the upstream was never asked or answered an error
+/// (nothing was billed), and nothing otherwise (a stream cut short, a stalled upstream, may
+/// have spent it all).
+fn settle_tokens(ctx: &RequestContext, status: StatusCode) {
+    let Some(Settlement(settle)) = ctx.take_settlement() else {
+        return;
+    };
+    let used = match (ctx.usage(), ctx.upstream()) {
+        (Some(usage), _) => Some(usage.prompt_tokens.saturating_add(usage.completion_tokens)),
+        (None, None) => Some(0),
+        // An error answer before any output; but a 502 or 504 may be an upstream that
+        // failed or stalled while it worked (and billed), so those keep the reservation.
+        (None, Some(_))
+            if ctx.stream_end().is_none()
+                && (status.is_client_error() || status.is_server_error())
+                && !matches!(status.as_u16(), 502 | 504) =>
+        {
+            Some(0)
+        }
+        (None, Some(_)) => None,
+    };
+    settle(used);
 }
 
 /// The longest model name recorded, in bytes.

@@ -18,9 +18,12 @@ use axum::response::{IntoResponse, Response};
 use http::request::Parts;
 use http::{HeaderName, HeaderValue};
 
+use crate::auth::AuthUser;
 use crate::config::Endpoint;
+use crate::context::{RequestContext, Settlement};
 use crate::error::ApiError;
 use crate::http::extract::authenticate;
+use crate::ratelimit::tokens::TokenDecision;
 use crate::ratelimit::{Decision, Subject};
 use crate::state::AppState;
 
@@ -140,6 +143,106 @@ pub fn set_headers(response: &mut Response, decision: &Decision) {
     );
 }
 
+/// Adds `X-RateLimit-Limit-Tokens`, `-Remaining-Tokens` and `-Reset-Tokens` (a token-limit
+/// decision).
+pub fn set_token_headers(response: &mut Response, decision: &Decision) {
+    let headers = response.headers_mut();
+    headers.insert(
+        HeaderName::from_static("x-ratelimit-limit-tokens"),
+        HeaderValue::from(decision.limit),
+    );
+    headers.insert(
+        HeaderName::from_static("x-ratelimit-remaining-tokens"),
+        HeaderValue::from(decision.remaining),
+    );
+    headers.insert(
+        HeaderName::from_static("x-ratelimit-reset-tokens"),
+        seconds(decision.reset_ms),
+    );
+}
+
+/// Reserves a request's worst case (`worst` tokens: the prompt's bound plus its output cap)
+/// from `user`'s token bucket, when token limits are on; the settlement goes into `ctx`, for
+/// the request's end. Returns the decision (for the headers), or the 429 when it does not fit.
+pub async fn reserve_tokens(
+    state: &AppState,
+    user: &AuthUser,
+    ctx: &RequestContext,
+    worst: u64,
+) -> Result<Option<Decision>, Response> {
+    match state
+        .limiter
+        .reserve_tokens(user.id, user.token_limit, worst)
+        .await
+    {
+        TokenDecision::Off => Ok(None),
+        TokenDecision::Admitted(reservation, decision) => {
+            ctx.set_settlement(Settlement(Box::new(move |used| reservation.settle(used))));
+            Ok(Some(decision))
+        }
+        TokenDecision::Refused(decision) => {
+            let retry_after = decision.retry_after_ms.div_ceil(1000).max(1);
+            let error = if worst > decision.limit {
+                ApiError::TokenLimited {
+                    retry_after,
+                    message: format!(
+                        "this request may use up to {worst} tokens (its prompt, bounded by its \
+                         size, and its output cap), more than your token limit of {}; lower \
+                         max_tokens / max_output_tokens or send a shorter prompt",
+                        decision.limit
+                    ),
+                }
+            } else {
+                ApiError::TokenLimited {
+                    retry_after,
+                    message: format!(
+                        "token limit exceeded: this request may use up to {worst} tokens and \
+                         {} are left; retry later",
+                        decision.remaining
+                    ),
+                }
+            };
+            let mut response = error.into_response();
+            set_token_headers(&mut response, &decision);
+            Err(response)
+        }
+    }
+}
+
+/// Tokens counted for each image a request includes: more than OpenAI charges for one image
+/// at high detail on any current model (at most about 2,500), which its bytes (a URL, or a
+/// compressed image) do not bound.
+pub const IMAGE_TOKENS: u64 = 3_000;
+
+/// A request's worst case in tokens: its prompt, bounded by the body's size in bytes plus
+/// [`IMAGE_TOKENS`] per image, plus its output cap. Bytes bound tokens because every token of
+/// the tokenizers in use is at least one byte of text, and the body holds the text (escaped,
+/// so never shorter) along with the JSON around it, which is longer than the few tokens each
+/// message adds. Files (PDFs) are not bounded by their bytes: with a token limit on, they are
+/// refused.
+pub fn worst_case(body: &[u8], max_output: Option<u64>) -> Result<u64, ApiError> {
+    let count = |needle: &[u8]| memchr::memmem::find_iter(body, needle).count() as u64;
+    if count(b"\"input_file\"") + count(b"\"file_id\"") + count(b"\"file_data\"") > 0 {
+        return Err(ApiError::validation(
+            "input",
+            "with a token limit on, relay cannot bound what a file costs: send its text instead",
+        ));
+    }
+    let images = count(b"\"image_url\"") + count(b"\"input_image\"");
+    Ok((body.len() as u64)
+        .saturating_add(images.saturating_mul(IMAGE_TOKENS))
+        .saturating_add(max_output.unwrap_or(0)))
+}
+
+/// The output cap relay sets on `user`'s requests that name none, when a token limit applies
+/// to them.
+pub fn default_output(state: &AppState, user: &AuthUser) -> Option<u32> {
+    state
+        .limiter
+        .token_shape(user.token_limit)
+        .map(|_| state.config.rate_limits.max_output_tokens)
+}
+
 /// The 429 for a denied decision, with `Retry-After` (whole seconds, at least 1).
 pub fn rejection(decision: &Decision) -> Response {
     let retry_after = decision.retry_after_ms.div_ceil(1000).max(1);
@@ -159,6 +262,20 @@ pub fn most_restrictive(decisions: &[Decision]) -> Option<Decision> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_worst_case_bounds_text_images_and_output() {
+        let text = br#"{"messages":[{"role":"user","content":"hello"}]}"#;
+        assert_eq!(worst_case(text, Some(10)).unwrap(), text.len() as u64 + 10);
+        let image = br#"{"input":[{"type":"input_image","image_url":"https://x/y.png"}]}"#;
+        assert_eq!(
+            worst_case(image, None).unwrap(),
+            image.len() as u64 + 2 * IMAGE_TOKENS,
+            "both markers count: a bound, not an estimate"
+        );
+        let file = br#"{"input":[{"type":"input_file","file_id":"file-1"}]}"#;
+        assert!(worst_case(file, None).is_err());
+    }
+
     use super::*;
 
     fn ip_of(forwarded: &[&str], trust: bool) -> IpAddr {

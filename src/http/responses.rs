@@ -11,6 +11,7 @@ use crate::auth::AuthUser;
 use crate::error::{ApiError, ErrorEnvelope};
 use crate::http::chat::event_stream_response;
 use crate::http::extract::{Ctx, RawJson, json_bytes};
+use crate::http::ratelimit::{default_output, reserve_tokens, set_token_headers, worst_case};
 use crate::relay::responses::{self, Answer, Owners, StoredCall};
 use crate::state::AppState;
 
@@ -62,13 +63,25 @@ pub async fn create_response(
     Ctx(ctx): Ctx,
     RawJson(body): RawJson,
 ) -> Result<Response, ApiError> {
-    let request = responses::prepare(body, state.upstream.policy())?;
-    Ok(
+    let request = responses::prepare(body, state.upstream.policy(), default_output(&state, &user))?;
+    let worst = if default_output(&state, &user).is_some() {
+        worst_case(&request.body, request.max_output)?
+    } else {
+        0
+    };
+    let tokens = match reserve_tokens(&state, &user, &ctx, worst).await {
+        Ok(tokens) => tokens,
+        Err(refusal) => return Ok(refusal),
+    };
+    let mut response =
         match responses::create(&state.upstream, &owners(&state, &user), request, ctx).await? {
             Answer::Stream(events) => event_stream_response(Body::from_stream(events)),
             Answer::Json(body) => json_bytes(body),
-        },
-    )
+        };
+    if let Some(decision) = tokens {
+        set_token_headers(&mut response, &decision);
+    }
+    Ok(response)
 }
 
 async fn stored(

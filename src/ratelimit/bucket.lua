@@ -1,16 +1,17 @@
 -- One token-bucket decision, atomically (see bucket.rs for the arithmetic, which this mirrors).
--- KEYS[1]: the bucket. ARGV[1]: capacity, ARGV[2]: window in ms; ARGV[3]: 'take' a token, or
--- 'refund' one taken earlier (up to a full bucket); ARGV[4], for tests only: the time in ms
--- (relay never sends it).
+-- KEYS[1]: the bucket. ARGV[1]: capacity, ARGV[2]: window in ms; ARGV[3]: 'take' tokens (all
+-- or none), or 'refund' tokens taken earlier (up to a full bucket); ARGV[4]: how many tokens;
+-- ARGV[5], for tests only: the time in ms (relay never sends it).
 -- Returns {allowed (0|1), level after the decision}. Time is Redis's own clock, so every
 -- replica agrees on it.
 local capacity = tonumber(ARGV[1])
 local window = tonumber(ARGV[2])
 local full = capacity * window
 local refund = ARGV[3] == 'refund'
+local units = tonumber(ARGV[4]) * window
 local now
-if ARGV[4] then
-  now = tonumber(ARGV[4])
+if ARGV[5] then
+  now = tonumber(ARGV[5])
 else
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -28,10 +29,10 @@ if now > at then
 end
 local allowed = 0
 if refund then
-  level = math.min(full, level + window)
+  level = math.min(full, level + units)
   allowed = 1
-elseif level >= window then
-  level = level - window
+elseif level >= units then
+  level = level - units
   allowed = 1
 end
 redis.call('HSET', KEYS[1], 'l', string.format('%.0f', level), 't', string.format('%.0f', at))

@@ -52,6 +52,39 @@ pub struct Decision {
 /// Refills `bucket` (absent: full) up to `now_ms` and takes one token if there is one.
 /// A clock that goes backwards refills nothing.
 pub fn take(bucket: Option<Bucket>, now_ms: u64, shape: Shape) -> (Bucket, Decision) {
+    apply(bucket, now_ms, shape, Op::Take(1))
+}
+
+/// What a decision does to a bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// Take this many tokens if there are that many (all or none): one for a request, a
+    /// request's worst case for a token limit.
+    Take(u64),
+    /// Give back this many tokens taken earlier (never above a full bucket); always allowed.
+    Refund(u64),
+}
+
+impl Op {
+    /// `take` or `refund`, as the Lua script reads it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::Take(_) => "take",
+            Op::Refund(_) => "refund",
+        }
+    }
+
+    /// How many tokens.
+    pub fn amount(self) -> u64 {
+        match self {
+            Op::Take(n) | Op::Refund(n) => n,
+        }
+    }
+}
+
+/// Refills `bucket` (absent: full) up to `now_ms`, then applies `op`. A clock that goes
+/// backwards refills nothing.
+pub fn apply(bucket: Option<Bucket>, now_ms: u64, shape: Shape, op: Op) -> (Bucket, Decision) {
     let full = shape.full();
     let mut b = bucket.unwrap_or(Bucket {
         level: full,
@@ -62,33 +95,17 @@ pub fn take(bucket: Option<Bucket>, now_ms: u64, shape: Shape) -> (Bucket, Decis
         b.level = full.min(b.level.saturating_add(added));
         b.at_ms = now_ms;
     }
-    let allowed = b.level >= shape.window_ms;
-    if allowed {
-        b.level -= shape.window_ms;
-    }
-    (b, decide(allowed, b.level, shape))
-}
-
-/// What a decision does to a bucket.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Op {
-    /// Take a token if there is one.
-    Take,
-    /// Give back a token taken earlier (never above a full bucket); always allowed.
-    Refund,
-}
-
-/// Refills `bucket` (absent: full) up to `now_ms`, then applies `op`.
-pub fn apply(bucket: Option<Bucket>, now_ms: u64, shape: Shape, op: Op) -> (Bucket, Decision) {
+    let units = op.amount().saturating_mul(shape.window_ms);
     match op {
-        Op::Take => take(bucket, now_ms, shape),
-        Op::Refund => {
-            let full = shape.full();
-            let level = bucket.map_or(full, |b| level_at(b, now_ms, shape));
-            let b = Bucket {
-                level: full.min(level.saturating_add(shape.window_ms)),
-                at_ms: bucket.map_or(now_ms, |b| b.at_ms.max(now_ms)),
-            };
+        Op::Take(_) => {
+            let allowed = b.level >= units;
+            if allowed {
+                b.level -= units;
+            }
+            (b, decide_for(allowed, b.level, shape, units))
+        }
+        Op::Refund(_) => {
+            b.level = full.min(b.level.saturating_add(units));
             (b, decide(true, b.level, shape))
         }
     }
@@ -102,18 +119,28 @@ pub fn level_at(bucket: Bucket, now_ms: u64, shape: Shape) -> u64 {
     shape.full().min(bucket.level.saturating_add(added))
 }
 
-/// The decision for a bucket left at `level` units.
+/// The decision for a bucket left at `level` units, for a request of one token.
 pub fn decide(allowed: bool, level: u64, shape: Shape) -> Decision {
+    decide_for(allowed, level, shape, shape.window_ms)
+}
+
+/// The decision for a bucket left at `level` units, for a request of `units` (its retry time
+/// is until that many are there; more than a full bucket never will be: the retry time is
+/// then the time to fill it).
+pub fn decide_for(allowed: bool, level: u64, shape: Shape, units: u64) -> Decision {
     let per_ms = shape.capacity.max(1);
+    let reset_ms = (shape.full().saturating_sub(level)).div_ceil(per_ms);
     Decision {
         allowed,
         limit: shape.capacity,
         remaining: level / shape.window_ms.max(1),
-        reset_ms: (shape.full().saturating_sub(level)).div_ceil(per_ms),
+        reset_ms,
         retry_after_ms: if allowed {
             0
+        } else if units > shape.full() {
+            reset_ms.max(1)
         } else {
-            shape.window_ms.saturating_sub(level).div_ceil(per_ms)
+            units.saturating_sub(level).div_ceil(per_ms)
         },
     }
 }
@@ -196,7 +223,7 @@ mod tests {
         assert!(!d.allowed);
         assert_eq!(d.retry_after_ms, 1000);
         assert_eq!(d.reset_ms, 3000);
-        let (refunded, d) = apply(Some(nb), 0, shape, Op::Refund);
+        let (refunded, d) = apply(Some(nb), 0, shape, Op::Refund(1));
         assert!(
             d.allowed && d.remaining == 1,
             "a refund gives one token back"
@@ -205,11 +232,90 @@ mod tests {
         assert!(d.allowed);
         let (_, d) = take(Some(nb), 1000, shape);
         assert!(d.allowed, "one token a second");
-        let (full, d) = apply(None, 0, shape, Op::Refund);
+        let (full, d) = apply(None, 0, shape, Op::Refund(1));
         assert_eq!(
             (full.level, d.remaining),
             (shape.full(), 3),
             "never above full"
         );
+    }
+
+    /// A reference model of reserve and settle in exact rational arithmetic, kept apart from
+    /// the units trick: tokens as a fraction `level / window_ms`.
+    struct Reference {
+        level: u128,
+        at: u64,
+        shape: Shape,
+    }
+
+    impl Reference {
+        fn refill(&mut self, now: u64) {
+            if now > self.at {
+                let full = u128::from(self.shape.capacity) * u128::from(self.shape.window_ms);
+                self.level = full
+                    .min(self.level + u128::from(now - self.at) * u128::from(self.shape.capacity));
+                self.at = now;
+            }
+        }
+
+        fn reserve(&mut self, now: u64, tokens: u64) -> bool {
+            self.refill(now);
+            let need = u128::from(tokens) * u128::from(self.shape.window_ms);
+            if self.level >= need {
+                self.level -= need;
+                true
+            } else {
+                false
+            }
+        }
+
+        fn settle(&mut self, now: u64, tokens: u64) {
+            self.refill(now);
+            let full = u128::from(self.shape.capacity) * u128::from(self.shape.window_ms);
+            self.level =
+                full.min(self.level + u128::from(tokens) * u128::from(self.shape.window_ms));
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn reserve_and_settle_agree_with_the_reference(
+            capacity in 1u64..5_000,
+            window_ms in 1u64..100_000,
+            steps in prop::collection::vec((0u64..2_000, 0u64..600, 0u64..100, any::<bool>()), 1..200),
+        ) {
+            let shape = Shape { capacity, window_ms };
+            let mut model = Reference { level: u128::from(shape.full()), at: 0, shape };
+            let mut bucket = None;
+            let mut now = 0u64;
+            // Reserved and not yet settled, and what was actually used: the bucket never lets
+            // more through than capacity plus what the window refilled.
+            let mut spent = 0u128;
+            for (advance, worst, used_pct, settle) in steps {
+                now += advance;
+                let (b, d) = apply(bucket, now, shape, Op::Take(worst));
+                bucket = Some(b);
+                prop_assert_eq!(d.allowed, model.reserve(now, worst), "reserve {} at {}", worst, now);
+                prop_assert_eq!(u128::from(b.level), model.level);
+                if d.allowed {
+                    let used = worst * used_pct / 100;
+                    spent += u128::from(used);
+                    if settle {
+                        let (b, _) = apply(bucket, now, shape, Op::Refund(worst - used));
+                        bucket = Some(b);
+                        model.settle(now, worst - used);
+                        prop_assert_eq!(u128::from(b.level), model.level);
+                    } else {
+                        // Usage never arrived: the whole worst case stays spent.
+                        spent += u128::from(worst - used);
+                    }
+                } else {
+                    prop_assert!(d.retry_after_ms >= 1);
+                }
+                // Never overshoot: spent ≤ capacity + refill since the start.
+                let refilled = u128::from(now) * u128::from(capacity) / u128::from(window_ms);
+                prop_assert!(spent <= u128::from(capacity) + refilled, "spent {} at {}", spent, now);
+            }
+        }
     }
 }

@@ -102,7 +102,7 @@ mod tests {
             window_ms: 60_000,
         };
         for i in 0..10_000 {
-            limiter.check(&format!("key-{i}"), shape, Op::Take);
+            limiter.check(&format!("key-{i}"), shape, Op::Take(1));
         }
         assert!(limiter.len() <= 320, "{}", limiter.len());
     }
@@ -114,12 +114,12 @@ mod tests {
             capacity: 1,
             window_ms: 3_600_000,
         };
-        assert!(limiter.check("victim", shape, Op::Take).allowed);
+        assert!(limiter.check("victim", shape, Op::Take(1)).allowed);
         for i in 0..2_000 {
-            limiter.check(&format!("flood-{i}"), shape, Op::Take);
+            limiter.check(&format!("flood-{i}"), shape, Op::Take(1));
             // The victim keeps trying: its bucket must stay empty, never reset by eviction.
             assert!(
-                !limiter.check("victim", shape, Op::Take).allowed,
+                !limiter.check("victim", shape, Op::Take(1)).allowed,
                 "reset after {i} keys"
             );
         }
@@ -132,9 +132,9 @@ mod tests {
             capacity: 2,
             window_ms: 60_000,
         };
-        assert!(limiter.check("k", shape, Op::Take).allowed);
-        assert!(limiter.check("k", shape, Op::Take).allowed);
-        assert!(!limiter.check("k", shape, Op::Take).allowed);
-        assert!(limiter.check("other", shape, Op::Take).allowed);
+        assert!(limiter.check("k", shape, Op::Take(1)).allowed);
+        assert!(limiter.check("k", shape, Op::Take(1)).allowed);
+        assert!(!limiter.check("k", shape, Op::Take(1)).allowed);
+        assert!(limiter.check("other", shape, Op::Take(1)).allowed);
     }
 }

@@ -9,6 +9,7 @@
 pub mod bucket;
 pub mod memory;
 pub mod redis;
+pub mod tokens;
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -185,7 +186,7 @@ impl RateLimiter {
     pub async fn check(&self, endpoint: Endpoint, subject: &Subject) -> Decision {
         let key = self.key(endpoint, subject);
         let shape = shape(self.limits.for_endpoint(endpoint));
-        self.check_key(&key, shape, Op::Take).await
+        self.check_key(&key, shape, Op::Take(1)).await
     }
 
     /// Gives back the token a request took from `subject`'s bucket at `endpoint` (login takes
@@ -194,7 +195,7 @@ impl RateLimiter {
     pub async fn refund(&self, endpoint: Endpoint, subject: &Subject) {
         let key = self.key(endpoint, subject);
         let shape = shape(self.limits.for_endpoint(endpoint));
-        self.check_key(&key, shape, Op::Refund).await;
+        self.check_key(&key, shape, Op::Refund(1)).await;
     }
 
     /// Applies `op` to the bucket `key`.
@@ -271,7 +272,7 @@ fn start_probe(side: Arc<RedisSide>) {
                 Some(limiter) => matches!(
                     tokio::time::timeout(
                         side.budget,
-                        limiter.check("relay:rl:{probe}", probe_shape, Op::Take)
+                        limiter.check("relay:rl:{probe}", probe_shape, Op::Take(1))
                     )
                     .await,
                     Ok(Ok(_))

@@ -40,13 +40,15 @@ impl RedisLimiter {
             .key(key)
             .arg(shape.capacity)
             .arg(shape.window_ms)
-            .arg(match op {
-                Op::Take => "take",
-                Op::Refund => "refund",
-            })
+            .arg(op.name())
+            .arg(op.amount())
             .invoke_async(&mut conn)
             .await?;
-        Ok(bucket::decide(allowed == 1, level, shape))
+        let units = op.amount().saturating_mul(shape.window_ms);
+        Ok(match op {
+            Op::Take(_) => bucket::decide_for(allowed == 1, level, shape, units),
+            Op::Refund(_) => bucket::decide(true, level, shape),
+        })
     }
 
     /// `PING`, for health checks and the recovery probe.

@@ -191,6 +191,15 @@ pub fn check_number(
     ))
 }
 
+/// The whole number `name` of `body` (already checked by [`check_number`]), if present.
+pub fn whole(body: &Fields<'_>, name: &str) -> Option<u64> {
+    match body.scalar(name) {
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // checked ≥ 1
+        Scalar::Number { value, .. } if value >= 0.0 => Some(value as u64),
+        _ => None,
+    }
+}
+
 /// A value read leniently: what relay needs to check a field's type and range.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Scalar<'a> {

@@ -34,6 +34,8 @@ pub struct PreparedChat {
     pub forward_usage: bool,
     /// The model used.
     pub model: String,
+    /// The most output tokens the answer may have (`n` × the cap), when it is capped.
+    pub max_output: Option<u64>,
 }
 
 /// The top-level fields relay reads; every other field is forwarded as it came.
@@ -133,11 +135,14 @@ const STREAM_OPTIONS: &[&str] = &["include_usage"];
 
 /// Validates and prepares a request: reads only the fields relay needs (never a tree of the
 /// whole body), and splices its changes into the client's bytes, which are forwarded as they
-/// are when nothing changes. `force_stream` is set by `/chat/completions/stream`.
+/// are when nothing changes. `force_stream` is set by `/chat/completions/stream`;
+/// `default_output`, when a token limit applies, caps a request that names no cap (as
+/// `max_completion_tokens`), so that its worst case is bounded.
 pub fn prepare(
     original: Bytes,
     policy: &ModelPolicy,
     force_stream: bool,
+    default_output: Option<u32>,
 ) -> Result<PreparedChat, ApiError> {
     let body = body::fields(&original, FIELDS)?;
     validate(&body)?;
@@ -186,12 +191,41 @@ pub fn prepare(
             }
         }
     }
+    let max_output = output_cap(
+        &body,
+        &mut edits,
+        &["max_completion_tokens", "max_tokens"],
+        default_output,
+    )
+    .map(|cap| cap.saturating_mul(body::whole(&body, "n").unwrap_or(1)));
     Ok(PreparedChat {
         body: edits.apply(&original),
         stream,
         forward_usage,
         model,
+        max_output,
     })
+}
+
+/// The output cap a request names (the largest of `names`), or `default` spliced in as the
+/// first of `names` when it names none.
+pub fn output_cap(
+    body: &Fields<'_>,
+    edits: &mut Splices<'_>,
+    names: &[&str],
+    default: Option<u32>,
+) -> Option<u64> {
+    let named = names.iter().filter_map(|n| body::whole(body, n)).max();
+    if named.is_some() {
+        return named;
+    }
+    let default = default?;
+    let json = default.to_string();
+    match body.get(names[0]) {
+        Some(null) => edits.replace(null, json),
+        None => edits.insert_member(None, names[0], json.as_bytes()),
+    }
+    Some(u64::from(default))
 }
 
 /// What the upstream answered, ready for the client.
@@ -270,7 +304,7 @@ mod tests {
     }
 
     fn run(body: Value, force: bool) -> Result<PreparedChat, ApiError> {
-        prepare(Bytes::from(body.to_string()), &config(&[]), force)
+        prepare(Bytes::from(body.to_string()), &config(&[]), force, None)
     }
 
     fn param_of(body: Value) -> String {
@@ -326,14 +360,14 @@ mod tests {
         let raw = Bytes::from_static(
             br#"{"model":"m","messages":[{"role":"user","content":"x"}],"seed":7, "tools":[]}"#,
         );
-        let p = prepare(raw.clone(), &config(&[]), false).unwrap();
+        let p = prepare(raw.clone(), &config(&[]), false, None).unwrap();
         assert_eq!(p.body, raw);
         assert!(!p.stream);
         // When something changes, only that changes: the rest keeps the client's bytes.
         let raw = Bytes::from_static(
             br#"{ "messages" : [{"role":"user","content":"x"}], "stream":true, "seed" : 7 }"#,
         );
-        let p = prepare(raw, &config(&[]), false).unwrap();
+        let p = prepare(raw, &config(&[]), false, None).unwrap();
         assert_eq!(
             std::str::from_utf8(&p.body).unwrap(),
             r#"{"model":"gpt-4o-mini","stream_options":{"include_usage":true}, "messages" : [{"role":"user","content":"x"}], "stream":true, "seed" : 7 }"#
@@ -364,20 +398,21 @@ mod tests {
         let c = config(&[("ALLOWED_MODELS", "a,b")]);
         let body = json!({"model": "c", "messages": [{"role": "user", "content": "x"}]});
         assert!(matches!(
-            prepare(Bytes::from(body.to_string()), &c, false),
+            prepare(Bytes::from(body.to_string()), &c, false, None),
             Err(ApiError::Forbidden { .. })
         ));
         let body = json!({"model": "b", "messages": [{"role": "user", "content": "x"}]});
-        assert!(prepare(Bytes::from(body.to_string()), &c, false).is_ok());
+        assert!(prepare(Bytes::from(body.to_string()), &c, false, None).is_ok());
     }
 
     #[test]
     fn duplicated_fields_relay_reads_are_refused() {
         let c = config(&[("ALLOWED_MODELS", "allowed")]);
-        let param = |raw: &str| match prepare(Bytes::copy_from_slice(raw.as_bytes()), &c, false) {
-            Err(ApiError::Validation { param, .. }) => param,
-            other => panic!("{raw}: expected a 422, got {other:?}"),
-        };
+        let param =
+            |raw: &str| match prepare(Bytes::copy_from_slice(raw.as_bytes()), &c, false, None) {
+                Err(ApiError::Validation { param, .. }) => param,
+                other => panic!("{raw}: expected a 422, got {other:?}"),
+            };
         let m = r#""messages": [{"role": "user", "content": "x"}]"#;
         assert_eq!(
             param(&format!(
@@ -407,7 +442,7 @@ mod tests {
         );
         // Keys relay does not read may repeat: they are the upstream's business.
         let ok = format!(r#"{{"model": "allowed", "seed": 1, "seed": 2, {m}}}"#);
-        assert!(prepare(Bytes::from(ok), &c, false).is_ok());
+        assert!(prepare(Bytes::from(ok), &c, false, None).is_ok());
     }
 
     #[test]
@@ -423,12 +458,64 @@ mod tests {
             (r#""stream_options": {"include_usage": true},"#, true),
         ] {
             let raw = format!(r#"{{"model": "m", {options} {m}}}"#);
-            let p = prepare(Bytes::from(raw.clone()), &config(&[]), true).unwrap();
+            let p = prepare(Bytes::from(raw.clone()), &config(&[]), true, None).unwrap();
             let sent: Value = serde_json::from_slice(&p.body)
                 .unwrap_or_else(|e| panic!("{raw} became invalid JSON: {e}: {:?}", p.body));
             assert_eq!(sent["stream"], true, "{raw}");
             assert_eq!(sent["stream_options"]["include_usage"], true, "{raw}");
             assert_eq!(p.forward_usage, forwarded, "{raw}");
         }
+    }
+
+    #[test]
+    fn a_token_limit_caps_output_and_knows_the_worst_case() {
+        let m = json!([{"role": "user", "content": "x"}]);
+        let p = prepare(
+            Bytes::from(json!({"messages": m}).to_string()),
+            &config(&[]),
+            false,
+            Some(100),
+        )
+        .unwrap();
+        let sent: Value = serde_json::from_slice(&p.body).unwrap();
+        assert_eq!(sent["max_completion_tokens"], 100, "the default cap is set");
+        assert_eq!(p.max_output, Some(100));
+        let p = prepare(
+            Bytes::from(
+                json!({"messages": m, "max_tokens": 30, "n": 3, "max_completion_tokens": null})
+                    .to_string(),
+            ),
+            &config(&[]),
+            false,
+            Some(100),
+        )
+        .unwrap();
+        assert_eq!(p.max_output, Some(90), "n answers of 30");
+        let sent: Value = serde_json::from_slice(&p.body).unwrap();
+        assert_eq!(
+            sent["max_completion_tokens"],
+            Value::Null,
+            "a named cap is kept as it is"
+        );
+        let p = prepare(
+            Bytes::from(json!({"messages": m, "max_completion_tokens": null}).to_string()),
+            &config(&[]),
+            false,
+            Some(7),
+        )
+        .unwrap();
+        let sent: Value = serde_json::from_slice(&p.body).unwrap();
+        assert_eq!(
+            sent["max_completion_tokens"], 7,
+            "a null cap is replaced, not doubled"
+        );
+        let p = prepare(
+            Bytes::from(json!({"messages": m}).to_string()),
+            &config(&[]),
+            false,
+            None,
+        )
+        .unwrap();
+        assert_eq!(p.max_output, None);
     }
 }

@@ -28,6 +28,7 @@ use uuid::Uuid;
 
 use super::Upstream;
 use super::body::{self, Fields, Scalar, Splices, check_number};
+use super::chat::output_cap;
 use super::client::Api;
 use super::response_view::{MAX_OWNED_IDS, ResponseView};
 use super::sse::{BodyError, Protocol, SseRelay};
@@ -60,6 +61,8 @@ pub struct PreparedResponse {
     /// The ids the request names (`previous_response_id`, input items' `id`s), each with the
     /// field it is in: the caller must own every one.
     pub referenced: Vec<(String, String)>,
+    /// The most output tokens the answer may have, when it is capped.
+    pub max_output: Option<u64>,
 }
 
 /// Whether `id` looks like an id the upstream gives (`resp_…`: letters, digits, `_`, `-`);
@@ -195,8 +198,13 @@ fn validate(body: &Fields<'_>) -> Result<Vec<(String, String)>, ApiError> {
 }
 
 /// Validates and prepares a request: reads only the fields relay needs, and splices the
-/// default model into the client's bytes when `model` is missing.
-pub fn prepare(original: Bytes, policy: &super::ModelPolicy) -> Result<PreparedResponse, ApiError> {
+/// default model into the client's bytes when `model` is missing (and, when a token limit
+/// applies, `default_output` as `max_output_tokens` when it is missing).
+pub fn prepare(
+    original: Bytes,
+    policy: &super::ModelPolicy,
+    default_output: Option<u32>,
+) -> Result<PreparedResponse, ApiError> {
     let body = body::fields(&original, FIELDS)?;
     let referenced = validate(&body)?;
     let mut edits = Splices::new(&original);
@@ -213,11 +221,13 @@ pub fn prepare(original: Bytes, policy: &super::ModelPolicy) -> Result<PreparedR
         }
     };
     policy.check(&model)?;
+    let max_output = output_cap(&body, &mut edits, &["max_output_tokens"], default_output);
     Ok(PreparedResponse {
         stream: body.scalar("stream") == Scalar::Bool(true),
         body: edits.apply(&original),
         model,
         referenced,
+        max_output,
     })
 }
 
@@ -508,7 +518,7 @@ mod tests {
     }
 
     fn param_of(body: Value) -> String {
-        match prepare(Bytes::from(body.to_string()), &policy(&[])) {
+        match prepare(Bytes::from(body.to_string()), &policy(&[]), None) {
             Err(ApiError::Validation { param, .. }) => param,
             other => panic!("expected a 422, got {other:?}"),
         }
@@ -555,7 +565,7 @@ mod tests {
             json!({"input": "x", "max_output_tokens": 16, "stream": false, "conversation": null}),
             json!({"input": "x", "tools": [{"type": "code_interpreter", "container": {"type": "auto"}}]}),
         ] {
-            assert!(prepare(Bytes::from(ok.to_string()), &policy(&[])).is_ok());
+            assert!(prepare(Bytes::from(ok.to_string()), &policy(&[]), None).is_ok());
         }
     }
 
@@ -564,13 +574,13 @@ mod tests {
         let raw = Bytes::from_static(
             br#"{"model":"m", "input":"x","tools":[{"type":"web_search"}],"store":true}"#,
         );
-        let p = prepare(raw.clone(), &policy(&[])).unwrap();
+        let p = prepare(raw.clone(), &policy(&[]), None).unwrap();
         assert_eq!(p.body, raw);
         assert!(!p.stream);
         let raw = Bytes::from_static(
             br#"{ "input" : "x", "stream": true, "previous_response_id": "resp_1" }"#,
         );
-        let p = prepare(raw, &policy(&[])).unwrap();
+        let p = prepare(raw, &policy(&[]), None).unwrap();
         assert_eq!(
             std::str::from_utf8(&p.body).unwrap(),
             r#"{"model":"gpt-4o-mini", "input" : "x", "stream": true, "previous_response_id": "resp_1" }"#
@@ -586,20 +596,26 @@ mod tests {
     fn allowed_models_and_duplicates_are_enforced() {
         let c = policy(&[("ALLOWED_MODELS", "a")]);
         assert!(matches!(
-            prepare(Bytes::from_static(br#"{"model":"b","input":"x"}"#), &c),
+            prepare(
+                Bytes::from_static(br#"{"model":"b","input":"x"}"#),
+                &c,
+                None
+            ),
             Err(ApiError::Forbidden { .. })
         ));
         assert!(matches!(
             prepare(
                 Bytes::from_static(br#"{"model":"b","model":"a","input":"x"}"#),
-                &c
+                &c,
+                None
             ),
             Err(ApiError::Validation { ref param, .. }) if param == "model"
         ));
         assert!(matches!(
             prepare(
                 Bytes::from_static(br#"{"model":"a","input":"x","previous_response_id":"resp_1","previous_response_id":"resp_2"}"#),
-                &c
+                &c,
+                None
             ),
             Err(ApiError::Validation { ref param, .. }) if param == "previous_response_id"
         ));
@@ -614,7 +630,7 @@ mod tests {
             {"type": null, "id": "msg_3"},
             {"type": "reasoning", "id": "rs_4", "summary": []}
         ], "previous_response_id": "resp_0"}"#;
-        let p = prepare(Bytes::from_static(raw), &policy(&[])).unwrap();
+        let p = prepare(Bytes::from_static(raw), &policy(&[]), None).unwrap();
         let ids: Vec<(&str, &str)> = p
             .referenced
             .iter()
@@ -636,7 +652,7 @@ mod tests {
             r#"{"input": [{"id": "msg_mine", "ID": "msg_theirs"}]}"#,
         ] {
             assert!(matches!(
-                prepare(Bytes::from(raw), &policy(&[])),
+                prepare(Bytes::from(raw), &policy(&[]), None),
                 Err(ApiError::Validation { .. })
             ));
         }

@@ -22,6 +22,10 @@ pub struct UserRecord {
     pub is_admin: bool,
     /// When the user registered.
     pub created_at: DateTime<Utc>,
+    /// The user's own token limit (tokens per window), overriding `TOKEN_LIMIT`.
+    pub token_limit: Option<i64>,
+    /// The window of `token_limit`, in seconds (the default window when `NULL`).
+    pub token_limit_window: Option<i64>,
 }
 
 /// What `create_user` needs.
@@ -37,7 +41,8 @@ pub struct NewUser {
     pub is_admin: bool,
 }
 
-const USER_COLUMNS: &str = "id, email, password_hash, full_name, is_active, is_admin, created_at";
+const USER_COLUMNS: &str = "id, email, password_hash, full_name, is_active, is_admin, created_at, \
+                            token_limit, token_limit_window";
 
 impl Store {
     /// Inserts a user; an email that exists gives [`StoreError::Conflict`].
@@ -107,6 +112,44 @@ impl Store {
             sqlx::query("UPDATE users SET is_active = $2, updated_at = $3 WHERE id = $1")
                 .bind(id)
                 .bind(active)
+                .bind(now)
+                .execute(pool)
+                .await?;
+        });
+        Ok(())
+    }
+
+    /// Sets a user's own token limit (`None`: the default) and its window in seconds (`None`:
+    /// the default window).
+    pub async fn set_token_limit(
+        &self,
+        id: Uuid,
+        limit: Option<i64>,
+        window: Option<i64>,
+    ) -> Result<(), StoreError> {
+        let now = Utc::now();
+        on_pool!(self, pool => {
+            sqlx::query(
+                "UPDATE users SET token_limit = $2, token_limit_window = $3, updated_at = $4 \
+                 WHERE id = $1",
+            )
+            .bind(id)
+            .bind(limit)
+            .bind(window)
+            .bind(now)
+            .execute(pool)
+            .await?;
+        });
+        Ok(())
+    }
+
+    /// Makes a user an admin or not.
+    pub async fn set_admin(&self, id: Uuid, admin: bool) -> Result<(), StoreError> {
+        let now = Utc::now();
+        on_pool!(self, pool => {
+            sqlx::query("UPDATE users SET is_admin = $2, updated_at = $3 WHERE id = $1")
+                .bind(id)
+                .bind(admin)
                 .bind(now)
                 .execute(pool)
                 .await?;

@@ -219,17 +219,31 @@ async fn upgrade_kills_tokens_that_slipped_into_revoked_families(db: Db) {
         Store::Sqlite(pool) => migrator.run(pool).await.unwrap(),
         Store::Postgres(pool) => migrator.run(pool).await.unwrap(),
     }
-    let user = store
-        .create_user(NewUser {
-            email: "old-session@example.com".into(),
-            password_hash: "unused".into(),
-            full_name: None,
-            is_admin: false,
-        })
-        .await
-        .unwrap();
+    // The user as the old schema holds it (today's columns are not there yet).
+    let user_id = uuid::Uuid::new_v4();
     let now = chrono::Utc::now();
-    let claims = json!({"sub": user.id, "exp": now.timestamp() + 3600, "iat": now.timestamp(),
+    let sql = "INSERT INTO users (id, email, password_hash, full_name, is_active, is_admin, \
+               created_at, updated_at) VALUES ($1, 'old-session@example.com', 'unused', NULL, \
+               TRUE, FALSE, $2, $2)";
+    match &store {
+        Store::Sqlite(pool) => {
+            sqlx::query(sql)
+                .bind(user_id)
+                .bind(now)
+                .execute(pool)
+                .await
+                .unwrap();
+        }
+        Store::Postgres(pool) => {
+            sqlx::query(sql)
+                .bind(user_id)
+                .bind(now)
+                .execute(pool)
+                .await
+                .unwrap();
+        }
+    }
+    let claims = json!({"sub": user_id, "exp": now.timestamp() + 3600, "iat": now.timestamp(),
         "typ": "refresh", "iss": "relay"});
     // Each token: (family, spent, revoked), as the old code left them.
     let (sound, raced) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
@@ -256,7 +270,7 @@ async fn upgrade_kills_tokens_that_slipped_into_revoked_families(db: Db) {
             ($pool:expr) => {
                 sqlx::query(sql)
                     .bind(id)
-                    .bind(user.id)
+                    .bind(user_id)
                     .bind(family)
                     .bind(&hash)
                     .bind(expires_at)

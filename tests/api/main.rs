@@ -14,4 +14,5 @@ mod openapi;
 mod ratelimit;
 mod responses;
 mod startup;
+mod tokens;
 mod usage;

@@ -631,21 +631,19 @@ async fn the_lua_script_and_the_rust_bucket_agree_step_by_step() {
             } else {
                 next(3) * next(700)
             };
-            // Every fifth step gives a token back (as login does for a right password).
+            // Every fifth step gives tokens back (as login does for a right password, and a
+            // token limit's settlement); takes are of one to three tokens (a worst case).
             let op = if step % 5 == 4 {
-                bucket::Op::Refund
+                bucket::Op::Refund(1 + next(3))
             } else {
-                bucket::Op::Take
+                bucket::Op::Take(1 + next(3))
             };
             let (allowed, level): (u8, u64) = script
                 .key(&key)
                 .arg(shape.capacity)
                 .arg(shape.window_ms)
-                .arg(if op == bucket::Op::Refund {
-                    "refund"
-                } else {
-                    "take"
-                })
+                .arg(op.name())
+                .arg(op.amount())
                 .arg(now)
                 .invoke_async(&mut conn)
                 .await

@@ -14,6 +14,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 RELAY = Path(os.environ.get("RELAY_BIN", ROOT / "target" / "debug" / "relay"))
 SECRET = "python-sdk-tests-secret-key-0123456789abcdef"
+# Where the session's relay keeps its database (for `relay user set` in tests).
+DATABASE = {}
 
 
 def free_port() -> int:
@@ -63,7 +65,7 @@ def relay_url():
             "OPENAI_BASE_URL": f"http://127.0.0.1:{mock_port}/v1",
             "DEFAULT_MODEL": "mock-echo",
             "ALLOWED_MODELS": "mock-echo,mock-embed,mock-error-429,mock-error-500",
-            "DATABASE_URL": f"sqlite://{tmp}/relay.db",
+            "DATABASE_URL": DATABASE.setdefault("url", f"sqlite://{tmp}/relay.db"),
             "REDIS_URL": "",
             "RATE_LIMIT_REQUESTS": "100000",
             "RATE_LIMIT_CHAT_REQUESTS": "25",
@@ -104,3 +106,13 @@ def client(relay_url, access_token):
     import openai
 
     return openai.OpenAI(base_url=f"{relay_url}/api/v1", api_key=access_token, max_retries=0)
+
+
+def relay_user_set(*args: str) -> None:
+    """Runs `relay user set` on the session relay's database."""
+    subprocess.run(
+        [str(RELAY), "user", "set", *args],
+        env={"PATH": os.environ.get("PATH", ""), "DATABASE_URL": DATABASE["url"]},
+        check=True,
+        capture_output=True,
+    )

@@ -1,9 +1,11 @@
 """The official openai SDK, pointed at relay, works as if relay were OpenAI."""
 
+import time
+
 import openai
 import pytest
 
-from conftest import new_user_token
+from conftest import new_user_token, relay_user_set
 
 MESSAGES = [
     {"role": "system", "content": "You are a test."},
@@ -182,3 +184,21 @@ def test_responses_conversation_is_refused_clearly(responses_client):
     with pytest.raises(openai.UnprocessableEntityError) as err:
         responses_client.responses.create(model="mock-echo", input="x", conversation="conv_1")
     assert err.value.body["param"] == "conversation"
+
+
+def test_a_token_limit_raises_rate_limit_error_with_its_code(relay_url):
+    token = new_user_token(relay_url, "token-limited@example.com")
+    client = openai.OpenAI(base_url=f"{relay_url}/api/v1", api_key=token, max_retries=0)
+    client.chat.completions.create(model="mock-echo", messages=MESSAGES, max_tokens=10)
+    relay_user_set("--email", "token-limited@example.com", "--token-limit", "60")
+    deadline = time.monotonic() + 6
+    while True:  # relay sees the new limit within seconds
+        try:
+            client.chat.completions.create(model="mock-echo", messages=MESSAGES, max_tokens=10)
+        except openai.RateLimitError as err:
+            assert err.code == "token_limit_exceeded"
+            assert int(err.response.headers["retry-after"]) >= 1
+            assert err.response.headers["x-ratelimit-limit-tokens"] == "60"
+            break
+        assert time.monotonic() < deadline, "the token limit never applied"
+        time.sleep(0.5)  # the chat request limit (25) is not to be spent here

@@ -1,0 +1,207 @@
+//! Token limits: a request is admitted only if its worst case fits the user's bucket, the
+//! unused part comes back when its usage arrives, and the total never exceeds the limit —
+//! across two relays sharing Redis.
+
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt as _;
+use serde_json::{Value, json};
+
+use crate::support::{self, Db, TestApp, fake_upstream, spawn_app_with};
+
+fn chat(max_tokens: u64) -> Value {
+    json!({"model": "mock-echo", "max_tokens": max_tokens,
+        "messages": [{"role": "user", "content": "one two three"}]})
+}
+
+/// The user's total tokens in `/usage`, once `requests` requests are recorded.
+async fn used(app: &TestApp, token: &str, requests: usize) -> i64 {
+    let start = Instant::now();
+    loop {
+        let usage: Value = app.get_authed("/usage", token).await.json().await.unwrap();
+        if usage["total"]["requests"] == requests {
+            return usage["total"]["total_tokens"].as_i64().unwrap();
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "{usage}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_worst_case_larger_than_the_bucket_is_refused_at_once() {
+    let fake = fake_upstream::start().await;
+    let base = fake.base_url();
+    let app = spawn_app_with(
+        Db::Sqlite,
+        &[
+            ("OPENAI_BASE_URL", &base),
+            ("TOKEN_LIMIT", "1000"),
+            ("REDIS_URL", ""),
+        ],
+    )
+    .await;
+    let (token, _) = app.user_tokens("big@example.com").await;
+    let resp = app.chat(&token, &chat(5000)).await;
+    assert_eq!(resp.status(), 429);
+    assert!(
+        resp.headers()["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            >= 1
+    );
+    assert_eq!(resp.headers()["x-ratelimit-limit-tokens"], "1000");
+    let err: Value = resp.json().await.unwrap();
+    assert_eq!(err["error"]["code"], "token_limit_exceeded");
+    assert_eq!(err["error"]["type"], "rate_limit_error");
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("more than your token limit")
+    );
+    // A request with no cap gets MAX_OUTPUT_TOKENS, which is larger than the bucket here.
+    let mut uncapped = chat(1);
+    uncapped.as_object_mut().unwrap().remove("max_tokens");
+    assert_eq!(app.chat(&token, &uncapped).await.status(), 429);
+    assert!(fake.received().is_empty(), "nothing reached the upstream");
+}
+
+#[tokio::test]
+async fn the_default_cap_is_sent_and_the_headers_show_the_bucket() {
+    let fake = fake_upstream::start().await;
+    let base = fake.base_url();
+    let app = spawn_app_with(
+        Db::Sqlite,
+        &[
+            ("OPENAI_BASE_URL", &base),
+            ("TOKEN_LIMIT", "100000"),
+            ("MAX_OUTPUT_TOKENS", "321"),
+            ("REDIS_URL", ""),
+        ],
+    )
+    .await;
+    let (token, _) = app.user_tokens("capped@example.com").await;
+    let body = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]});
+    let resp = app.chat(&token, &body).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-ratelimit-limit-tokens"], "100000");
+    let remaining: u64 = resp.headers()["x-ratelimit-remaining-tokens"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        remaining < 100_000 - 321,
+        "the worst case was taken: {remaining}"
+    );
+    assert_eq!(fake.received()[0].body["max_completion_tokens"], 321);
+    // Settled: the fake reports 13 tokens used, the rest of the worst case comes back. The
+    // same request again then leaves 13 fewer (give or take the refill of a few ms).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let resp = app.chat(&token, &body).await;
+    let again: u64 = resp.headers()["x-ratelimit-remaining-tokens"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (remaining - 14..=remaining - 12).contains(&again),
+        "{remaining} then {again}: the unused part came back"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_relays_sharing_redis_never_exceed_the_limit() {
+    let prefix = format!("tokens-{}", uuid::Uuid::new_v4().simple());
+    let vars = [
+        ("REDIS_URL", "redis://127.0.0.1:6379/0"),
+        ("RATE_LIMIT_REDIS_TIMEOUT_MS", "2000"),
+        ("RATE_LIMIT_KEY_PREFIX", prefix.as_str()),
+        ("TOKEN_LIMIT", "1000"),
+        ("TOKEN_LIMIT_WINDOW", "86400"),
+    ];
+    let a = spawn_app_with(Db::Sqlite, &vars).await;
+    let b = support::spawn_app_on(a.db.clone(), &vars, relay::config::Mode::Serve).await;
+    let (token, _) = a.user_tokens("spender@example.com").await;
+    // Each request's worst case is its body (about 100 bytes) plus 20 output tokens; it
+    // really uses about 8.
+    let statuses: Vec<(u16, Option<String>)> = futures_util::stream::iter(0..50)
+        .map(|i| {
+            let app = if i % 2 == 0 { &a } else { &b };
+            let token = token.clone();
+            async move {
+                let resp = app.chat(&token, &chat(20)).await;
+                let status = resp.status().as_u16();
+                let body: Value = resp.json().await.unwrap();
+                (status, body["error"]["code"].as_str().map(str::to_owned))
+            }
+        })
+        .buffer_unordered(10)
+        .collect()
+        .await;
+    let admitted = statuses.iter().filter(|(s, _)| *s == 200).count();
+    assert!(
+        statuses
+            .iter()
+            .all(|(s, code)| *s == 200 || code.as_deref() == Some("token_limit_exceeded")),
+        "{statuses:?}"
+    );
+    let total = used(&a, &token, admitted).await;
+    assert!(total <= 1000, "used {total} of a 1000-token limit");
+    assert!(
+        admitted > 10,
+        "refunds let more than 1000 / worst case through: {admitted} admitted, {total} used"
+    );
+}
+
+/// Runs `relay user set` on `app`'s database; returns the user it prints.
+fn user_set(app: &TestApp, args: &[&str]) -> Value {
+    let dir = tempfile::tempdir().unwrap();
+    let mut all = vec!["user", "set"];
+    all.extend_from_slice(args);
+    let out = support::relay_command(dir.path(), &all, &[("DATABASE_URL", &app.db.url)])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+async fn fate(app: &TestApp, token: &str, until: u16) {
+    let start = Instant::now();
+    loop {
+        let status = app.chat(token, &chat(100)).await.status().as_u16();
+        if status == until {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(6),
+            "still {status}, not {until}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn a_users_own_limit_applies_within_seconds(db: Db) {
+    // No TOKEN_LIMIT: nobody is limited, until a user gets a limit of their own.
+    let app = spawn_app_with(db, &[("REDIS_URL", "")]).await;
+    let (token, _) = app.user_tokens("own@example.com").await;
+    assert_eq!(app.chat(&token, &chat(100)).await.status(), 200);
+    let user = user_set(&app, &["--email", "OWN@example.com", "--token-limit", "50"]);
+    assert_eq!(user["token_limit"], 50);
+    assert_eq!(user["token_limit_window"], Value::Null);
+    // Its worst case (body + 100) is more than 50: refused once relay sees the limit.
+    fate(&app, &token, 429).await;
+    let resp = app.chat(&token, &chat(100)).await;
+    assert_eq!(resp.headers()["x-ratelimit-limit-tokens"], "50");
+    let user = user_set(&app, &["--email", "own@example.com", "--token-limit", "0"]);
+    assert_eq!(user["token_limit"], Value::Null);
+    fate(&app, &token, 200).await;
+}
+
+crate::support::on_both_databases!(a_users_own_limit_applies_within_seconds);
