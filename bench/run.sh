@@ -37,8 +37,8 @@ taskset -c "$LOAD_CPU" "$RELAY" mock-upstream --port "$PACED_MOCK" --chunks 20 -
 
 # Every relay shares one database, as replicas do: a token is only good where its user exists.
 # They start one after another, so that only the first applies the migrations.
-start_relay() { # port upstream-port log-level [redis-url]
-  (cd "$TMP" && exec env -i PATH="$PATH" HOST=127.0.0.1 PORT="$1" \
+start_relay() { # port upstream-port log-level [redis-url [token-limit]]
+  (cd "$TMP" && exec env -i PATH="$PATH" HOST=127.0.0.1 PORT="$1" TOKEN_LIMIT="${5:-0}" TOKEN_LIMIT_WINDOW=1 \
     SECRET_KEY=bench-secret-key-bench-secret-key-0123456789 OPENAI_API_KEY=sk-bench \
     OPENAI_BASE_URL="http://127.0.0.1:$2/v1" DATABASE_URL="sqlite://$TMP/relay.db" \
     REDIS_URL="${4:-}" RATE_LIMIT_KEY_PREFIX="bench-$$" \
@@ -55,6 +55,13 @@ wait_http "http://127.0.0.1:$LOGGED_PORT/api/v1/health"
 # A third one takes its rate-limit decisions in Redis (the others in memory).
 REDIS_PORT_RELAY=$((BASE_PORT + 13))
 start_relay "$REDIS_PORT_RELAY" "$MOCK" warn "$REDIS"; REDIS_RELAY_PID=$!; PIDS+=($REDIS_RELAY_PID)
+wait_http "http://127.0.0.1:$REDIS_PORT_RELAY/api/v1/health"
+# Two more with a token limit on (a huge one: nothing is refused, every request reserves and
+# settles), in memory and in Redis.
+TOKENS_PORT=$((BASE_PORT + 14)); TOKENS_REDIS_PORT=$((BASE_PORT + 15))
+start_relay "$TOKENS_PORT" "$MOCK" warn "" 1000000000; TOKENS_PID=$!; PIDS+=($TOKENS_PID)
+wait_http "http://127.0.0.1:$TOKENS_PORT/api/v1/health"
+start_relay "$TOKENS_REDIS_PORT" "$MOCK" warn "$REDIS" 1000000000; TOKENS_REDIS_PID=$!; PIDS+=($TOKENS_REDIS_PID)
 
 cat > "$TMP/nginx.conf" <<NGINX
 worker_processes 1;
@@ -82,7 +89,7 @@ taskset -c "$PROXY_CPU" nginx -c "$TMP/nginx.conf" -p "$TMP" 2>/dev/null & PIDS+
 wait_http "http://127.0.0.1:$MOCK/v1/models"
 wait_http "http://127.0.0.1:$RELAY_PORT/api/v1/health"
 wait_http "http://127.0.0.1:$LOGGED_PORT/api/v1/health"
-wait_http "http://127.0.0.1:$REDIS_PORT_RELAY/api/v1/health"
+wait_http "http://127.0.0.1:$TOKENS_REDIS_PORT/api/v1/health"
 wait_http "http://127.0.0.1:$NGINX_PORT/v1/models"
 
 API="http://127.0.0.1:$RELAY_PORT/api/v1"
@@ -150,13 +157,28 @@ logged_cpu=$(python3 -c "print('%.4f' % (($l1 - $l0) / $HZ * 1000 / max($l64ok, 
 echo "Non-streaming, 64 connections, limits in Redis; and the limiter alone" >&2
 REDIS_RELAY_URL="http://127.0.0.1:$REDIS_PORT_RELAY/api/v1/chat/completions"
 oha_run "$REDIS_RELAY_URL" 4 >/dev/null
-read -r rr50 rr99 rr64 _ rrbad < <(oha_run "$REDIS_RELAY_URL" 64)
+q0=$(cpu_ticks "$REDIS_RELAY_PID")
+read -r rr50 rr99 rr64 rr64ok rrbad < <(oha_run "$REDIS_RELAY_URL" 64)
+q1=$(cpu_ticks "$REDIS_RELAY_PID")
+redis_cpu=$(python3 -c "print('%.4f' % (($q1 - $q0) / $HZ * 1000 / max($rr64ok, 1)))")
 read -r rr1_50 _ _ _ _ < <(oha_run "$REDIS_RELAY_URL" 1)
 limiter=$(taskset -c "$LOAD_CPU" "$LB" "$REDIS")
 mem_p50=$(python3 -c "import json,sys; print(json.loads(sys.argv[1])['memory']['p50_us'])" "$limiter")
 mem_mean=$(python3 -c "import json,sys; print(json.loads(sys.argv[1])['memory']['mean_us'])" "$limiter")
 red_p50=$(python3 -c "import json,sys; print(json.loads(sys.argv[1])['redis']['p50_us'])" "$limiter")
 red_p99=$(python3 -c "import json,sys; print(json.loads(sys.argv[1])['redis']['p99_us'])" "$limiter")
+
+echo "Non-streaming, 64 connections, with a token limit (memory, then Redis)" >&2
+cpu_per_request() { # pid url: "CPU-ms-per-request p50-ms"
+  local a b p50 ok
+  oha_run "$2" 4 >/dev/null
+  a=$(cpu_ticks "$1")
+  read -r p50 _ _ ok _ < <(oha_run "$2" 64)
+  b=$(cpu_ticks "$1")
+  python3 -c "print('%.4f %s' % (($b - $a) / $HZ * 1000 / max($ok, 1), '$p50'))"
+}
+read -r tok_cpu tok50 < <(cpu_per_request "$TOKENS_PID" "http://127.0.0.1:$TOKENS_PORT/api/v1/chat/completions")
+read -r tokr_cpu tokr50 < <(cpu_per_request "$TOKENS_REDIS_PID" "http://127.0.0.1:$TOKENS_REDIS_PORT/api/v1/chat/completions")
 
 echo "Streaming (20 chunks), 32 connections and time to first byte" >&2
 s_nginx=$(sb_run "$NGINX_URL" 32 --seconds "$DUR" --body "$STREAM")
@@ -195,6 +217,9 @@ cat <<TABLE
 | non-stream, 64 conns, proxy CPU per request (ms) | | $nginx_cpu | $relay_cpu | target ≤ 0.05 |
 | same, relay writing its JSON log line per request: requests/s | | $n64 | $l64 | $(ratio "$l64" "$n64") × nginx |
 | same, relay writing its JSON log line per request: CPU per request (ms) | | | $logged_cpu | |
+| same, limits in Redis: CPU per request (ms) / p50 (ms) | | | $redis_cpu / $rr50 | |
+| same, token limit on, memory: CPU per request (ms) / p50 (ms) | | | $tok_cpu / $tok50 | $(ratio "$tok_cpu" "$relay_cpu") × without (target ≤ 1.10) |
+| same, token limit on, Redis: CPU per request (ms) / p50 (ms) | | | $tokr_cpu / $tokr50 | $(ratio "$tokr_cpu" "$redis_cpu") × without |
 | stream 20 chunks, 32 conns, streams/s | | $(field "$s_nginx" per_second) | $(field "$s_relay" per_second) | $(ratio "$(field "$s_relay" per_second)" "$(field "$s_nginx" per_second)") × nginx (target ≥ 0.7) |
 | stream, 1 conn, time to first byte p50 (ms) | $(field "$t_direct" ttfb_p50_ms) | $(field "$t_nginx" ttfb_p50_ms) | $(field "$t_relay" ttfb_p50_ms) | adds $(sub "$(field "$t_relay" ttfb_p50_ms)" "$(field "$t_direct" ttfb_p50_ms)") ms (target ≤ +0.3) |
 | 1,000 streams paced 50 ms/chunk: ok / errors | | | $(field "$paced" ok) / $(field "$paced" errors) | target: 0 errors |

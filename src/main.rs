@@ -193,6 +193,18 @@ async fn user_set(config: Config, args: UserSetArgs) -> anyhow::Result<()> {
             Some(n) => positive(Some(n))?,
             None => user.token_limit_window,
         };
+        // Tokens × window in ms must stay exact in Redis's Lua doubles (2^53).
+        let window_ms = window.map_or(86_400_000u128, |w| u128::from(w.unsigned_abs()) * 1000);
+        if let Some(tokens) = limit
+            && u128::from(tokens.unsigned_abs()) * window_ms
+                > u128::from(relay::config::MAX_LIMIT_UNITS)
+        {
+            anyhow::bail!(
+                "a limit of {tokens} tokens over {} s is too large (tokens × window in ms must \
+                 stay under 2^53); use a shorter window",
+                window_ms / 1000
+            );
+        }
         store.set_token_limit(user.id, limit, window).await?;
     }
     let user = store

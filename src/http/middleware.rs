@@ -260,11 +260,12 @@ fn settle_tokens(ctx: &RequestContext, status: StatusCode) {
         (Some(usage), _) => Some(usage.prompt_tokens.saturating_add(usage.completion_tokens)),
         (None, None) => Some(0),
         // An error answer before any output; but a 502 or 504 may be an upstream that
-        // failed or stalled while it worked (and billed), so those keep the reservation.
+        // failed or stalled while it worked (and billed), and a 499 a client that left while
+        // the upstream worked (and billed): those keep the reservation.
         (None, Some(_))
             if ctx.stream_end().is_none()
                 && (status.is_client_error() || status.is_server_error())
-                && !matches!(status.as_u16(), 502 | 504) =>
+                && !matches!(status.as_u16(), 499 | 502 | 504) =>
         {
             Some(0)
         }

@@ -64,12 +64,15 @@ use crate::state::AppState;
 use ratelimit::{KeyBy, LimitState};
 
 /// Headers a browser may read from our responses.
-const EXPOSED_HEADERS: [&str; 5] = [
+const EXPOSED_HEADERS: [&str; 8] = [
     "x-request-id",
     "retry-after",
     "x-ratelimit-limit",
     "x-ratelimit-remaining",
     "x-ratelimit-reset",
+    "x-ratelimit-limit-tokens",
+    "x-ratelimit-remaining-tokens",
+    "x-ratelimit-reset-tokens",
 ];
 
 /// The API routes with their OpenAPI description, before state is attached (without the

@@ -202,35 +202,47 @@ pub async fn reserve_tokens(
                     ),
                 }
             };
+            let never_fits = worst > decision.limit;
             let mut response = error.into_response();
             set_token_headers(&mut response, &decision);
+            if never_fits {
+                // Retrying the same request cannot help; the OpenAI SDKs honour this.
+                response.headers_mut().insert(
+                    HeaderName::from_static("x-should-retry"),
+                    HeaderValue::from_static("false"),
+                );
+            }
             Err(response)
         }
     }
 }
 
-/// Tokens counted for each image a request includes: more than OpenAI charges for one image
-/// at high detail on any current model (at most about 2,500), which its bytes (a URL, or a
-/// compressed image) do not bound.
-pub const IMAGE_TOKENS: u64 = 3_000;
+/// Tokens counted for each image a request includes: more than any current model charges for
+/// one high-detail image (gpt-4o-mini's multiplier makes one about 25,000 to 48,000), which
+/// its bytes (a URL, or a compressed image) do not bound.
+pub const IMAGE_TOKENS: u64 = 50_000;
 
 /// A request's worst case in tokens: its prompt, bounded by the body's size in bytes plus
 /// [`IMAGE_TOKENS`] per image, plus its output cap. Bytes bound tokens because every token of
 /// the tokenizers in use is at least one byte of text, and the body holds the text (escaped,
 /// so never shorter) along with the JSON around it, which is longer than the few tokens each
 /// message adds. Files (PDFs) are not bounded by their bytes: with a token limit on, they are
-/// refused.
+/// refused. Images and files are found by their decoded type (see `relay::body::attachments`).
 pub fn worst_case(body: &[u8], max_output: Option<u64>) -> Result<u64, ApiError> {
-    let count = |needle: &[u8]| memchr::memmem::find_iter(body, needle).count() as u64;
-    if count(b"\"input_file\"") + count(b"\"file_id\"") + count(b"\"file_data\"") > 0 {
+    let Some(found) = crate::relay::body::attachments(body) else {
+        return Err(ApiError::validation(
+            "body",
+            "with a token limit on, relay must read the whole body, and this one nests too deep",
+        ));
+    };
+    if found.files > 0 {
         return Err(ApiError::validation(
             "input",
             "with a token limit on, relay cannot bound what a file costs: send its text instead",
         ));
     }
-    let images = count(b"\"image_url\"") + count(b"\"input_image\"");
     Ok((body.len() as u64)
-        .saturating_add(images.saturating_mul(IMAGE_TOKENS))
+        .saturating_add(found.images.saturating_mul(IMAGE_TOKENS))
         .saturating_add(max_output.unwrap_or(0)))
 }
 
@@ -269,8 +281,7 @@ mod tests {
         let image = br#"{"input":[{"type":"input_image","image_url":"https://x/y.png"}]}"#;
         assert_eq!(
             worst_case(image, None).unwrap(),
-            image.len() as u64 + 2 * IMAGE_TOKENS,
-            "both markers count: a bound, not an estimate"
+            image.len() as u64 + IMAGE_TOKENS
         );
         let file = br#"{"input":[{"type":"input_file","file_id":"file-1"}]}"#;
         assert!(worst_case(file, None).is_err());

@@ -65,6 +65,19 @@ pub async fn create_response(
 ) -> Result<Response, ApiError> {
     let request = responses::prepare(body, state.upstream.policy(), default_output(&state, &user))?;
     let worst = if default_output(&state, &user).is_some() {
+        // Stored context (a previous response, stored items, a stored prompt) and hosted tools'
+        // results count as prompt, and their size is not in this body: with a token limit on,
+        // they cannot be bounded, so they are refused.
+        if let Some(param) = &request.stored_context {
+            return Err(ApiError::validation(
+                param.clone(),
+                format!(
+                    "with a token limit on, relay cannot bound what {param} costs (stored \
+                     context or a hosted tool's results): send the conversation itself (with \
+                     the AI SDK: providerOptions.openai.store = false), and use function tools"
+                ),
+            ));
+        }
         worst_case(&request.body, request.max_output)?
     } else {
         0

@@ -1,6 +1,7 @@
 -- One token-bucket decision, atomically (see bucket.rs for the arithmetic, which this mirrors).
 -- KEYS[1]: the bucket. ARGV[1]: capacity, ARGV[2]: window in ms; ARGV[3]: 'take' tokens (all
--- or none), or 'refund' tokens taken earlier (up to a full bucket); ARGV[4]: how many tokens;
+-- or none), 'refund' tokens taken earlier (up to a full bucket), or 'charge' tokens used beyond
+-- a reservation (down to empty); ARGV[4]: how many tokens;
 -- ARGV[5], for tests only: the time in ms (relay never sends it).
 -- Returns {allowed (0|1), level after the decision}. Time is Redis's own clock, so every
 -- replica agrees on it.
@@ -30,6 +31,9 @@ end
 local allowed = 0
 if refund then
   level = math.min(full, level + units)
+  allowed = 1
+elseif ARGV[3] == 'charge' then
+  level = math.max(0, level - units)
   allowed = 1
 elseif level >= units then
   level = level - units

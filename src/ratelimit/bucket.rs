@@ -63,6 +63,9 @@ pub enum Op {
     Take(u64),
     /// Give back this many tokens taken earlier (never above a full bucket); always allowed.
     Refund(u64),
+    /// Take this many tokens whatever is there (down to an empty bucket): what a request used
+    /// beyond its reservation; always allowed.
+    Charge(u64),
 }
 
 impl Op {
@@ -71,13 +74,14 @@ impl Op {
         match self {
             Op::Take(_) => "take",
             Op::Refund(_) => "refund",
+            Op::Charge(_) => "charge",
         }
     }
 
     /// How many tokens.
     pub fn amount(self) -> u64 {
         match self {
-            Op::Take(n) | Op::Refund(n) => n,
+            Op::Take(n) | Op::Refund(n) | Op::Charge(n) => n,
         }
     }
 }
@@ -106,6 +110,10 @@ pub fn apply(bucket: Option<Bucket>, now_ms: u64, shape: Shape, op: Op) -> (Buck
         }
         Op::Refund(_) => {
             b.level = full.min(b.level.saturating_add(units));
+            (b, decide(true, b.level, shape))
+        }
+        Op::Charge(_) => {
+            b.level = b.level.saturating_sub(units);
             (b, decide(true, b.level, shape))
         }
     }

@@ -47,7 +47,7 @@ impl RedisLimiter {
         let units = op.amount().saturating_mul(shape.window_ms);
         Ok(match op {
             Op::Take(_) => bucket::decide_for(allowed == 1, level, shape, units),
-            Op::Refund(_) => bucket::decide(true, level, shape),
+            Op::Refund(_) | Op::Charge(_) => bucket::decide(true, level, shape),
         })
     }
 

@@ -38,16 +38,25 @@ impl Reservation {
     /// spend; `None` (usage unknown) keeps the whole reservation. Off the request's path: a
     /// short task of its own.
     pub fn settle(self, used: Option<u64>) {
-        let Some(refund) = used.map(|used| self.tokens.saturating_sub(used)) else {
+        let Some(used) = used else {
             return;
         };
-        if refund == 0 {
-            return;
-        }
+        let op = match used.cmp(&self.tokens) {
+            std::cmp::Ordering::Equal => return,
+            std::cmp::Ordering::Less => Op::Refund(self.tokens - used),
+            // More than the worst case (the bound failed, or the upstream ignored the cap):
+            // charged all the same, down to an empty bucket.
+            std::cmp::Ordering::Greater => {
+                tracing::warn!(
+                    reserved = self.tokens,
+                    used,
+                    "a request used more tokens than its worst case; charged"
+                );
+                Op::Charge(used - self.tokens)
+            }
+        };
         tokio::spawn(async move {
-            self.limiter
-                .check_key(&self.key, self.shape, Op::Refund(refund))
-                .await;
+            self.limiter.check_key(&self.key, self.shape, op).await;
         });
     }
 }
@@ -76,12 +85,10 @@ impl RateLimiter {
         let window_secs = own
             .window_secs
             .unwrap_or_else(|| default.map_or(DEFAULT_WINDOW_SECS, |shape| shape.window_ms / 1000));
-        let capacity = own.tokens.clamp(1, MAX_UNITS);
-        // Kept under 2^53 units (exact in Redis's Lua doubles): a huge limit gets a shorter
-        // window with the same rate.
-        let window_ms = window_secs
-            .saturating_mul(1000)
-            .clamp(1, (MAX_UNITS / capacity).max(1));
+        let window_ms = window_secs.saturating_mul(1000).clamp(1, MAX_UNITS);
+        // Kept under 2^53 units (exact in Redis's Lua doubles): a limit too large for its
+        // window is lowered to what fits (never raised: the rate must not grow).
+        let capacity = own.tokens.clamp(1, (MAX_UNITS / window_ms).max(1));
         Some(Shape {
             capacity,
             window_ms,

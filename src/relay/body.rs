@@ -200,6 +200,90 @@ pub fn whole(body: &Fields<'_>, name: &str) -> Option<u64> {
     }
 }
 
+/// What a body holds whose cost in tokens its bytes do not bound: images and files, found by
+/// their decoded `type` (`image_url`, `input_image`; `input_file`, `file`) and file fields
+/// (`file_id`, `file_data`, `file_url`) at any depth. Keys and values are read decoded, so
+/// `"input\u005fimage"` counts; a word in a message's text does not.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Attachments {
+    /// Image parts.
+    pub images: u64,
+    /// File parts and file fields.
+    pub files: u64,
+}
+
+/// Scans `bytes` (JSON checked already) for [`Attachments`]; `None` when it cannot be read
+/// (nesting deeper than the parser allows), which callers treat as unbounded.
+pub fn attachments(bytes: &[u8]) -> Option<Attachments> {
+    let mut found = Attachments::default();
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    de.deserialize_any(Scan(&mut found)).ok()?;
+    Some(found)
+}
+
+struct Scan<'a>(&'a mut Attachments);
+
+impl<'de> DeserializeSeed<'de> for Scan<'_> {
+    type Value = ();
+
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Scan<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq.next_element_seed(Scan(&mut *self.0))?.is_some() {}
+        Ok(())
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            match &*key {
+                "type" => {
+                    let kind: serde_json::Value = map.next_value()?;
+                    match kind.as_str() {
+                        Some("image_url" | "input_image") => self.0.images += 1,
+                        Some("input_file" | "file") => self.0.files += 1,
+                        _ => {}
+                    }
+                }
+                "file_id" | "file_data" | "file_url" => {
+                    self.0.files += 1;
+                    map.next_value::<IgnoredAny>()?;
+                }
+                _ => map.next_value_seed(Scan(&mut *self.0))?,
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A value read leniently: what relay needs to check a field's type and range.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Scalar<'a> {
@@ -473,5 +557,32 @@ mod tests {
         );
         let untouched = Splices::new(&body).apply(&body);
         assert_eq!(untouched.as_ptr(), body.as_ptr());
+    }
+
+    #[test]
+    fn attachments_are_found_decoded_and_only_where_they_are() {
+        let found = |raw: &str| attachments(raw.as_bytes()).unwrap();
+        assert_eq!(
+            found(
+                r#"{"messages":[{"role":"user","content":[{"type":"text","text":"file_id image_url"},{"type":"image_url","image_url":{"url":"https://x"}}]}]}"#
+            ),
+            Attachments {
+                images: 1,
+                files: 0
+            }
+        );
+        assert_eq!(
+            found(
+                r#"{"input":[{"type":"input\u005fimage","image_url":"x"},{"type":"input_file","file_id":"f"}]}"#
+            ),
+            Attachments {
+                images: 1,
+                files: 2
+            }
+        );
+        assert_eq!(
+            found(r#"{"input":["file_id","user_id"]}"#),
+            Attachments::default()
+        );
     }
 }

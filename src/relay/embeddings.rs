@@ -29,7 +29,7 @@ struct EmbeddingsView {
 #[derive(Deserialize)]
 struct EmbeddingsUsage {
     #[serde(default)]
-    prompt_tokens: u64,
+    prompt_tokens: Option<u64>,
 }
 
 /// Checks `body`, sends it upstream, and returns the upstream's JSON answer as it came.
@@ -77,9 +77,9 @@ pub async fn create(
         tracing::warn!(model = %model, "upstream answer is not an embeddings list");
         ApiError::BadGateway("the upstream's answer is not in the OpenAI format".into())
     })?;
-    if let Some(usage) = view.usage {
+    if let Some(prompt_tokens) = view.usage.and_then(|u| u.prompt_tokens) {
         ctx.set_usage(Usage {
-            prompt_tokens: usage.prompt_tokens,
+            prompt_tokens,
             completion_tokens: 0,
         });
     }

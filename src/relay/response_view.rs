@@ -110,7 +110,11 @@ impl ResponseView {
         Some(ResponseView {
             id,
             item_ids,
-            usage: usage.and_then(|u| u.usage).map(Usage::from),
+            // A usage object without counts is no usage: unknown, not zero.
+            usage: usage
+                .and_then(|u| u.usage)
+                .filter(|u| u.input_tokens.is_some() || u.output_tokens.is_some())
+                .map(Usage::from),
         })
     }
 

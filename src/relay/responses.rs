@@ -47,6 +47,7 @@ const FIELDS: &[&str] = &[
     "previous_response_id",
     "conversation",
     "tools",
+    "prompt",
 ];
 
 /// A request ready to send upstream.
@@ -61,6 +62,10 @@ pub struct PreparedResponse {
     /// The ids the request names (`previous_response_id`, input items' `id`s), each with the
     /// field it is in: the caller must own every one.
     pub referenced: Vec<(String, String)>,
+    /// The first field that brings into the prompt content this body does not hold, so that
+    /// its size does not bound its tokens: `previous_response_id`, an input item that only
+    /// names a stored item, a stored `prompt`, a hosted tool.
+    pub stored_context: Option<String>,
     /// The most output tokens the answer may have, when it is capped.
     pub max_output: Option<u64>,
 }
@@ -81,8 +86,9 @@ fn check_input_item(
     i: usize,
     raw: &RawValue,
     referenced: &mut Vec<(String, String)>,
+    stored_context: &mut Option<String>,
 ) -> Result<(), ApiError> {
-    let item = match body::object(raw, &["type", "id"]) {
+    let item = match body::object(raw, &["type", "id", "content"]) {
         None => return Ok(()),
         Some(Err(name)) => {
             return Err(ApiError::validation(
@@ -92,9 +98,20 @@ fn check_input_item(
         }
         Some(Ok(item)) => item,
     };
+    let pure_reference = match item.scalar("type") {
+        // No type: a message if it has content, else a reference.
+        Scalar::Absent | Scalar::Null => item.get("content").is_none(),
+        Scalar::Str(kind) => kind == "item_reference",
+        _ => false,
+    };
     match item.scalar("id") {
         Scalar::Absent | Scalar::Null => Ok(()),
         Scalar::Str(id) if referenced.len() < MAX_OWNED_IDS => {
+            // An item that is only a reference brings stored content; one that carries its
+            // content (an assistant message sent back with its id) does not.
+            if pure_reference && stored_context.is_none() {
+                *stored_context = Some(format!("input[{i}].id"));
+            }
             referenced.push((format!("input[{i}].id"), id.into_owned()));
             Ok(())
         }
@@ -111,7 +128,7 @@ fn check_input_item(
 
 /// A code-interpreter tool may start a container (`{"type": "auto"}`) but not name one: a
 /// container holds the files of whoever used it, and relay does not track containers' owners.
-fn check_tool(i: usize, raw: &RawValue) -> Result<(), ApiError> {
+fn check_tool(i: usize, raw: &RawValue, unbounded: &mut Option<String>) -> Result<(), ApiError> {
     let Some(tool) = body::object(raw, &["type", "container"]) else {
         return Ok(());
     };
@@ -121,6 +138,13 @@ fn check_tool(i: usize, raw: &RawValue) -> Result<(), ApiError> {
             format!("{name} appears more than once (or also in another letter case)"),
         )
     })?;
+    // A hosted tool (web search, file search, code interpreter, MCP, …) feeds its results
+    // back as input the body does not hold; function and custom tools run on the client.
+    if unbounded.is_none()
+        && !matches!(tool.scalar("type"), Scalar::Str(ref t) if t == "function" || t == "custom")
+    {
+        *unbounded = Some(format!("tools[{i}].type"));
+    }
     if matches!(tool.scalar("container"), Scalar::Str(_)) {
         return Err(ApiError::validation(
             format!("tools[{i}].container"),
@@ -131,9 +155,18 @@ fn check_tool(i: usize, raw: &RawValue) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Checks `body`; returns the ids it names, each with its field.
-fn validate(body: &Fields<'_>) -> Result<Vec<(String, String)>, ApiError> {
+/// What a request names that the upstream has stored.
+struct Named {
+    /// Every id, with its field.
+    referenced: Vec<(String, String)>,
+    /// The first field that brings stored content into the prompt, if any.
+    stored_context: Option<String>,
+}
+
+/// Checks `body`; returns the ids it names.
+fn validate(body: &Fields<'_>) -> Result<Named, ApiError> {
     let mut referenced = Vec::new();
+    let mut stored_context = None;
     match body.scalar("input") {
         Scalar::Absent | Scalar::Null => {
             return Err(ApiError::validation("input", "input is required"));
@@ -145,7 +178,9 @@ fn validate(body: &Fields<'_>) -> Result<Vec<(String, String)>, ApiError> {
                 .is_some_and(|raw| raw.get().starts_with('[')) =>
         {
             if let Some(input) = body.get("input") {
-                body::each_element(input, |i, raw| check_input_item(i, raw, &mut referenced))?;
+                body::each_element(input, |i, raw| {
+                    check_input_item(i, raw, &mut referenced, &mut stored_context)
+                })?;
             }
         }
         _ => {
@@ -173,6 +208,7 @@ fn validate(body: &Fields<'_>) -> Result<Vec<(String, String)>, ApiError> {
         Scalar::Absent | Scalar::Null => {}
         Scalar::Str(id) if !id.is_empty() => {
             referenced.push(("previous_response_id".to_owned(), id.into_owned()));
+            stored_context = Some("previous_response_id".to_owned());
         }
         _ => {
             return Err(ApiError::validation(
@@ -189,12 +225,19 @@ fn validate(body: &Fields<'_>) -> Result<Vec<(String, String)>, ApiError> {
         ));
     }
     if let Some(tools) = body.get("tools") {
-        body::each_element(tools, check_tool)?;
+        body::each_element(tools, |i, raw| check_tool(i, raw, &mut stored_context))?;
+    }
+    // A stored prompt template is content the body does not hold.
+    if stored_context.is_none() && !matches!(body.scalar("prompt"), Scalar::Absent | Scalar::Null) {
+        stored_context = Some("prompt".to_owned());
     }
     check_number(body, "max_output_tokens", 1.0, None, true)?;
     check_number(body, "temperature", 0.0, Some(2.0), false)?;
     check_number(body, "top_p", 0.0, Some(1.0), false)?;
-    Ok(referenced)
+    Ok(Named {
+        referenced,
+        stored_context,
+    })
 }
 
 /// Validates and prepares a request: reads only the fields relay needs, and splices the
@@ -206,7 +249,10 @@ pub fn prepare(
     default_output: Option<u32>,
 ) -> Result<PreparedResponse, ApiError> {
     let body = body::fields(&original, FIELDS)?;
-    let referenced = validate(&body)?;
+    let Named {
+        referenced,
+        stored_context,
+    } = validate(&body)?;
     let mut edits = Splices::new(&original);
     let model = match body.scalar("model") {
         Scalar::Str(model) => model.into_owned(),
@@ -227,6 +273,7 @@ pub fn prepare(
         body: edits.apply(&original),
         model,
         referenced,
+        stored_context,
         max_output,
     })
 }

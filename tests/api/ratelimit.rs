@@ -631,12 +631,13 @@ async fn the_lua_script_and_the_rust_bucket_agree_step_by_step() {
             } else {
                 next(3) * next(700)
             };
-            // Every fifth step gives tokens back (as login does for a right password, and a
-            // token limit's settlement); takes are of one to three tokens (a worst case).
-            let op = if step % 5 == 4 {
-                bucket::Op::Refund(1 + next(3))
-            } else {
-                bucket::Op::Take(1 + next(3))
+            // Some steps give tokens back (as login does for a right password, and a token
+            // limit's settlement) or charge what a request used beyond its reservation; takes
+            // are of one to three tokens (a worst case).
+            let op = match step % 7 {
+                4 => bucket::Op::Refund(1 + next(3)),
+                6 => bucket::Op::Charge(1 + next(3)),
+                _ => bucket::Op::Take(1 + next(3)),
             };
             let (allowed, level): (u8, u64) = script
                 .key(&key)

@@ -14,6 +14,13 @@ fn chat(max_tokens: u64) -> Value {
         "messages": [{"role": "user", "content": "one two three"}]})
 }
 
+/// A chat whose usage (the mock counts words: 20 in, 20 echoed out) is 40 tokens.
+fn forty_token_chat() -> Value {
+    let words = "one two three four five six seven eight nine ten ".repeat(2);
+    json!({"model": "mock-echo", "max_tokens": 25,
+        "messages": [{"role": "user", "content": words.trim()}]})
+}
+
 /// The user's total tokens in `/usage`, once `requests` requests are recorded.
 async fn used(app: &TestApp, token: &str, requests: usize) -> i64 {
     let start = Instant::now();
@@ -124,15 +131,19 @@ async fn two_relays_sharing_redis_never_exceed_the_limit() {
     ];
     let a = spawn_app_with(Db::Sqlite, &vars).await;
     let b = support::spawn_app_on(a.db.clone(), &vars, relay::config::Mode::Serve).await;
+    for app in [&a, &b] {
+        let (_, health) = app.health_detailed().await;
+        assert_eq!(health["rate_limiter"], "redis", "{health}");
+    }
     let (token, _) = a.user_tokens("spender@example.com").await;
-    // Each request's worst case is its body (about 100 bytes) plus 20 output tokens; it
-    // really uses about 8.
+    // Each request's worst case is its body (about 180 bytes) plus 25 output tokens; it
+    // really uses 40. Without the limit, 50 of them would use 2,000.
     let statuses: Vec<(u16, Option<String>)> = futures_util::stream::iter(0..50)
         .map(|i| {
             let app = if i % 2 == 0 { &a } else { &b };
             let token = token.clone();
             async move {
-                let resp = app.chat(&token, &chat(20)).await;
+                let resp = app.chat(&token, &forty_token_chat()).await;
                 let status = resp.status().as_u16();
                 let body: Value = resp.json().await.unwrap();
                 (status, body["error"]["code"].as_str().map(str::to_owned))
@@ -205,3 +216,108 @@ async fn a_users_own_limit_applies_within_seconds(db: Db) {
 }
 
 crate::support::on_both_databases!(a_users_own_limit_applies_within_seconds);
+
+#[tokio::test]
+async fn stored_context_is_refused_while_a_token_limit_applies() {
+    let app = spawn_app_with(Db::Sqlite, &[("TOKEN_LIMIT", "100000"), ("REDIS_URL", "")]).await;
+    let (token, _) = app.user_tokens("context@example.com").await;
+    let first: Value = app
+        .post_json_authed("/responses", &token, &json!({"input": "remember this"}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let id = first["id"].as_str().unwrap();
+    let item = first["output"][0]["id"].as_str().unwrap();
+    for (body, param) in [
+        (
+            json!({"input": "and?", "previous_response_id": id}),
+            "previous_response_id",
+        ),
+        (
+            json!({"input": [{"type": "item_reference", "id": item}]}),
+            "input[0].id",
+        ),
+        (json!({"input": [{"id": item}]}), "input[0].id"),
+        (json!({"input": "x", "prompt": {"id": "pmpt_1"}}), "prompt"),
+        (
+            json!({"input": "x", "tools": [{"type": "function", "name": "f"}, {"type": "web_search"}]}),
+            "tools[1].type",
+        ),
+        (
+            json!({"input": [{"role": "user", "content": [{"type": "input_file", "file_url": "https://x/a.pdf"}]}]}),
+            "input",
+        ),
+    ] {
+        let resp = app.post_json_authed("/responses", &token, &body).await;
+        assert_eq!(resp.status(), 422, "{body}");
+        let err: Value = resp.json().await.unwrap();
+        assert_eq!(err["error"]["param"], param);
+    }
+}
+
+#[tokio::test]
+async fn an_answer_sent_back_with_its_content_is_not_stored_context() {
+    let app = spawn_app_with(Db::Sqlite, &[("TOKEN_LIMIT", "100000"), ("REDIS_URL", "")]).await;
+    let (token, _) = app.user_tokens("store-false@example.com").await;
+    let first: Value = app
+        .post_json_authed("/responses", &token, &json!({"input": "remember this"}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let item = first["output"][0]["id"].as_str().unwrap();
+    // What the AI SDK sends with `store: false`: the earlier answer itself, with its id.
+    let body = json!({"input": [
+        {"role": "user", "content": "remember this"},
+        {"role": "assistant", "id": item, "content": [{"type": "output_text", "text": "remember this"}]},
+        {"role": "user", "content": "and then"}
+    ]});
+    let resp = app.post_json_authed("/responses", &token, &body).await;
+    assert_eq!(resp.status(), 200);
+}
+
+#[tokio::test]
+async fn a_client_gone_before_the_answer_keeps_its_reservation() {
+    let fake = fake_upstream::start().await;
+    let base = fake.base_url();
+    let app = spawn_app_with(
+        Db::Sqlite,
+        &[
+            ("OPENAI_BASE_URL", &base),
+            ("TOKEN_LIMIT", "100000"),
+            ("REDIS_URL", ""),
+        ],
+    )
+    .await;
+    let (token, _) = app.user_tokens("leaver@example.com").await;
+    let remaining = |resp: &reqwest::Response| -> u64 {
+        resp.headers()["x-ratelimit-remaining-tokens"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let body = json!({"model": "gpt-4o-mini", "max_tokens": 5000,
+        "messages": [{"role": "user", "content": "x"}]});
+    let before = remaining(&app.chat(&token, &body).await);
+    // The upstream is working on it (and billing) when the client hangs up.
+    let mut hang = body.clone();
+    hang["model"] = json!("fake-hang");
+    let gone = app
+        .client
+        .post(app.api("/chat/completions"))
+        .bearer_auth(&token)
+        .json(&hang)
+        .timeout(Duration::from_millis(300))
+        .send()
+        .await;
+    assert!(gone.is_err());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after = remaining(&app.chat(&token, &body).await);
+    // The first request settled (13 used); the hung one kept its whole worst case (> 5000).
+    assert!(
+        before - after > 5000,
+        "{before} then {after}: the reservation was refunded"
+    );
+}
