@@ -32,6 +32,8 @@ pub struct PendingRecord {
 pub const QUEUE_CAPACITY: usize = 16_384;
 /// Rows per `INSERT`.
 pub const MAX_BATCH: usize = 256;
+/// How long the writer gathers records into one batch after the first arrives.
+const GATHER: Duration = Duration::from_millis(100);
 /// How long a failed batch waits before one more try.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 
@@ -97,6 +99,19 @@ async fn write_loop(
             n = records.recv_many(&mut batch, MAX_BATCH) => n == 0,
             _ = stopped.wait_for(|stop| *stop) => true,
         };
+        if !stopping && batch.len() < MAX_BATCH {
+            // Gather for a moment: one transaction for many records costs far less than one
+            // each (under load, a batch fills before the moment is over).
+            let gather = async {
+                loop {
+                    let room = MAX_BATCH - batch.len();
+                    if room == 0 || records.recv_many(&mut batch, room).await == 0 {
+                        break;
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(GATHER, gather).await;
+        }
         if stopping {
             // No more records from now on (a late one is counted as dropped by its sender);
             // write every one already queued, then end.
