@@ -128,37 +128,38 @@ fn seconds(ms: u64) -> HeaderValue {
 
 /// Adds `X-RateLimit-Limit`, `-Remaining` and `-Reset` (seconds until the bucket is full).
 pub fn set_headers(response: &mut Response, decision: &Decision) {
-    let headers = response.headers_mut();
-    headers.insert(
-        HeaderName::from_static("x-ratelimit-limit"),
-        HeaderValue::from(decision.limit),
-    );
-    headers.insert(
-        HeaderName::from_static("x-ratelimit-remaining"),
-        HeaderValue::from(decision.remaining),
-    );
-    headers.insert(
-        HeaderName::from_static("x-ratelimit-reset"),
-        seconds(decision.reset_ms),
+    stamp(
+        response,
+        decision,
+        [
+            "x-ratelimit-limit",
+            "x-ratelimit-remaining",
+            "x-ratelimit-reset",
+        ],
     );
 }
 
 /// Adds `X-RateLimit-Limit-Tokens`, `-Remaining-Tokens` and `-Reset-Tokens` (a token-limit
 /// decision).
 pub fn set_token_headers(response: &mut Response, decision: &Decision) {
+    stamp(
+        response,
+        decision,
+        [
+            "x-ratelimit-limit-tokens",
+            "x-ratelimit-remaining-tokens",
+            "x-ratelimit-reset-tokens",
+        ],
+    );
+}
+
+/// Sets the limit, remaining and reset (seconds) of `decision` under `names`.
+fn stamp(response: &mut Response, decision: &Decision, names: [&'static str; 3]) {
     let headers = response.headers_mut();
-    headers.insert(
-        HeaderName::from_static("x-ratelimit-limit-tokens"),
-        HeaderValue::from(decision.limit),
-    );
-    headers.insert(
-        HeaderName::from_static("x-ratelimit-remaining-tokens"),
-        HeaderValue::from(decision.remaining),
-    );
-    headers.insert(
-        HeaderName::from_static("x-ratelimit-reset-tokens"),
-        seconds(decision.reset_ms),
-    );
+    let [limit, remaining, reset] = names.map(HeaderName::from_static);
+    headers.insert(limit, HeaderValue::from(decision.limit));
+    headers.insert(remaining, HeaderValue::from(decision.remaining));
+    headers.insert(reset, seconds(decision.reset_ms));
 }
 
 /// Reserves a request's worst case (`worst` tokens: the prompt's bound plus its output cap)

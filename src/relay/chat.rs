@@ -8,7 +8,6 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::header::CONTENT_TYPE;
 use http_body_util::BodyDataStream;
 use hyper::body::Incoming;
 use serde::Deserialize;
@@ -16,10 +15,10 @@ use serde_json::value::RawValue;
 
 use super::Upstream;
 use super::body::{self, Fields, Scalar, Splices, check_number};
-use super::client::Api;
+use super::client::{Api, is_event_stream};
 use super::models::ModelPolicy;
 use super::sse::{Protocol, SseRelay};
-use crate::context::{RequestContext, UpstreamCall, Usage};
+use crate::context::{RequestContext, Usage};
 use crate::error::ApiError;
 
 /// A request ready to send upstream.
@@ -90,20 +89,7 @@ fn validate(body: &Fields<'_>) -> Result<(), ApiError> {
             ));
         }
     }
-    match body.scalar("model") {
-        Scalar::Absent | Scalar::Null => {}
-        Scalar::Str(m) if !m.trim().is_empty() => {}
-        _ => {
-            return Err(ApiError::validation(
-                "model",
-                "model must be a non-empty string",
-            ));
-        }
-    }
-    match body.scalar("stream") {
-        Scalar::Absent | Scalar::Null | Scalar::Bool(_) => {}
-        _ => return Err(ApiError::validation("stream", "stream must be a boolean")),
-    }
+    check_model_and_stream(body)?;
     if let Some(options) = body.get("stream_options")
         && body::scalar(options) != Scalar::Null
     {
@@ -148,19 +134,7 @@ pub fn prepare(
     validate(&body)?;
     let mut edits = Splices::new(&original);
 
-    let model = match body.scalar("model") {
-        Scalar::Str(model) => model.into_owned(),
-        _ => {
-            let model = policy.default_model().to_owned();
-            let json = serde_json::to_vec(&model).map_err(ApiError::internal)?;
-            match body.get("model") {
-                Some(null) => edits.replace(null, json),
-                None => edits.insert_member(None, "model", &json),
-            }
-            model
-        }
-    };
-    policy.check(&model)?;
+    let model = allowed_model(&body, &mut edits, policy)?;
 
     let asked = body.scalar("stream") == Scalar::Bool(true);
     let stream = force_stream || asked;
@@ -207,6 +181,48 @@ pub fn prepare(
     })
 }
 
+/// Checks `model` (a non-empty string, or absent) and `stream` (a boolean, or absent): what
+/// chat and responses read alike.
+pub fn check_model_and_stream(body: &Fields<'_>) -> Result<(), ApiError> {
+    match body.scalar("model") {
+        Scalar::Absent | Scalar::Null => {}
+        Scalar::Str(m) if !m.trim().is_empty() => {}
+        _ => {
+            return Err(ApiError::validation(
+                "model",
+                "model must be a non-empty string",
+            ));
+        }
+    }
+    match body.scalar("stream") {
+        Scalar::Absent | Scalar::Null | Scalar::Bool(_) => Ok(()),
+        _ => Err(ApiError::validation("stream", "stream must be a boolean")),
+    }
+}
+
+/// The request's model, or `DEFAULT_MODEL` spliced in when it names none; refused unless
+/// `ALLOWED_MODELS` allows it.
+pub fn allowed_model(
+    body: &Fields<'_>,
+    edits: &mut Splices<'_>,
+    policy: &ModelPolicy,
+) -> Result<String, ApiError> {
+    let model = match body.scalar("model") {
+        Scalar::Str(model) => model.into_owned(),
+        _ => {
+            let model = policy.default_model().to_owned();
+            let json = serde_json::to_vec(&model).map_err(ApiError::internal)?;
+            match body.get("model") {
+                Some(null) => edits.replace(null, json),
+                None => edits.insert_member(None, "model", &json),
+            }
+            model
+        }
+    };
+    policy.check(&model)?;
+    Ok(model)
+}
+
 /// The output cap a request names (the largest of `names`), or `default` spliced in as the
 /// first of `names` when it names none.
 pub fn output_cap(
@@ -251,22 +267,16 @@ pub async fn complete(
     chat: PreparedChat,
     ctx: Arc<RequestContext>,
 ) -> Result<Completion, ApiError> {
-    ctx.set_upstream(UpstreamCall {
-        endpoint: "chat",
-        model: chat.model.clone(),
-        streamed: chat.stream,
-        prompt_bytes: chat.body.len() as u64,
-    });
     let response = upstream
-        .post(Api::ChatCompletions, chat.body, chat.stream)
+        .post_for(
+            &ctx,
+            Api::ChatCompletions,
+            &chat.model,
+            chat.body,
+            chat.stream,
+        )
         .await?;
-    ctx.set_first_byte();
-    let is_sse = response
-        .headers()
-        .get(CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|ct| ct.starts_with("text/event-stream"));
-    if chat.stream && is_sse {
+    if chat.stream && is_event_stream(&response) {
         return Ok(Completion::Stream(SseRelay::new(
             BodyDataStream::new(response.into_body()),
             upstream.timeout(),

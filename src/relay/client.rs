@@ -29,6 +29,7 @@ use url::Url;
 use super::errors::{KeyMask, transport_error, upstream_error};
 use super::models::{Model, ModelCache, ModelPolicy, UpstreamModelList};
 use crate::config::UpstreamConfig;
+use crate::context::{RequestContext, UpstreamCall};
 use crate::error::ApiError;
 
 /// The upstream APIs relay forwards to.
@@ -40,6 +41,26 @@ pub enum Api {
     Embeddings,
     /// `POST /responses`.
     Responses,
+}
+
+impl Api {
+    /// The endpoint's name in usage records: `chat`, `embeddings`, `responses`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Api::ChatCompletions => "chat",
+            Api::Embeddings => "embeddings",
+            Api::Responses => "responses",
+        }
+    }
+}
+
+/// Whether an upstream answer is a server-sent event stream.
+pub fn is_event_stream(response: &UpstreamResponse) -> bool {
+    response
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("text/event-stream"))
 }
 
 /// An upstream answer whose headers arrived; its body is read (or streamed) by the caller.
@@ -212,6 +233,27 @@ impl Upstream {
             request = request.header(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         }
         self.send(request.body(Full::new(body))).await
+    }
+
+    /// [`Upstream::post`] for a client's request: marks it on `ctx` as a call to the upstream
+    /// (it gets a usage record) before it is sent, and notes when the answer's headers arrived.
+    pub async fn post_for(
+        &self,
+        ctx: &RequestContext,
+        api: Api,
+        model: &str,
+        body: Bytes,
+        stream: bool,
+    ) -> Result<UpstreamResponse, ApiError> {
+        ctx.set_upstream(UpstreamCall {
+            endpoint: api.name(),
+            model: model.to_owned(),
+            streamed: stream,
+            prompt_bytes: body.len() as u64,
+        });
+        let response = self.post(api, body, stream).await?;
+        ctx.set_first_byte();
+        Ok(response)
     }
 
     async fn send(

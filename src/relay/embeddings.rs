@@ -10,7 +10,7 @@ use serde::de::IgnoredAny;
 use super::Upstream;
 use super::body::{self, Scalar};
 use super::client::Api;
-use crate::context::{RequestContext, UpstreamCall, Usage};
+use crate::context::{RequestContext, Usage};
 use crate::error::ApiError;
 
 /// The fields relay reads; every other one (`dimensions`, `encoding_format`, `user`, …) is
@@ -64,14 +64,9 @@ pub async fn create(
         }
     }
     upstream.policy().check(&model)?;
-    ctx.set_upstream(UpstreamCall {
-        endpoint: "embeddings",
-        model: model.clone(),
-        streamed: false,
-        prompt_bytes: body.len() as u64,
-    });
-    let response = upstream.post(Api::Embeddings, body.clone(), false).await?;
-    ctx.set_first_byte();
+    let response = upstream
+        .post_for(&ctx, Api::Embeddings, &model, body, false)
+        .await?;
     let answer = upstream.read_completion(response).await?;
     let view: EmbeddingsView = serde_json::from_slice(&answer).map_err(|_| {
         tracing::warn!(model = %model, "upstream answer is not an embeddings list");

@@ -21,18 +21,17 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::Stream;
 use futures_util::future::BoxFuture;
-use http::header::CONTENT_TYPE;
 use http_body_util::BodyDataStream;
 use serde_json::value::RawValue;
 use uuid::Uuid;
 
 use super::Upstream;
 use super::body::{self, Fields, Scalar, Splices, check_number};
-use super::chat::output_cap;
-use super::client::Api;
+use super::chat::{allowed_model, check_model_and_stream, output_cap};
+use super::client::{Api, is_event_stream};
 use super::response_view::{MAX_OWNED_IDS, ResponseView};
 use super::sse::{BodyError, Protocol, SseRelay};
-use crate::context::{RequestContext, UpstreamCall};
+use crate::context::RequestContext;
 use crate::error::ApiError;
 use crate::store::Store;
 
@@ -190,20 +189,7 @@ fn validate(body: &Fields<'_>) -> Result<Named, ApiError> {
             ));
         }
     }
-    match body.scalar("model") {
-        Scalar::Absent | Scalar::Null => {}
-        Scalar::Str(m) if !m.trim().is_empty() => {}
-        _ => {
-            return Err(ApiError::validation(
-                "model",
-                "model must be a non-empty string",
-            ));
-        }
-    }
-    match body.scalar("stream") {
-        Scalar::Absent | Scalar::Null | Scalar::Bool(_) => {}
-        _ => return Err(ApiError::validation("stream", "stream must be a boolean")),
-    }
+    check_model_and_stream(body)?;
     match body.scalar("previous_response_id") {
         Scalar::Absent | Scalar::Null => {}
         Scalar::Str(id) if !id.is_empty() => {
@@ -254,19 +240,7 @@ pub fn prepare(
         stored_context,
     } = validate(&body)?;
     let mut edits = Splices::new(&original);
-    let model = match body.scalar("model") {
-        Scalar::Str(model) => model.into_owned(),
-        _ => {
-            let model = policy.default_model().to_owned();
-            let json = serde_json::to_vec(&model).map_err(ApiError::internal)?;
-            match body.get("model") {
-                Some(null) => edits.replace(null, json),
-                None => edits.insert_member(None, "model", &json),
-            }
-            model
-        }
-    };
-    policy.check(&model)?;
+    let model = allowed_model(&body, &mut edits, policy)?;
     let max_output = output_cap(&body, &mut edits, &["max_output_tokens"], default_output);
     Ok(PreparedResponse {
         stream: body.scalar("stream") == Scalar::Bool(true),
@@ -402,22 +376,16 @@ pub async fn create(
         .map(|(param, id)| (param.as_str(), id.as_str()))
         .collect();
     owners.check_all(&referenced).await?;
-    ctx.set_upstream(UpstreamCall {
-        endpoint: "responses",
-        model: request.model.clone(),
-        streamed: request.stream,
-        prompt_bytes: request.body.len() as u64,
-    });
     let response = upstream
-        .post(Api::Responses, request.body, request.stream)
+        .post_for(
+            &ctx,
+            Api::Responses,
+            &request.model,
+            request.body,
+            request.stream,
+        )
         .await?;
-    ctx.set_first_byte();
-    let is_sse = response
-        .headers()
-        .get(CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|ct| ct.starts_with("text/event-stream"));
-    if request.stream && is_sse {
+    if request.stream && is_event_stream(&response) {
         let events = SseRelay::new(
             BodyDataStream::new(response.into_body()),
             upstream.timeout(),
