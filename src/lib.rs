@@ -7,6 +7,7 @@ pub mod config;
 pub mod context;
 pub mod error;
 pub mod http;
+pub mod measure;
 pub mod mock;
 pub mod ratelimit;
 pub mod relay;

@@ -49,6 +49,7 @@ impl UsageSink {
     pub fn record(&self, record: PendingRecord) {
         if self.queue.try_send(record).is_err() {
             let dropped = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            crate::measure::count_dropped_records(1);
             // One line for the 1st, 2nd, 4th, 8th… drop: visible, never a flood.
             if dropped.is_power_of_two() {
                 tracing::warn!(dropped, "usage queue full or closed: record dropped");
@@ -150,6 +151,13 @@ async fn write(store: &Store, batch: &mut Vec<PendingRecord>, dropped: &AtomicU6
     } else {
         pending.into_iter().map(|p| p.record).collect::<Vec<_>>()
     };
+    for record in &records {
+        crate::measure::count_tokens(
+            &record.model,
+            record.prompt_tokens,
+            record.completion_tokens,
+        );
+    }
     let mut wait = RETRY_AFTER;
     let mut tries = 0;
     loop {
@@ -165,6 +173,7 @@ async fn write(store: &Store, batch: &mut Vec<PendingRecord>, dropped: &AtomicU6
             }
             Err(err) => {
                 dropped.fetch_add(records.len() as u64, Ordering::Relaxed);
+                crate::measure::count_dropped_records(records.len() as u64);
                 tracing::error!(error = %err, records = records.len(), "usage records could not be written");
                 return;
             }

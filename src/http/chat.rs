@@ -15,7 +15,7 @@ use crate::auth::AuthUser;
 use crate::context::RequestContext;
 use crate::error::{ApiError, ErrorEnvelope};
 use crate::http::extract::{Ctx, RawJson, json_bytes};
-use crate::http::ratelimit::{default_output, reserve_tokens, set_token_headers, worst_case};
+use crate::http::ratelimit::{Admission, admit, default_output, set_token_headers, worst_case};
 use crate::relay::chat::{Completion, complete, prepare};
 use crate::state::AppState;
 
@@ -60,10 +60,11 @@ pub struct ChatCompletionRequest {
 pub async fn create_chat_completion(
     State(state): State<AppState>,
     user: AuthUser,
+    admission: Admission,
     Ctx(ctx): Ctx,
     RawJson(body): RawJson,
 ) -> Result<Response, ApiError> {
-    relay_chat(&state, &user, ctx, body, false).await
+    relay_chat(&state, &user, &admission, ctx, body, false).await
 }
 
 /// Create a chat completion, always streamed.
@@ -80,18 +81,21 @@ pub async fn create_chat_completion(
 pub async fn stream_chat_completion(
     State(state): State<AppState>,
     user: AuthUser,
+    admission: Admission,
     Ctx(ctx): Ctx,
     RawJson(body): RawJson,
 ) -> Result<Response, ApiError> {
-    relay_chat(&state, &user, ctx, body, true).await
+    relay_chat(&state, &user, &admission, ctx, body, true).await
 }
 
 /// Validates and relays one chat completion; `force_stream` for `/chat/completions/stream`.
-/// With a token limit on, the request's worst case is reserved first: its prompt, bounded by
-/// the body's size in bytes, plus its output cap.
+/// With a token limit on, the request's worst case is reserved first (with its request-limit
+/// check, see `ratelimit::admit`): its prompt, bounded by the body's size in bytes, plus its
+/// output cap.
 async fn relay_chat(
     state: &AppState,
     user: &AuthUser,
+    admission: &Admission,
     ctx: Arc<RequestContext>,
     raw: Bytes,
     force_stream: bool,
@@ -108,7 +112,7 @@ async fn relay_chat(
     } else {
         0
     };
-    let tokens = match reserve_tokens(state, user, &ctx, worst).await {
+    let tokens = match admit(state, user, &ctx, admission, worst).await {
         Ok(tokens) => tokens,
         Err(refusal) => return Ok(refusal),
     };

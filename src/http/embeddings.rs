@@ -8,7 +8,7 @@ use utoipa::ToSchema;
 use crate::auth::AuthUser;
 use crate::error::{ApiError, ErrorEnvelope};
 use crate::http::extract::{Ctx, RawJson, json_bytes};
-use crate::http::ratelimit::{reserve_tokens, set_token_headers, worst_case};
+use crate::http::ratelimit::{Admission, admit, set_token_headers, worst_case};
 use crate::state::AppState;
 
 /// The OpenAI Embeddings request. Only the fields relay checks are listed; every other field
@@ -39,6 +39,7 @@ pub struct EmbeddingRequest {
 pub async fn create_embedding(
     State(state): State<AppState>,
     user: AuthUser,
+    admission: Admission,
     Ctx(ctx): Ctx,
     RawJson(body): RawJson,
 ) -> Result<Response, ApiError> {
@@ -48,7 +49,7 @@ pub async fn create_embedding(
     } else {
         0
     };
-    let tokens = match reserve_tokens(&state, &user, &ctx, worst).await {
+    let tokens = match admit(&state, &user, &ctx, &admission, worst).await {
         Ok(tokens) => tokens,
         Err(refusal) => return Ok(refusal),
     };

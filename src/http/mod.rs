@@ -30,6 +30,7 @@
 //! | `Arc<RequestContext>` (request) | `middleware::observe` | `extract::authenticate` (sets the user), `extract::Ctx` → `relay` (sets the usage), `observe` again for the log line |
 //! | `MatchedPath` (request) | axum's router | `observe` (the route on the log line) |
 //! | `AuthUser` (request) | `ratelimit::limit` on per-user groups, after verifying the token | the `AuthUser` extractor (so the token is verified once) |
+//! | `ratelimit::Deferred` (request) | `ratelimit::limit` on metered routes (chat, responses, embeddings) for a user a token limit applies to | the `Admission` extractor → `ratelimit::admit`, which makes the request check with the token reservation; `limit` again when the handler answered without it |
 //! | `ErrorDetail` (response) | `ApiError::into_response` for 500 and 503 | `observe`, which logs it with the request id and removes it |
 
 pub mod auth;
@@ -88,16 +89,19 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 
 /// The API routes; with `state`, each limited group gets its rate-limit `route_layer`.
 fn routes(state: Option<&AppState>) -> OpenApiRouter<AppState> {
-    let limited = |group: OpenApiRouter<AppState>, endpoint: Endpoint, by: KeyBy| match state {
-        Some(app) => group.route_layer(axum::middleware::from_fn_with_state(
-            LimitState {
-                app: app.clone(),
-                endpoint,
-                by,
-            },
-            ratelimit::limit,
-        )),
-        None => group,
+    let limited = |group: OpenApiRouter<AppState>, endpoint: Endpoint, by: KeyBy, metered: bool| {
+        match state {
+            Some(app) => group.route_layer(axum::middleware::from_fn_with_state(
+                LimitState {
+                    app: app.clone(),
+                    endpoint,
+                    by,
+                    metered,
+                },
+                ratelimit::limit,
+            )),
+            None => group,
+        }
     };
     let register = OpenApiRouter::new().routes(routes!(auth::register_user));
     let refresh = OpenApiRouter::new().routes(routes!(auth::refresh_token));
@@ -107,18 +111,21 @@ fn routes(state: Option<&AppState>) -> OpenApiRouter<AppState> {
     let usage = OpenApiRouter::new().routes(routes!(usage::get_usage));
     let auth = OpenApiRouter::new()
         .routes(routes!(auth::login_user))
-        .merge(limited(account, Endpoint::Account, KeyBy::User))
-        .merge(limited(register, Endpoint::Register, KeyBy::Ip))
-        .merge(limited(refresh, Endpoint::Refresh, KeyBy::Ip))
+        .merge(limited(account, Endpoint::Account, KeyBy::User, false))
+        .merge(limited(register, Endpoint::Register, KeyBy::Ip, false))
+        .merge(limited(refresh, Endpoint::Refresh, KeyBy::Ip, false))
         .layer(SetResponseHeaderLayer::overriding(
             header::CACHE_CONTROL,
             HeaderValue::from_static("no-store"),
         ));
-    let chat = OpenApiRouter::new()
+    // Chat, responses and embeddings share the chat limit; those that reach the upstream are
+    // metered by token limits too.
+    let metered = OpenApiRouter::new()
         .routes(routes!(chat::create_chat_completion))
         .routes(routes!(chat::stream_chat_completion))
         .routes(routes!(embeddings::create_embedding))
-        .routes(routes!(responses::create_response))
+        .routes(routes!(responses::create_response));
+    let stored = OpenApiRouter::new()
         .routes(routes!(responses::get_response, responses::delete_response))
         .routes(routes!(responses::cancel_response))
         .routes(routes!(responses::list_input_items));
@@ -131,9 +138,10 @@ fn routes(state: Option<&AppState>) -> OpenApiRouter<AppState> {
         .routes(routes!(health::get_health_detailed));
     OpenApiRouter::with_openapi(docs::ApiDoc::openapi()).nest(
         "/api/v1",
-        auth.merge(limited(chat, Endpoint::Chat, KeyBy::User))
-            .merge(limited(usage, Endpoint::Account, KeyBy::User))
-            .merge(limited(models, Endpoint::Models, KeyBy::User))
+        auth.merge(limited(metered, Endpoint::Chat, KeyBy::User, true))
+            .merge(limited(stored, Endpoint::Chat, KeyBy::User, false))
+            .merge(limited(usage, Endpoint::Account, KeyBy::User, false))
+            .merge(limited(models, Endpoint::Models, KeyBy::User, false))
             .merge(health),
     )
 }

@@ -11,6 +11,7 @@
 //! the body.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, OnceLock};
 
 use axum::extract::{ConnectInfo, FromRequestParts, Request, State};
 use axum::middleware::Next;
@@ -45,6 +46,34 @@ pub struct LimitState {
     pub endpoint: Endpoint,
     /// Whose bucket.
     pub by: KeyBy,
+    /// Whether the group's requests reach the upstream and are metered by token limits (chat,
+    /// responses, embeddings): for a user a token limit applies to, the request check is left
+    /// to the handler ([`Deferred`]), to be made with the token reservation in one call.
+    pub metered: bool,
+}
+
+/// A request-limit check that [`limit`] left to the handler of a metered route: the handler
+/// makes it in [`admit`], together with the request's token reservation, once the body (and so
+/// the worst case) is known — one Redis round trip for both. When the handler answers without
+/// admitting (a body it refused), [`limit`] makes the check afterwards, so that such a request
+/// counts all the same.
+#[derive(Clone)]
+pub struct Deferred(Arc<DeferredCheck>);
+
+struct DeferredCheck {
+    endpoint: Endpoint,
+    decision: OnceLock<Decision>,
+}
+
+/// The [`Deferred`] check of this request, if [`limit`] left one (an extractor, never refusing).
+pub struct Admission(Option<Deferred>);
+
+impl<S: Sync> FromRequestParts<S> for Admission {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(Admission(parts.extensions.get::<Deferred>().cloned()))
+    }
 }
 
 /// The middleware of a limited route group (see the module documentation); installed with
@@ -65,6 +94,29 @@ pub async fn limit(State(limit): State<LimitState>, req: Request, next: Next) ->
             limit.app.config.server.trust_proxy_headers,
         )),
     };
+    let defer = limit.metered
+        && user.is_some_and(|user| limit.app.limiter.token_shape(user.token_limit).is_some());
+    if defer {
+        let deferred = Deferred(Arc::new(DeferredCheck {
+            endpoint: limit.endpoint,
+            decision: OnceLock::new(),
+        }));
+        parts.extensions.insert(deferred.clone());
+        let mut response = next.run(Request::from_parts(parts, body)).await;
+        let decision = match deferred.0.decision.get() {
+            Some(decision) => *decision,
+            None => {
+                // Answered without admitting (a refused body): it counts all the same.
+                let decision = limit.app.limiter.check(limit.endpoint, &subject).await;
+                if !decision.allowed {
+                    return rejection(&decision);
+                }
+                decision
+            }
+        };
+        set_headers(&mut response, &decision);
+        return response;
+    }
     let decision = limit.app.limiter.check(limit.endpoint, &subject).await;
     if !decision.allowed {
         return rejection(&decision);
@@ -162,20 +214,36 @@ fn stamp(response: &mut Response, decision: &Decision, names: [&'static str; 3])
     headers.insert(reset, seconds(decision.reset_ms));
 }
 
-/// Reserves a request's worst case (`worst` tokens: the prompt's bound plus its output cap)
-/// from `user`'s token bucket, when token limits are on; the settlement goes into `ctx`, for
-/// the request's end. Returns the decision (for the headers), or the 429 when it does not fit.
-pub async fn reserve_tokens(
+/// Admits a metered request before it goes upstream: makes the request-limit check that
+/// [`limit`] left to it (if it did), and reserves the request's worst case (`worst` tokens: the
+/// prompt's bound plus its output cap) from `user`'s token bucket when a token limit applies —
+/// in one call to the limiter. The settlement goes into `ctx`, for the request's end. Returns
+/// the token decision (for the headers), or the 429 when either limit refuses.
+pub async fn admit(
     state: &AppState,
     user: &AuthUser,
     ctx: &RequestContext,
+    admission: &Admission,
     worst: u64,
 ) -> Result<Option<Decision>, Response> {
-    match state
+    let deferred = admission.0.as_ref().map(|d| &d.0);
+    let subject = Subject::User(user.id);
+    let (request, tokens) = state
         .limiter
-        .reserve_tokens(user.id, user.token_limit, worst)
-        .await
-    {
+        .admit(
+            deferred.map(|d| (d.endpoint, &subject)),
+            user.id,
+            user.token_limit,
+            worst,
+        )
+        .await;
+    if let (Some(deferred), Some(request)) = (deferred, request) {
+        let _ = deferred.decision.set(request);
+        if !request.allowed {
+            return Err(rejection(&request));
+        }
+    }
+    match tokens {
         TokenDecision::Off => Ok(None),
         TokenDecision::Admitted(reservation, decision) => {
             ctx.set_settlement(Settlement(Box::new(move |used| reservation.settle(used))));

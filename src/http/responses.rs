@@ -11,7 +11,7 @@ use crate::auth::AuthUser;
 use crate::error::{ApiError, ErrorEnvelope};
 use crate::http::chat::event_stream_response;
 use crate::http::extract::{Ctx, RawJson, json_bytes};
-use crate::http::ratelimit::{default_output, reserve_tokens, set_token_headers, worst_case};
+use crate::http::ratelimit::{Admission, admit, default_output, set_token_headers, worst_case};
 use crate::relay::responses::{self, Answer, Owners, StoredCall};
 use crate::state::AppState;
 
@@ -60,6 +60,7 @@ fn owners<'a>(state: &'a AppState, user: &AuthUser) -> Owners<'a> {
 pub async fn create_response(
     State(state): State<AppState>,
     user: AuthUser,
+    admission: Admission,
     Ctx(ctx): Ctx,
     RawJson(body): RawJson,
 ) -> Result<Response, ApiError> {
@@ -82,7 +83,7 @@ pub async fn create_response(
     } else {
         0
     };
-    let tokens = match reserve_tokens(&state, &user, &ctx, worst).await {
+    let tokens = match admit(&state, &user, &ctx, &admission, worst).await {
         Ok(tokens) => tokens,
         Err(refusal) => return Ok(refusal),
     };

@@ -89,11 +89,51 @@ struct RedisSide {
     probing: AtomicBool,
 }
 
+/// Which in-memory table a bucket lives in when Redis is not deciding. Token buckets have one
+/// of their own: they are keyed by user only, so a flood of anonymous keys (one per IP) can
+/// never evict one and hand its user a full bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pool {
+    /// Request buckets (by user, IP or email).
+    Requests,
+    /// Token buckets (by user).
+    Tokens,
+}
+
+/// One operation on one bucket.
+#[derive(Debug, Clone, Copy)]
+pub struct Step<'a> {
+    /// The bucket's key.
+    pub key: &'a str,
+    /// Its shape.
+    pub shape: Shape,
+    /// What to do.
+    pub op: Op,
+    /// Its memory table.
+    pub pool: Pool,
+}
+
+impl Step<'_> {
+    /// The decision for this step, given whether it was allowed and the bucket's level after it.
+    pub fn decision(&self, allowed: bool, level: u64) -> Decision {
+        match self.op {
+            Op::Take(n) => bucket::decide_for(
+                allowed,
+                level,
+                self.shape,
+                n.saturating_mul(self.shape.window_ms),
+            ),
+            Op::Refund(_) | Op::Charge(_) => bucket::decide(true, level, self.shape),
+        }
+    }
+}
+
 /// The limiter every handler uses.
 pub struct RateLimiter {
     limits: RateLimits,
     prefix: String,
     memory: MemoryLimiter,
+    token_memory: MemoryLimiter,
     redis: Option<Arc<RedisSide>>,
 }
 
@@ -144,6 +184,7 @@ impl RateLimiter {
             prefix: limits.key_prefix.clone(),
             limits,
             memory: MemoryLimiter::new(memory::DEFAULT_MAX_KEYS),
+            token_memory: MemoryLimiter::new(memory::DEFAULT_MAX_KEYS),
             redis,
         })
     }
@@ -169,7 +210,8 @@ impl RateLimiter {
     }
 
     /// The bucket key for `endpoint` and `subject`. Endpoints without their own limit share
-    /// the global bucket. The `{…}` hash tag keeps a decision in one Redis Cluster slot.
+    /// the global bucket. The `{…}` hash tag is the subject alone, the same as in its token
+    /// bucket's key, so that one script call may take from both in Redis Cluster.
     pub fn key(&self, endpoint: Endpoint, subject: &Subject) -> String {
         // The account endpoints (me, logout) always have a bucket of their own: a user who
         // spent the shared quota on chat must still be able to log out.
@@ -179,14 +221,24 @@ impl RateLimiter {
             } else {
                 "all".to_owned()
             };
-        format!("{}:rl:{{{scope}:{}}}", self.prefix, subject.key_part())
+        format!("{}:rl:{scope}:{{{}}}", self.prefix, subject.key_part())
+    }
+
+    /// The request-limit step for `subject` at `endpoint`: `op` on its bucket.
+    fn request_step<'a>(&self, endpoint: Endpoint, key: &'a str, op: Op) -> Step<'a> {
+        Step {
+            key,
+            shape: shape(self.limits.for_endpoint(endpoint)),
+            op,
+            pool: Pool::Requests,
+        }
     }
 
     /// Takes one token for `subject` at `endpoint`.
     pub async fn check(&self, endpoint: Endpoint, subject: &Subject) -> Decision {
         let key = self.key(endpoint, subject);
-        let shape = shape(self.limits.for_endpoint(endpoint));
-        self.check_key(&key, shape, Op::Take(1)).await
+        self.apply_one(self.request_step(endpoint, &key, Op::Take(1)))
+            .await
     }
 
     /// Gives back the token a request took from `subject`'s bucket at `endpoint` (login takes
@@ -194,25 +246,45 @@ impl RateLimiter {
     /// so that only failed attempts count, atomically and whatever the client does after).
     pub async fn refund(&self, endpoint: Endpoint, subject: &Subject) {
         let key = self.key(endpoint, subject);
-        let shape = shape(self.limits.for_endpoint(endpoint));
-        self.check_key(&key, shape, Op::Refund(1)).await;
+        self.apply_one(self.request_step(endpoint, &key, Op::Refund(1)))
+            .await;
     }
 
-    /// Applies `op` to the bucket `key`.
-    pub async fn check_key(&self, key: &str, shape: Shape, op: Op) -> Decision {
+    /// Applies one step.
+    pub async fn apply_one(&self, step: Step<'_>) -> Decision {
+        // `apply` answers at least the first step's decision.
+        self.apply(&[step]).await[0]
+    }
+
+    /// Applies `steps` in order, stopping after a `take` that is refused; answers the decisions
+    /// of the steps applied (at least the first). On Redis that is one script call, atomic;
+    /// in memory, one step after the other.
+    pub async fn apply(&self, steps: &[Step<'_>]) -> Vec<Decision> {
         if let Some(side) = &self.redis
             && side.live.load(Ordering::Acquire)
         {
             let limiter = side.limiter.read().await.clone();
             if let Some(limiter) = limiter {
-                match tokio::time::timeout(side.budget, limiter.check(key, shape, op)).await {
-                    Ok(Ok(decision)) => return decision,
+                match tokio::time::timeout(side.budget, limiter.run(steps)).await {
+                    Ok(Ok(decisions)) => return decisions,
                     Ok(Err(e)) => fall_back(side, &e.to_string()),
                     Err(_) => fall_back(side, "no answer within the budget"),
                 }
             }
         }
-        self.memory.check(key, shape, op)
+        let mut decisions = Vec::with_capacity(steps.len());
+        for step in steps {
+            let memory = match step.pool {
+                Pool::Requests => &self.memory,
+                Pool::Tokens => &self.token_memory,
+            };
+            let decision = memory.check(step.key, step.shape, step.op);
+            decisions.push(decision);
+            if !decision.allowed {
+                break;
+            }
+        }
+        decisions
     }
 }
 
@@ -272,7 +344,12 @@ fn start_probe(side: Arc<RedisSide>) {
                 Some(limiter) => matches!(
                     tokio::time::timeout(
                         side.budget,
-                        limiter.check("relay:rl:{probe}", probe_shape, Op::Take(1))
+                        limiter.run(&[Step {
+                            key: "relay:rl:{probe}",
+                            shape: probe_shape,
+                            op: Op::Take(1),
+                            pool: Pool::Requests,
+                        }])
                     )
                     .await,
                     Ok(Ok(_))

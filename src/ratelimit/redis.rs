@@ -1,4 +1,5 @@
-//! The Redis backend: one Lua script per decision, run atomically by Redis on its own clock.
+//! The Redis backend: one Lua script call per decision (one or two buckets), run atomically by
+//! Redis on its own clock.
 //!
 //! The script is sent once and then called by its SHA (`EVALSHA`; the `redis` crate reloads it
 //! when Redis answers `NOSCRIPT`, e.g. after a restart). The connection is one multiplexed
@@ -6,7 +7,8 @@
 
 use redis::aio::ConnectionManager;
 
-use super::bucket::{self, Decision, Op, Shape};
+use super::Step;
+use super::bucket::Decision;
 
 /// The script (see `bucket.lua`); public so that tests can run it with their own clock.
 pub const SCRIPT: &str = include_str!("bucket.lua");
@@ -32,23 +34,31 @@ impl RedisLimiter {
         })
     }
 
-    /// Applies `op` to `key`'s bucket: one round trip.
-    pub async fn check(&self, key: &str, shape: Shape, op: Op) -> redis::RedisResult<Decision> {
+    /// Applies `steps` in order, in one round trip (one script call), stopping after a `take`
+    /// that is refused: the decisions of the steps applied.
+    pub async fn run(&self, steps: &[Step<'_>]) -> redis::RedisResult<Vec<Decision>> {
         let mut conn = self.conn.clone();
-        let (allowed, level): (u8, u64) = self
-            .script
-            .key(key)
-            .arg(shape.capacity)
-            .arg(shape.window_ms)
-            .arg(op.name())
-            .arg(op.amount())
-            .invoke_async(&mut conn)
-            .await?;
-        let units = op.amount().saturating_mul(shape.window_ms);
-        Ok(match op {
-            Op::Take(_) => bucket::decide_for(allowed == 1, level, shape, units),
-            Op::Refund(_) | Op::Charge(_) => bucket::decide(true, level, shape),
-        })
+        let mut call = self.script.prepare_invoke();
+        call.arg("");
+        for step in steps {
+            call.key(step.key)
+                .arg(step.shape.capacity)
+                .arg(step.shape.window_ms)
+                .arg(step.op.name())
+                .arg(step.op.amount());
+        }
+        let answer: Vec<u64> = call.invoke_async(&mut conn).await?;
+        if answer.is_empty() || !answer.len().is_multiple_of(2) || answer.len() / 2 > steps.len() {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::TypeError,
+                "the limit script answered an unexpected shape",
+            )));
+        }
+        Ok(answer
+            .chunks_exact(2)
+            .zip(steps)
+            .map(|(pair, step)| step.decision(pair[0] == 1, pair[1]))
+            .collect())
     }
 
     /// `PING`, for health checks and the recovery probe.

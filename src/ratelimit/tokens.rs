@@ -1,8 +1,9 @@
 //! Token limits: each user's bucket of `TOKEN_LIMIT` tokens per `TOKEN_LIMIT_WINDOW`, in the
 //! same store as request limits (Redis shared by every replica, memory as the fallback).
 //!
-//! A request is admitted only if its worst case fits: [`RateLimiter::reserve_tokens`] takes
-//! that many tokens at once, atomically (one script call), or refuses. When the request ends,
+//! A request is admitted only if its worst case fits: [`RateLimiter::admit`] takes one request
+//! from the request-limit bucket and that many tokens from the token bucket at once, atomically
+//! (one script call), or refuses. When the request ends,
 //! the [`Reservation`] is settled: the part its usage did not spend goes back; when its usage
 //! never arrives (a stream cut short) nothing goes back. So the bucket is charged at least
 //! what was used, and a user never spends more than the limit, on any number of replicas.
@@ -12,8 +13,9 @@ use std::sync::Arc;
 use uuid::Uuid;
 
 use super::bucket::MAX_UNITS;
-use super::{Decision, Op, RateLimiter, Shape};
+use super::{Decision, Op, Pool, RateLimiter, Shape, Step, Subject};
 use crate::auth::UserTokenLimit;
+use crate::config::Endpoint;
 
 /// Tokens reserved for one request, to settle when it ends.
 pub struct Reservation {
@@ -56,14 +58,22 @@ impl Reservation {
             }
         };
         tokio::spawn(async move {
-            self.limiter.check_key(&self.key, self.shape, op).await;
+            self.limiter
+                .apply_one(Step {
+                    key: &self.key,
+                    shape: self.shape,
+                    op,
+                    pool: Pool::Tokens,
+                })
+                .await;
         });
     }
 }
 
 /// A token-limit decision.
 pub enum TokenDecision {
-    /// Token limits are off (`TOKEN_LIMIT` is 0).
+    /// No token limit applies to this user, or none was tried (the request was refused by its
+    /// rate limit first).
     Off,
     /// Admitted: the reservation to settle, and the bucket after it.
     Admitted(Reservation, Decision),
@@ -95,34 +105,64 @@ impl RateLimiter {
         })
     }
 
-    /// Reserves `tokens` (a request's worst case) from `user`'s token bucket, shaped by the
-    /// user's `own` limit or `TOKEN_LIMIT`.
-    pub async fn reserve_tokens(
+    /// Admits a metered request of `user`: takes one request from its rate-limit bucket
+    /// (`request`: the endpoint and subject, when the request limit was not checked already)
+    /// and, when a token limit applies (the user's `own`, or `TOKEN_LIMIT`), reserves `worst`
+    /// tokens (its worst case) from the user's token bucket. Both in one script call on Redis;
+    /// the reservation is only tried when the request limit lets the request through. Answers
+    /// the request-limit decision (when checked here) and the token decision.
+    pub async fn admit(
         self: &Arc<Self>,
+        request: Option<(Endpoint, &Subject)>,
         user: Uuid,
         own: Option<UserTokenLimit>,
-        tokens: u64,
-    ) -> TokenDecision {
-        let Some(shape) = self.token_shape(own) else {
-            return TokenDecision::Off;
+        worst: u64,
+    ) -> (Option<Decision>, TokenDecision) {
+        let request_key =
+            request.map(|(endpoint, subject)| (endpoint, self.key(endpoint, subject)));
+        let mut steps = Vec::with_capacity(2);
+        if let Some((endpoint, key)) = &request_key {
+            steps.push(self.request_step(*endpoint, key, Op::Take(1)));
+        }
+        let shape = self.token_shape(own);
+        let key = shape.map(|shape| self.token_key(user, shape));
+        if let (Some(shape), Some(key)) = (shape, &key) {
+            steps.push(Step {
+                key,
+                shape,
+                op: Op::Take(worst),
+                pool: Pool::Tokens,
+            });
+        }
+        if steps.is_empty() {
+            return (None, TokenDecision::Off);
+        }
+        let mut decisions = self.apply(&steps).await.into_iter();
+        let request = request_key.and_then(|_| decisions.next());
+        let tokens = match (decisions.next(), shape, key) {
+            (Some(decision), _, _) if !decision.allowed => TokenDecision::Refused(decision),
+            (Some(decision), Some(shape), Some(key)) => TokenDecision::Admitted(
+                Reservation {
+                    limiter: self.clone(),
+                    key,
+                    shape,
+                    tokens: worst,
+                },
+                decision,
+            ),
+            _ => TokenDecision::Off,
         };
-        // The `{…}` hash tag keeps the user's bucket in one Redis Cluster slot; the shape is
-        // in the key, so that a changed limit starts a bucket of its own (a stored level means
-        // nothing under another shape).
-        let key = format!(
+        (request, tokens)
+    }
+
+    /// The key of `user`'s token bucket of `shape`. The `{…}` hash tag is the user, as in the
+    /// user's request-limit keys (one Redis Cluster slot for both); the shape is in the key,
+    /// so that a changed limit starts a bucket of its own (a stored level means nothing under
+    /// another shape).
+    fn token_key(&self, user: Uuid, shape: Shape) -> String {
+        format!(
             "{}:tl:{{user:{user}}}:{}:{}",
             self.prefix, shape.capacity, shape.window_ms
-        );
-        let decision = self.check_key(&key, shape, Op::Take(tokens)).await;
-        if !decision.allowed {
-            return TokenDecision::Refused(decision);
-        }
-        let reservation = Reservation {
-            limiter: self.clone(),
-            key,
-            shape,
-            tokens,
-        };
-        TokenDecision::Admitted(reservation, decision)
+        )
     }
 }

@@ -461,12 +461,16 @@ impl Drop for OwnRedis {
 }
 
 /// An app whose limits live in a redis-server of the test's own (on a free port), and a token.
-async fn app_on_own_redis(email: &str) -> (OwnRedis, TestApp, String) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
-        .port();
+        .port()
+}
+
+async fn app_on_own_redis(email: &str) -> (OwnRedis, TestApp, String) {
+    let port = free_port();
     let redis = OwnRedis::start(port);
     let url = format!("redis://127.0.0.1:{port}/0");
     let app = app(
@@ -557,6 +561,132 @@ async fn a_redis_outage_falls_back_to_memory_and_recovers() {
     assert_eq!(app.chat(&token, &hello()).await.status(), 200);
 }
 
+/// A chat that the mock answers with 40 tokens of usage (20 words in, echoed).
+fn forty_token_chat() -> Value {
+    let words = "one two three four five six seven eight nine ten ".repeat(2);
+    json!({"model": "mock-echo", "max_tokens": 25,
+        "messages": [{"role": "user", "content": words.trim()}]})
+}
+
+/// Script calls (`EVALSHA` and `EVAL`) the Redis on `port` has served so far.
+async fn script_calls(port: u16) -> u64 {
+    let client = ::redis::Client::open(format!("redis://127.0.0.1:{port}/0")).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let info: String = ::redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    info.lines()
+        .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
+        .filter_map(|l| {
+            l.split("calls=")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
+/// Waits until the Redis on `port` has served `calls` script calls, then a little longer to
+/// see that no more come; returns how many it served.
+async fn settled_script_calls(port: u16, calls: u64) -> u64 {
+    let start = Instant::now();
+    while script_calls(port).await < calls && start.elapsed() < Duration::from_secs(3) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    script_calls(port).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_limited_chat_costs_one_script_call_to_admit_and_one_to_settle() {
+    let port = free_port();
+    let _redis = OwnRedis::start(port);
+    let url = format!("redis://127.0.0.1:{port}/0");
+    for (limit, per_request) in [("0", 1), ("100000", 2)] {
+        let app = app(
+            Backend::Redis,
+            &[("REDIS_URL", url.as_str()), ("TOKEN_LIMIT", limit)],
+        )
+        .await;
+        assert_eq!(backend_of(&app).await, "redis");
+        let (token, _) = app.user_tokens(&format!("calls{limit}@example.com")).await;
+        for round in 1..=3 {
+            let before = script_calls(port).await;
+            let resp = app.chat(&token, &forty_token_chat()).await;
+            assert_eq!(resp.status(), 200);
+            let tokens = resp.headers().get("x-ratelimit-remaining-tokens").is_some();
+            assert_eq!(tokens, limit != "0");
+            let after = settled_script_calls(port, before + per_request).await;
+            assert_eq!(
+                after - before,
+                per_request,
+                "TOKEN_LIMIT={limit}, request {round}: the request check and the token \
+                 reservation are one call, the settlement a second"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_limits_fall_back_to_memory_when_redis_dies_mid_run() {
+    let port = free_port();
+    let mut redis = OwnRedis::start(port);
+    let url = format!("redis://127.0.0.1:{port}/0");
+    let app = app(
+        Backend::Redis,
+        &[
+            ("REDIS_URL", url.as_str()),
+            ("RATE_LIMIT_REDIS_TIMEOUT_MS", "50"),
+            ("RATE_LIMIT_CHAT_REQUESTS", "1000"),
+            ("TOKEN_LIMIT", "1000"),
+        ],
+    )
+    .await;
+    let (token, _) = app.user_tokens("tokens-outage@example.com").await;
+    let mut admitted = 0;
+    let mut refused = 0;
+    let mut slowest = Duration::ZERO;
+    for i in 0..60 {
+        if i == 5 {
+            assert_eq!(backend_of(&app).await, "redis");
+            redis.stop();
+        }
+        let start = Instant::now();
+        let resp = app.chat(&token, &forty_token_chat()).await;
+        slowest = slowest.max(start.elapsed());
+        match resp.status().as_u16() {
+            200 => admitted += 1,
+            429 => {
+                let err: Value = resp.json().await.unwrap();
+                assert_eq!(err["error"]["code"], "token_limit_exceeded");
+                refused += 1;
+            }
+            other => panic!("request {i}: {other}"),
+        }
+    }
+    assert_eq!(backend_of(&app).await, "memory");
+    assert!(
+        slowest < Duration::from_millis(500),
+        "a request took {slowest:?}"
+    );
+    // Memory starts a full bucket of its own (each backend bounds what it saw): 5 requests on
+    // Redis, then as many as fit 1,000 tokens in memory, each using 40 once settled and
+    // reserving its worst case (the body's bytes plus 25) first.
+    let worst = serde_json::to_vec(&forty_token_chat()).unwrap().len() + 25;
+    let in_memory = (1000 - worst) / 40 + 1;
+    assert!(
+        (in_memory..=5 + in_memory).contains(&admitted) && refused == 60 - admitted,
+        "{admitted} admitted ({in_memory} fit in memory), {refused} refused"
+    );
+    let usage: Value = app.get_authed("/usage", &token).await.json().await.unwrap();
+    let total = usage["total"]["total_tokens"].as_u64().unwrap();
+    assert!(total <= 5 * 40 + 1000, "used {total}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_relay_processes_sharing_redis_let_the_capacity_through_in_total() {
     // Two real processes sharing a database, as replicas do: the token is checked in memory
@@ -639,16 +769,17 @@ async fn the_lua_script_and_the_rust_bucket_agree_step_by_step() {
                 6 => bucket::Op::Charge(1 + next(3)),
                 _ => bucket::Op::Take(1 + next(3)),
             };
-            let (allowed, level): (u8, u64) = script
+            let answer: Vec<u64> = script
                 .key(&key)
+                .arg(now)
                 .arg(shape.capacity)
                 .arg(shape.window_ms)
                 .arg(op.name())
                 .arg(op.amount())
-                .arg(now)
                 .invoke_async(&mut conn)
                 .await
                 .unwrap();
+            let (allowed, level) = (answer[0], answer[1]);
             let (b, d) = bucket::apply(rust_bucket, now, shape, op);
             rust_bucket = Some(b);
             assert_eq!(

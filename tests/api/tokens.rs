@@ -21,19 +21,6 @@ fn forty_token_chat() -> Value {
         "messages": [{"role": "user", "content": words.trim()}]})
 }
 
-/// The user's total tokens in `/usage`, once `requests` requests are recorded.
-async fn used(app: &TestApp, token: &str, requests: usize) -> i64 {
-    let start = Instant::now();
-    loop {
-        let usage: Value = app.get_authed("/usage", token).await.json().await.unwrap();
-        if usage["total"]["requests"] == requests {
-            return usage["total"]["total_tokens"].as_i64().unwrap();
-        }
-        assert!(start.elapsed() < Duration::from_secs(5), "{usage}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test]
 async fn a_worst_case_larger_than_the_bucket_is_refused_at_once() {
     let fake = fake_upstream::start().await;
@@ -120,30 +107,49 @@ async fn the_default_cap_is_sent_and_the_headers_show_the_bucket() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_relays_sharing_redis_never_exceed_the_limit() {
+async fn two_relay_processes_sharing_redis_never_exceed_the_limit() {
+    // Two real processes sharing the database and Redis, as replicas do.
+    let base = support::spawn_mock(Default::default()).await;
+    let db = support::TestDb::new(Db::Postgres).await;
     let prefix = format!("tokens-{}", uuid::Uuid::new_v4().simple());
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let vars = [
+        ("SECRET_KEY", support::SECRET),
+        ("OPENAI_API_KEY", "sk-test"),
+        ("OPENAI_BASE_URL", base.as_str()),
+        ("DATABASE_URL", db.url.as_str()),
         ("REDIS_URL", "redis://127.0.0.1:6379/0"),
         ("RATE_LIMIT_REDIS_TIMEOUT_MS", "2000"),
         ("RATE_LIMIT_KEY_PREFIX", prefix.as_str()),
         ("TOKEN_LIMIT", "1000"),
         ("TOKEN_LIMIT_WINDOW", "86400"),
     ];
-    let a = spawn_app_with(Db::Sqlite, &vars).await;
-    let b = support::spawn_app_on(a.db.clone(), &vars, relay::config::Mode::Serve).await;
-    for app in [&a, &b] {
-        let (_, health) = app.health_detailed().await;
+    let a = support::RelayProcess::start(dir_a.path(), &["serve"], &vars);
+    let b = support::RelayProcess::start(dir_b.path(), &["serve"], &vars);
+    let client = reqwest::Client::new();
+    for relay in [&a, &b] {
+        let health: Value = client
+            .get(format!("{}/api/v1/health/detailed", relay.base))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         assert_eq!(health["rate_limiter"], "redis", "{health}");
     }
-    let (token, _) = a.user_tokens("spender@example.com").await;
+    let token = a.access_token(&client, "spender@example.com").await;
     // Each request's worst case is its body (about 180 bytes) plus 25 output tokens; it
     // really uses 40. Without the limit, 50 of them would use 2,000.
     let statuses: Vec<(u16, Option<String>)> = futures_util::stream::iter(0..50)
         .map(|i| {
-            let app = if i % 2 == 0 { &a } else { &b };
-            let token = token.clone();
+            let relay = if i % 2 == 0 { &a } else { &b };
+            let request = client
+                .post(format!("{}/api/v1/chat/completions", relay.base))
+                .bearer_auth(&token)
+                .json(&forty_token_chat());
             async move {
-                let resp = app.chat(&token, &forty_token_chat()).await;
+                let resp = request.send().await.unwrap();
                 let status = resp.status().as_u16();
                 let body: Value = resp.json().await.unwrap();
                 (status, body["error"]["code"].as_str().map(str::to_owned))
@@ -159,12 +165,58 @@ async fn two_relays_sharing_redis_never_exceed_the_limit() {
             .all(|(s, code)| *s == 200 || code.as_deref() == Some("token_limit_exceeded")),
         "{statuses:?}"
     );
-    let total = used(&a, &token, admitted).await;
+    // Both processes write their records to the shared database; /usage on either sums them.
+    let start = Instant::now();
+    let total = loop {
+        let usage: Value = client
+            .get(format!("{}/api/v1/usage", b.base))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if usage["total"]["requests"] == admitted {
+            break usage["total"]["total_tokens"].as_i64().unwrap();
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "{usage}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert!(total <= 1000, "used {total} of a 1000-token limit");
     assert!(
         admitted > 10,
         "refunds let more than 1000 / worst case through: {admitted} admitted, {total} used"
     );
+}
+
+#[tokio::test]
+async fn a_refused_body_still_counts_against_the_request_limit() {
+    // With a token limit on, the request check waits for the body (to be made with the token
+    // reservation in one call); a body refused before that must count all the same.
+    let app = spawn_app_with(
+        Db::Sqlite,
+        &[
+            ("TOKEN_LIMIT", "100000"),
+            ("RATE_LIMIT_CHAT_REQUESTS", "2"),
+            ("REDIS_URL", ""),
+        ],
+    )
+    .await;
+    let (token, _) = app.user_tokens("invalid@example.com").await;
+    let bad = json!({"model": "mock-echo", "messages": []});
+    let first = app.chat(&token, &bad).await;
+    assert_eq!(first.status(), 422);
+    assert_eq!(first.headers()["x-ratelimit-remaining"], "1");
+    assert_eq!(app.chat(&token, &bad).await.status(), 422);
+    let third = app.chat(&token, &bad).await;
+    assert_eq!(third.status(), 429);
+    let err: Value = third.json().await.unwrap();
+    assert_eq!(err["error"]["code"], "rate_limit_exceeded");
+    // And a good one is refused by the request limit before any token is reserved.
+    let resp = app.chat(&token, &chat(10)).await;
+    assert_eq!(resp.status(), 429);
+    assert!(resp.headers().get("x-ratelimit-limit-tokens").is_none());
 }
 
 /// Runs `relay user set` on `app`'s database; returns the user it prints.
