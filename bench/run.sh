@@ -180,6 +180,18 @@ cpu_per_request() { # pid url: "CPU-ms-per-request p50-ms"
 read -r tok_cpu tok50 < <(cpu_per_request "$TOKENS_PID" "http://127.0.0.1:$TOKENS_PORT/api/v1/chat/completions")
 read -r tokr_cpu tokr50 < <(cpu_per_request "$TOKENS_REDIS_PID" "http://127.0.0.1:$TOKENS_REDIS_PORT/api/v1/chat/completions")
 
+echo "Non-streaming, 64 connections, an API key instead of the access token (JWT)" >&2
+JWT=$TOKEN
+KEY=$(curl -s "$API/auth/api-keys" -H 'content-type: application/json' -H "authorization: Bearer $JWT" \
+  -d '{"name":"bench"}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["key"])')
+# Alternated, twice each, in the same relay: the machine's drift hits both alike.
+read -r jwt_cpu_a jwt50 < <(cpu_per_request "$RELAY_PID" "$RELAY_URL")
+TOKEN=$KEY; read -r key_cpu_a key50 < <(cpu_per_request "$RELAY_PID" "$RELAY_URL"); TOKEN=$JWT
+read -r jwt_cpu_b _ < <(cpu_per_request "$RELAY_PID" "$RELAY_URL")
+TOKEN=$KEY; read -r key_cpu_b _ < <(cpu_per_request "$RELAY_PID" "$RELAY_URL"); TOKEN=$JWT
+jwt_cpu=$(python3 -c "print('%.4f' % (($jwt_cpu_a + $jwt_cpu_b) / 2))")
+key_cpu=$(python3 -c "print('%.4f' % (($key_cpu_a + $key_cpu_b) / 2))")
+
 echo "Streaming (20 chunks), 32 connections and time to first byte" >&2
 s_nginx=$(sb_run "$NGINX_URL" 32 --seconds "$DUR" --body "$STREAM")
 s_relay=$(sb_run "$RELAY_URL" 32 --seconds "$DUR" --body "$STREAM")
@@ -220,6 +232,7 @@ cat <<TABLE
 | same, limits in Redis: CPU per request (ms) / p50 (ms) | | | $redis_cpu / $rr50 | |
 | same, token limit on, memory: CPU per request (ms) / p50 (ms) | | | $tok_cpu / $tok50 | $(ratio "$tok_cpu" "$relay_cpu") × without (target ≤ 1.10) |
 | same, token limit on, Redis: CPU per request (ms) / p50 (ms) | | | $tokr_cpu / $tokr50 | $(ratio "$tokr_cpu" "$redis_cpu") × without |
+| same, memory limits: access token (JWT) vs API key, CPU per request (ms), mean of two each | | | $jwt_cpu vs $key_cpu (p50 $jwt50 / $key50 ms) | key $(ratio "$key_cpu" "$jwt_cpu") × JWT (target ≤ 1.05) |
 | stream 20 chunks, 32 conns, streams/s | | $(field "$s_nginx" per_second) | $(field "$s_relay" per_second) | $(ratio "$(field "$s_relay" per_second)" "$(field "$s_nginx" per_second)") × nginx (target ≥ 0.7) |
 | stream, 1 conn, time to first byte p50 (ms) | $(field "$t_direct" ttfb_p50_ms) | $(field "$t_nginx" ttfb_p50_ms) | $(field "$t_relay" ttfb_p50_ms) | adds $(sub "$(field "$t_relay" ttfb_p50_ms)" "$(field "$t_direct" ttfb_p50_ms)") ms (target ≤ +0.3) |
 | 1,000 streams paced 50 ms/chunk: ok / errors | | | $(field "$paced" ok) / $(field "$paced" errors) | target: 0 errors |

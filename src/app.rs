@@ -71,6 +71,8 @@ impl App {
             .await
             .with_context(|| format!("cannot listen on {}:{}", server.host, server.port))?;
         let users = UserStatus::new(store.clone());
+        let keys =
+            crate::auth::api_keys::ApiKeys::new(config.auth.secret_key_bytes(), store.clone());
         let (usage, usage_writer) = crate::usage::start(store.clone());
         let state = AppState::new(Inner {
             config: Arc::new(config),
@@ -80,6 +82,7 @@ impl App {
             limiter: Arc::new(limiter),
             passwords,
             users,
+            keys,
             usage,
             started_at: Instant::now(),
         });

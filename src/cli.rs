@@ -41,6 +41,26 @@ pub enum UserCommand {
     Create(UserCreateArgs),
     /// Change a user: active, admin, own token limit. Prints the user afterwards.
     Set(UserSetArgs),
+    /// List users (one JSON object a line), optionally those whose email or name contains a text.
+    List(UserListArgs),
+    /// End every session and API key of a user (running relays refuse them within seconds).
+    Revoke(UserRevokeArgs),
+}
+
+/// Options of `relay user list`.
+#[derive(Debug, Args)]
+pub struct UserListArgs {
+    /// Only users whose email or name contains this text (any case).
+    #[arg(long)]
+    pub query: Option<String>,
+}
+
+/// Options of `relay user revoke`.
+#[derive(Debug, Args)]
+pub struct UserRevokeArgs {
+    /// The user's email address.
+    #[arg(long)]
+    pub email: String,
 }
 
 /// Options of `relay user set`.

@@ -76,6 +76,7 @@ pub struct RequestContext {
     /// When the request arrived.
     pub started: Instant,
     user_id: OnceLock<Uuid>,
+    api_key_id: OnceLock<Uuid>,
     usage: Mutex<Option<Usage>>,
     upstream: OnceLock<UpstreamCall>,
     first_byte: OnceLock<Instant>,
@@ -91,6 +92,7 @@ impl RequestContext {
             request_id,
             started: Instant::now(),
             user_id: OnceLock::new(),
+            api_key_id: OnceLock::new(),
             usage: Mutex::new(None),
             upstream: OnceLock::new(),
             first_byte: OnceLock::new(),
@@ -103,6 +105,16 @@ impl RequestContext {
     /// Records the authenticated user.
     pub fn set_user(&self, id: Uuid) {
         let _ = self.user_id.set(id);
+    }
+
+    /// Records the API key the request came with.
+    pub fn set_api_key(&self, id: Uuid) {
+        let _ = self.api_key_id.set(id);
+    }
+
+    /// The API key the request came with, if any.
+    pub fn api_key(&self) -> Option<Uuid> {
+        self.api_key_id.get().copied()
     }
 
     /// Records the request's token usage (the last report wins).

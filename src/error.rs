@@ -58,7 +58,8 @@ pub enum ApiError {
     /// 404: no route serves this path.
     #[error(
         "{0} is not a path relay serves; under /api/v1 it serves auth/register, auth/login, \
-         auth/me, auth/refresh, auth/logout, chat/completions, chat/completions/stream, \
+         auth/me, auth/refresh, auth/logout, auth/api-keys, admin/users, admin/usage, \
+         chat/completions, chat/completions/stream, \
          chat/models, models, models/{{model}}, embeddings, responses, responses/{{id}} (with \
          /cancel and /input_items), usage, health and health/detailed"
     )]

@@ -1,15 +1,18 @@
 //! The `relay` binary: parse the command line, load settings, dispatch.
 
-use std::io::{BufRead as _, Write as _};
+use std::io::{BufRead as _, Write};
 use std::process::ExitCode;
 
 use clap::Parser as _;
 use relay::app::{App, raise_file_limit, shutdown_signal};
 use relay::auth::Passwords;
-use relay::auth::users::{Registration, create_user};
-use relay::cli::{Cli, Command, MockArgs, ServeArgs, UserCommand, UserCreateArgs, UserSetArgs};
+use relay::auth::users::{AdminViewUser, Registration, check_token_limit, create_user};
+use relay::cli::{
+    Cli, Command, MockArgs, ServeArgs, UserCommand, UserCreateArgs, UserListArgs, UserRevokeArgs,
+    UserSetArgs,
+};
 use relay::config::{Config, Mode};
-use relay::store::Store;
+use relay::store::{AdminChange, Store, UserPatch, UserRecord};
 
 // A faster allocator than glibc's for many small, short-lived allocations across threads,
 // which is what a proxy does all day.
@@ -89,6 +92,8 @@ fn main() -> ExitCode {
             Command::Migrate => migrate(config).await,
             Command::User(UserCommand::Create(args)) => user_create(config, args).await,
             Command::User(UserCommand::Set(args)) => user_set(config, args).await,
+            Command::User(UserCommand::List(args)) => user_list(config, args).await,
+            Command::User(UserCommand::Revoke(args)) => user_revoke(config, args).await,
             Command::MockUpstream(_) => Ok(()),
         }
     });
@@ -162,67 +167,109 @@ async fn user_create(config: Config, args: UserCreateArgs) -> anyhow::Result<()>
     Ok(())
 }
 
-/// `relay user set`: changes what the flags name, then prints the user (with its own token
-/// limit). Running relays see the change within seconds (their user-state cache).
-async fn user_set(config: Config, args: UserSetArgs) -> anyhow::Result<()> {
-    let store = Store::connect(&config.database).await?;
-    store.migrate().await?;
-    let email = args.email.trim().to_lowercase();
-    let user = store
-        .user_by_email(&email)
-        .await?
-        .ok_or_else(|| anyhow::anyhow!("no user with email {email}"))?;
-    if let Some(active) = args.active {
-        store.set_active(user.id, active).await?;
-    }
-    if let Some(admin) = args.admin {
-        store.set_admin(user.id, admin).await?;
-    }
-    if args.token_limit.is_some() || args.token_limit_window.is_some() {
-        let positive = |n: Option<u64>| -> anyhow::Result<Option<i64>> {
-            match n {
-                None | Some(0) => Ok(None),
-                Some(n) => Ok(Some(i64::try_from(n)?)),
-            }
-        };
-        let limit = match args.token_limit {
-            Some(n) => positive(Some(n))?,
-            None => user.token_limit,
-        };
-        let window = match args.token_limit_window {
-            Some(n) => positive(Some(n))?,
-            None => user.token_limit_window,
-        };
-        // Tokens × window in ms must stay exact in Redis's Lua doubles (2^53).
-        let window_ms = window.map_or(86_400_000u128, |w| u128::from(w.unsigned_abs()) * 1000);
-        if let Some(tokens) = limit
-            && u128::from(tokens.unsigned_abs()) * window_ms
-                > u128::from(relay::config::MAX_LIMIT_UNITS)
-        {
-            anyhow::bail!(
-                "a limit of {tokens} tokens over {} s is too large (tokens × window in ms must \
-                 stay under 2^53); use a shorter window",
-                window_ms / 1000
-            );
-        }
-        store.set_token_limit(user.id, limit, window).await?;
-    }
-    let user = store
-        .user_by_id(user.id)
-        .await?
-        .ok_or_else(|| anyhow::anyhow!("the user was deleted meanwhile"))?;
-    store.close().await;
-    let mut out = std::io::stdout().lock();
+/// A user as the CLI prints it: one JSON object, with the user's own token limit.
+fn print_user(out: &mut impl Write, user: UserRecord) -> anyhow::Result<()> {
     writeln!(
         out,
         "{}",
-        serde_json::json!({
-            "id": user.id, "email": user.email, "full_name": user.full_name,
-            "is_active": user.is_active, "is_admin": user.is_admin,
-            "created_at": user.created_at,
-            "token_limit": user.token_limit, "token_limit_window": user.token_limit_window,
-        })
+        serde_json::to_string(&AdminViewUser::from(user))?
     )?;
+    Ok(())
+}
+
+/// The user with `email`, or an error naming it.
+async fn user_by_email(store: &Store, email: &str) -> anyhow::Result<UserRecord> {
+    let email = email.trim().to_lowercase();
+    store
+        .user_by_email(&email)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("no user with email {email}"))
+}
+
+/// `relay user set`: changes what the flags name, then prints the user (with its own token
+/// limit). Running relays see the change within seconds (their user-state cache). Like the
+/// admin API, it will not leave the database without an active admin.
+async fn user_set(config: Config, args: UserSetArgs) -> anyhow::Result<()> {
+    let store = Store::connect(&config.database).await?;
+    store.migrate().await?;
+    let user = user_by_email(&store, &args.email).await?;
+    // 0 returns to the default.
+    let positive = |n: Option<u64>| -> anyhow::Result<Option<Option<i64>>> {
+        Ok(match n {
+            None => None,
+            Some(0) => Some(None),
+            Some(n) => Some(Some(i64::try_from(n)?)),
+        })
+    };
+    let patch = UserPatch {
+        is_active: args.active,
+        is_admin: args.admin,
+        full_name: None,
+        token_limit: positive(args.token_limit)?,
+        token_limit_window: positive(args.token_limit_window)?,
+    };
+    if patch.token_limit.is_some() || patch.token_limit_window.is_some() {
+        let default_window = config
+            .rate_limits
+            .tokens
+            .map_or(86_400, |limit| limit.window.as_secs());
+        check_token_limit(
+            patch.token_limit.unwrap_or(user.token_limit),
+            patch.token_limit_window.unwrap_or(user.token_limit_window),
+            default_window,
+        )
+        .map_err(|(_, why)| anyhow::anyhow!(why))?;
+    }
+    let user = match store.update_user(user.id, &patch).await? {
+        AdminChange::Done(user) => user,
+        AdminChange::NotFound => anyhow::bail!("the user was deleted meanwhile"),
+        AdminChange::LastAdmin => {
+            anyhow::bail!("this would leave no active admin: make another user an admin first")
+        }
+    };
+    store.close().await;
+    print_user(&mut std::io::stdout().lock(), user)
+}
+
+/// `relay user list`: every user (or those matching `--query`), one JSON object a line, in id
+/// order, read a page at a time.
+async fn user_list(config: Config, args: UserListArgs) -> anyhow::Result<()> {
+    let store = Store::connect(&config.database).await?;
+    store.migrate().await?;
+    let query = args
+        .query
+        .as_deref()
+        .map(str::trim)
+        .filter(|q| !q.is_empty());
+    let mut out = std::io::stdout().lock();
+    let mut after = None;
+    loop {
+        let page = store.list_users(query, after, 500).await?;
+        let Some(last) = page.last() else { break };
+        after = Some(last.id);
+        let full = page.len() == 500;
+        for user in page {
+            print_user(&mut out, user)?;
+        }
+        if !full {
+            break;
+        }
+    }
+    store.close().await;
+    Ok(())
+}
+
+/// `relay user revoke`: ends every session and API key of the user; running relays refuse
+/// them within seconds.
+async fn user_revoke(config: Config, args: UserRevokeArgs) -> anyhow::Result<()> {
+    let store = Store::connect(&config.database).await?;
+    store.migrate().await?;
+    let user = user_by_email(&store, &args.email).await?;
+    if !store.revoke_user(user.id).await? {
+        anyhow::bail!("the user was deleted meanwhile");
+    }
+    store.close().await;
+    tracing::info!(user_id = %user.id, "every session and API key of the user revoked");
     Ok(())
 }
 

@@ -4,6 +4,7 @@ use std::ops::Deref;
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::auth::api_keys::ApiKeys;
 use crate::auth::status::UserStatus;
 use crate::auth::{JwtKeys, Passwords, Sessions};
 use crate::config::Config;
@@ -32,6 +33,8 @@ pub struct Inner {
     pub passwords: Passwords,
     /// Whether a token's user still exists and is active (cached for a few seconds).
     pub users: UserStatus,
+    /// API keys: checked in memory, their state cached for a few seconds.
+    pub keys: ApiKeys,
     /// Where each request that reached the upstream leaves its usage record.
     pub usage: UsageSink,
     /// When the process started serving, for `uptime_seconds`.

@@ -173,6 +173,7 @@ impl JwtKeys {
             user_id: claims.sub,
             is_admin: claims.adm,
             exp: claims.exp,
+            iat: claims.iat,
         };
         self.cache.insert(token, access);
         Ok(access)
@@ -188,6 +189,8 @@ pub struct Access {
     pub is_admin: bool,
     /// Expiry, seconds since the epoch.
     pub exp: i64,
+    /// Issue time, seconds since the epoch (a revocation refuses tokens issued until then).
+    pub iat: i64,
 }
 
 /// Shards of the verified-token cache; a power of two.
@@ -329,6 +332,7 @@ mod tests {
                 user_id: user,
                 is_admin: false,
                 exp: Utc::now().timestamp() - 60,
+                iat: Utc::now().timestamp() - 120,
             },
         );
         assert_eq!(k.verify_access("expired-token"), Err(TokenError::Expired));

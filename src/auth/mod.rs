@@ -1,6 +1,7 @@
 //! Authentication and accounts: JWTs, password hashing, users and sessions. Nothing here knows
 //! about HTTP; `http::extract` turns a Bearer header into an [`AuthUser`].
 
+pub mod api_keys;
 pub mod jwt;
 pub mod password;
 pub mod session;
@@ -16,10 +17,12 @@ pub use session::{Sessions, TokenPair};
 /// The authenticated caller of a request, from a verified access token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AuthUser {
-    /// The user's id (the token's `sub`).
+    /// The user's id (the token's `sub`, or the API key's owner).
     pub id: Uuid,
-    /// Whether the token says the user is an admin.
+    /// Whether the user is an admin now (from `auth::status`, a few seconds old at most).
     pub is_admin: bool,
+    /// The API key the request came with (`None`: an access token).
+    pub api_key: Option<Uuid>,
     /// The user's own token limit, if one is set (from `auth::status`, a few seconds old at
     /// most).
     pub token_limit: Option<UserTokenLimit>,

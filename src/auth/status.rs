@@ -30,12 +30,41 @@ const LOOKUP_BUDGET: Duration = Duration::from_millis(200);
 /// Users remembered at most, over all shards.
 const MAX_USERS: usize = 100_000;
 
+/// What requests need to know of an active user, a few seconds old at most.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Standing {
+    /// The user's own token limit, if set.
+    pub token_limit: Option<UserTokenLimit>,
+    /// Whether the user is an admin now (not when the token was issued).
+    pub is_admin: bool,
+    /// Access tokens issued at or before this time (Unix milliseconds) are refused.
+    pub sessions_revoked_at: Option<i64>,
+}
+
+impl Standing {
+    /// Whether an access token issued at `iat` (seconds since the epoch) was revoked. A token
+    /// issued in the same second as the revocation counts as revoked (the claim has whole
+    /// seconds): a client that logged in right then logs in again.
+    pub fn revoked(&self, iat: i64) -> bool {
+        self.sessions_revoked_at
+            .is_some_and(|revoked| iat.saturating_mul(1000) <= revoked)
+    }
+}
+
 /// A user's state as far as requests care.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
-    Active(Option<UserTokenLimit>),
+    Active(Standing),
     Inactive,
     Gone,
+}
+
+fn standing_of(record: &crate::store::UserRecord) -> Standing {
+    Standing {
+        token_limit: token_limit_of(record),
+        is_admin: record.is_admin,
+        sessions_revoked_at: record.sessions_revoked_at,
+    }
 }
 
 /// The user's own token limit, from its record (a non-positive value means none).
@@ -77,9 +106,9 @@ impl UserStatus {
         &self.shards[(self.hasher.hash_one(user) as usize) % SHARDS]
     }
 
-    /// `Ok` (with the user's own token limit, if set) when `user` exists and is active; a 401
-    /// when deleted, a 403 when deactivated.
-    pub async fn check(&self, user: Uuid) -> Result<Option<UserTokenLimit>, ApiError> {
+    /// `Ok` (with what requests need to know of the user) when `user` exists and is active; a
+    /// 401 when deleted, a 403 when deactivated.
+    pub async fn check(&self, user: Uuid) -> Result<Standing, ApiError> {
         let state = match self.cached(user) {
             Cached::Fresh(state) => state,
             // One request reads it again; the others meanwhile use the state it had.
@@ -87,7 +116,7 @@ impl UserStatus {
             Cached::Unknown => self.refresh(user, None).await,
         };
         match state {
-            State::Active(limit) => Ok(limit),
+            State::Active(standing) => Ok(standing),
             State::Inactive => Err(ApiError::Forbidden {
                 message: "this account is disabled".into(),
                 code: "user_inactive",
@@ -96,6 +125,14 @@ impl UserStatus {
                 "the token's user no longer exists",
                 "invalid_token",
             )),
+        }
+    }
+
+    /// Forgets what is cached of `user`, so that a change made on this replica bites here at
+    /// once (other replicas read it again within [`STATUS_TTL`]).
+    pub fn forget(&self, user: Uuid) {
+        if let Ok(mut map) = self.shard(user).lock() {
+            map.remove(&user);
         }
     }
 
@@ -121,16 +158,16 @@ impl UserStatus {
     /// [`STATUS_TTL`], not one per request.
     async fn refresh(&self, user: Uuid, last: Option<State>) -> State {
         let state = match tokio::time::timeout(LOOKUP_BUDGET, self.store.user_by_id(user)).await {
-            Ok(Ok(Some(record))) if record.is_active => State::Active(token_limit_of(&record)),
+            Ok(Ok(Some(record))) if record.is_active => State::Active(standing_of(&record)),
             Ok(Ok(Some(_))) => State::Inactive,
             Ok(Ok(None)) => State::Gone,
             Ok(Err(e)) => {
                 tracing::warn!(user_id = %user, error = %e, "cannot read the user's state; using the last known");
-                last.unwrap_or(State::Active(None))
+                last.unwrap_or(State::Active(Standing::default()))
             }
             Err(_) => {
                 tracing::warn!(user_id = %user, "the user's state took too long to read; using the last known");
-                last.unwrap_or(State::Active(None))
+                last.unwrap_or(State::Active(Standing::default()))
             }
         };
         if let Ok(mut map) = self.shard(user).lock() {

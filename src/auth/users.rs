@@ -37,6 +37,28 @@ pub struct User {
     pub created_at: DateTime<Utc>,
 }
 
+/// A user as admins see it: with the user's own token limit.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct AdminViewUser {
+    /// What the user sees of themself.
+    #[serde(flatten)]
+    pub user: User,
+    /// The user's own token limit (tokens per window); `null`: `TOKEN_LIMIT`.
+    pub token_limit: Option<i64>,
+    /// Its window in seconds; `null`: `TOKEN_LIMIT_WINDOW`.
+    pub token_limit_window: Option<i64>,
+}
+
+impl From<UserRecord> for AdminViewUser {
+    fn from(r: UserRecord) -> Self {
+        AdminViewUser {
+            token_limit: r.token_limit,
+            token_limit_window: r.token_limit_window,
+            user: User::from(r),
+        }
+    }
+}
+
 impl From<UserRecord> for User {
     fn from(r: UserRecord) -> Self {
         User {
@@ -158,6 +180,49 @@ pub async fn create_user(
         })?;
     Ok(record.into())
 }
+
+/// Checks a user's own token limit (tokens per window, window in seconds; `None`: the
+/// defaults): positive, and tokens × window in ms under 2^53, so that Redis's Lua doubles stay
+/// exact. `default_window` is `TOKEN_LIMIT_WINDOW`'s seconds, for a limit without its own.
+pub fn check_token_limit(
+    limit: Option<i64>,
+    window: Option<i64>,
+    default_window: u64,
+) -> Result<(), (&'static str, String)> {
+    if limit.is_some_and(|n| n < 1) {
+        return Err((
+            "token_limit",
+            "token_limit must be at least 1, or null for the default".into(),
+        ));
+    }
+    if window.is_some_and(|w| !(1..=MAX_TOKEN_WINDOW_SECS).contains(&w)) {
+        return Err((
+            "token_limit_window",
+            format!(
+                "token_limit_window must be 1 to {MAX_TOKEN_WINDOW_SECS} seconds, or null for the default"
+            ),
+        ));
+    }
+    let window_ms =
+        window.map_or(u128::from(default_window), |w| u128::from(w.unsigned_abs())) * 1000;
+    if let Some(tokens) = limit
+        && u128::from(tokens.unsigned_abs()) * window_ms
+            > u128::from(crate::config::MAX_LIMIT_UNITS)
+    {
+        return Err((
+            "token_limit",
+            format!(
+                "a limit of {tokens} tokens over {} s is too large (tokens × window in ms must \
+                 stay under 2^53); use a shorter window",
+                window_ms / 1000
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The longest window a user's own token limit may have: a year.
+pub const MAX_TOKEN_WINDOW_SECS: i64 = 366 * 86_400;
 
 #[cfg(test)]
 mod tests {

@@ -198,6 +198,11 @@ pub struct AuthConfig {
     pub access_token_ttl: Duration,
     /// `REFRESH_TOKEN_EXPIRE_DAYS`.
     pub refresh_token_ttl: Duration,
+    /// `REGISTRATION`: whether anyone may register (`open`) or only admins create users.
+    pub registration_open: bool,
+    /// `REGISTRATION_EMAIL_DOMAINS`: if set, the only email domains that may register
+    /// (lower-cased; sub-domains are not implied).
+    pub registration_domains: Option<Vec<String>>,
 }
 
 impl AuthConfig {
@@ -214,6 +219,8 @@ impl fmt::Debug for AuthConfig {
             .field("secret_key_ephemeral", &self.secret_key_ephemeral)
             .field("access_token_ttl", &self.access_token_ttl)
             .field("refresh_token_ttl", &self.refresh_token_ttl)
+            .field("registration_open", &self.registration_open)
+            .field("registration_domains", &self.registration_domains)
             .finish_non_exhaustive()
     }
 }

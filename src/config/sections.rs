@@ -149,11 +149,50 @@ pub(super) fn auth(p: &mut Parser<'_>, mode: Mode, relaxed: bool) -> AuthConfig 
             "must be between 1 and 3650 (ten years)",
         );
     }
+    let registration_open = match p
+        .get("REGISTRATION")
+        .map(str::to_ascii_lowercase)
+        .as_deref()
+    {
+        None | Some("open") => true,
+        Some("closed") => false,
+        Some(_) => {
+            p.problem("REGISTRATION", "must be open or closed");
+            false
+        }
+    };
+    let registration_domains =
+        p.get("REGISTRATION_EMAIL_DOMAINS")
+            .and_then(|raw| match parse_list(raw) {
+                Ok(list) if list.is_empty() => None,
+                Ok(list) => {
+                    let list: Vec<String> = list
+                        .iter()
+                        .map(|d| d.trim().trim_start_matches('@').to_ascii_lowercase())
+                        .collect();
+                    if let Some(bad) = list
+                        .iter()
+                        .find(|d| d.is_empty() || !d.contains('.') || d.contains(['@', ' ', '/']))
+                    {
+                        p.problem(
+                            "REGISTRATION_EMAIL_DOMAINS",
+                            format!("{bad:?} is not a domain like example.com"),
+                        );
+                    }
+                    Some(list)
+                }
+                Err(why) => {
+                    p.problem("REGISTRATION_EMAIL_DOMAINS", why);
+                    None
+                }
+            });
     AuthConfig {
         secret_key,
         secret_key_ephemeral,
         access_token_ttl: Duration::from_secs(access_minutes.clamp(1, 525_600) * 60),
         refresh_token_ttl: Duration::from_secs(refresh_days.clamp(1, 3650) * 86_400),
+        registration_open,
+        registration_domains,
     }
 }
 

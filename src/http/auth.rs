@@ -8,11 +8,13 @@ use http::StatusCode;
 use serde::Deserialize;
 use utoipa::ToSchema;
 
+use crate::auth::TokenPair;
 use crate::auth::users::{self, Registration, User};
-use crate::auth::{AuthUser, TokenPair};
 use crate::config::Endpoint;
 use crate::error::{ApiError, ErrorEnvelope};
-use crate::http::extract::{ApiJson, BodyKind, body_kind, parse_form, parse_json, read_body};
+use crate::http::extract::{
+    ApiJson, BodyKind, SessionUser, body_kind, parse_form, parse_json, read_body,
+};
 use crate::http::ratelimit::{ClientIp, most_restrictive, rejection, set_headers};
 use crate::ratelimit::Subject;
 use crate::state::AppState;
@@ -84,6 +86,7 @@ pub struct RefreshRequest {
     request_body = RegisterRequest,
     responses(
         (status = 201, description = "Created", body = User),
+        (status = 403, description = "Registration closed, or the email's domain is not allowed", body = ErrorEnvelope),
         (status = 409, description = "Email already registered", body = ErrorEnvelope),
         (status = 422, description = "Invalid email or password", body = ErrorEnvelope),
     )
@@ -92,6 +95,29 @@ pub async fn register_user(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<RegisterRequest>,
 ) -> Result<(StatusCode, Json<User>), ApiError> {
+    let auth = &state.config.auth;
+    if !auth.registration_open {
+        return Err(ApiError::Forbidden {
+            message: "registration is closed: ask an administrator for an account".into(),
+            code: "registration_closed",
+        });
+    }
+    if let Some(domains) = &auth.registration_domains {
+        let domain = body
+            .email
+            .trim()
+            .rsplit_once('@')
+            .map(|(_, domain)| domain.to_lowercase());
+        if !domain.is_some_and(|d| domains.contains(&d)) {
+            return Err(ApiError::Forbidden {
+                message: format!(
+                    "registration is open to email addresses at {} only",
+                    domains.join(", ")
+                ),
+                code: "email_domain_not_allowed",
+            });
+        }
+    }
     let user = users::create_user(
         &state.store,
         &state.passwords,
@@ -162,9 +188,13 @@ pub async fn login_user(
     responses(
         (status = 200, description = "The user", body = User),
         (status = 401, description = "Missing or invalid token", body = ErrorEnvelope),
+        (status = 403, description = "An API key (account endpoints take an access token)", body = ErrorEnvelope),
     )
 )]
-pub async fn get_me(State(state): State<AppState>, auth: AuthUser) -> Result<Json<User>, ApiError> {
+pub async fn get_me(
+    State(state): State<AppState>,
+    SessionUser(auth): SessionUser,
+) -> Result<Json<User>, ApiError> {
     state.sessions().me(auth.id).await.map(Json)
 }
 
@@ -201,7 +231,7 @@ pub async fn refresh_token(
 )]
 pub async fn logout_user(
     State(state): State<AppState>,
-    auth: AuthUser,
+    SessionUser(auth): SessionUser,
     ApiJson(body): ApiJson<RefreshRequest>,
 ) -> Result<StatusCode, ApiError> {
     state

@@ -20,6 +20,8 @@ use utoipa_swagger_ui::SwaggerUi;
         (name = "chat", description = "The OpenAI-compatible relay"),
         (name = "responses", description = "The Responses API; stored responses are served to their creator only"),
         (name = "usage", description = "What each request cost, in tokens"),
+        (name = "api-keys", description = "API keys for servers: a Bearer credential for chat, responses, embeddings, models and usage (not for /auth or /admin)"),
+        (name = "admin", description = "The owner's control: users, revocation, everyone's usage (admins only, with an access token)"),
         (name = "health", description = "Health checks"),
     )
 )]

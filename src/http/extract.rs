@@ -20,6 +20,7 @@ use http::{HeaderMap, HeaderValue};
 use serde::de::DeserializeOwned;
 
 use crate::auth::AuthUser;
+use crate::auth::api_keys::looks_like_key;
 use crate::context::RequestContext;
 use crate::error::ApiError;
 use crate::state::AppState;
@@ -46,20 +47,43 @@ pub fn bearer_token(headers: &HeaderMap) -> Result<&str, ApiError> {
     }
 }
 
-/// Verifies the request's access token (in memory), checks that its user still exists and is
-/// active (a cache refreshed every few seconds, see `auth::status`), and records the user on
-/// the request's context.
+/// Verifies the request's credential — an access token (in memory) or an API key (its tag in
+/// memory, its state in a cache, see `auth::api_keys`) — checks that its user still exists, is
+/// active and was not revoked since (a cache refreshed every few seconds, see `auth::status`),
+/// and records the user (and key) on the request's context.
 pub async fn authenticate(parts: &Parts, state: &AppState) -> Result<AuthUser, ApiError> {
     let token = bearer_token(&parts.headers)?;
+    let ctx = parts.extensions.get::<Arc<RequestContext>>();
+    if looks_like_key(token) {
+        let owner = state.keys.owner(token).await?;
+        if let Some(ctx) = ctx {
+            ctx.set_user(owner.user_id);
+            ctx.set_api_key(owner.key_id);
+        }
+        let standing = state.users.check(owner.user_id).await?;
+        return Ok(AuthUser {
+            id: owner.user_id,
+            is_admin: standing.is_admin,
+            api_key: Some(owner.key_id),
+            token_limit: standing.token_limit,
+        });
+    }
     let access = state.jwt.verify_access(token)?;
-    if let Some(ctx) = parts.extensions.get::<Arc<RequestContext>>() {
+    if let Some(ctx) = ctx {
         ctx.set_user(access.user_id);
     }
-    let token_limit = state.users.check(access.user_id).await?;
+    let standing = state.users.check(access.user_id).await?;
+    if standing.revoked(access.iat) {
+        return Err(ApiError::unauthorized(
+            "this session has been revoked; log in again",
+            "token_revoked",
+        ));
+    }
     Ok(AuthUser {
         id: access.user_id,
-        is_admin: access.is_admin,
-        token_limit,
+        is_admin: standing.is_admin,
+        api_key: None,
+        token_limit: standing.token_limit,
     })
 }
 
@@ -67,11 +91,50 @@ impl FromRequestParts<AppState> for AuthUser {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        // A rate-limit layer keyed by user has verified the token already.
+        // A rate-limit layer keyed by user has verified the credential already.
         match parts.extensions.get::<AuthUser>() {
             Some(user) => Ok(*user),
             None => authenticate(parts, state).await,
         }
+    }
+}
+
+/// The caller of an account endpoint (`/auth/*`, `/admin/*`): an access token only. An API key
+/// there is a `403`: a leaked server key must not manage the account that owns it.
+pub struct SessionUser(pub AuthUser);
+
+impl FromRequestParts<AppState> for SessionUser {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let user = AuthUser::from_request_parts(parts, state).await?;
+        if user.api_key.is_some() {
+            return Err(ApiError::Forbidden {
+                message: "API keys cannot be used on account endpoints; log in with a password"
+                    .into(),
+                code: "api_key_not_allowed",
+            });
+        }
+        Ok(SessionUser(user))
+    }
+}
+
+/// The caller of an admin endpoint: an access token of a user who is an admin now (checked
+/// against the user's current state, not the token's claim); others get a `403`.
+pub struct AdminUser(pub AuthUser);
+
+impl FromRequestParts<AppState> for AdminUser {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let SessionUser(user) = SessionUser::from_request_parts(parts, state).await?;
+        if !user.is_admin {
+            return Err(ApiError::Forbidden {
+                message: "this endpoint is for admins".into(),
+                code: "admin_only",
+            });
+        }
+        Ok(AdminUser(user))
     }
 }
 

@@ -315,7 +315,7 @@ fn record_usage(sink: &UsageSink, ctx: &RequestContext, status: StatusCode, comp
     sink.record(PendingRecord {
         record: UsageRecord {
             user_id,
-            api_key_id: None,
+            api_key_id: ctx.api_key(),
             endpoint: call.endpoint,
             model: recorded_model(&call.model),
             prompt_tokens: usage.prompt_tokens,

@@ -33,6 +33,8 @@
 //! | `ratelimit::Deferred` (request) | `ratelimit::limit` on metered routes (chat, responses, embeddings) for a user a token limit applies to | the `Admission` extractor → `ratelimit::admit`, which makes the request check with the token reservation; `limit` again when the handler answered without it |
 //! | `ErrorDetail` (response) | `ApiError::into_response` for 500 and 503 | `observe`, which logs it with the request id and removes it |
 
+pub mod admin;
+pub mod api_keys;
 pub mod auth;
 pub mod chat;
 pub mod deadline;
@@ -107,7 +109,18 @@ fn routes(state: Option<&AppState>) -> OpenApiRouter<AppState> {
     let refresh = OpenApiRouter::new().routes(routes!(auth::refresh_token));
     let account = OpenApiRouter::new()
         .routes(routes!(auth::get_me))
-        .routes(routes!(auth::logout_user));
+        .routes(routes!(auth::logout_user))
+        .routes(routes!(api_keys::create_api_key, api_keys::list_api_keys))
+        .routes(routes!(api_keys::delete_api_key));
+    let admin = OpenApiRouter::new()
+        .routes(routes!(admin::list_users))
+        .routes(routes!(
+            admin::get_user,
+            admin::patch_user,
+            admin::delete_user
+        ))
+        .routes(routes!(admin::revoke_user))
+        .routes(routes!(admin::get_admin_usage));
     let usage = OpenApiRouter::new().routes(routes!(usage::get_usage));
     let auth = OpenApiRouter::new()
         .routes(routes!(auth::login_user))
@@ -141,6 +154,12 @@ fn routes(state: Option<&AppState>) -> OpenApiRouter<AppState> {
         auth.merge(limited(metered, Endpoint::Chat, KeyBy::User, true))
             .merge(limited(stored, Endpoint::Chat, KeyBy::User, false))
             .merge(limited(usage, Endpoint::Account, KeyBy::User, false))
+            .merge(limited(admin, Endpoint::Account, KeyBy::User, false).layer(
+                SetResponseHeaderLayer::overriding(
+                    header::CACHE_CONTROL,
+                    HeaderValue::from_static("no-store"),
+                ),
+            ))
             .merge(limited(models, Endpoint::Models, KeyBy::User, false))
             .merge(health),
     )

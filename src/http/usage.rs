@@ -10,6 +10,7 @@ use crate::auth::AuthUser;
 use crate::error::{ApiError, ErrorEnvelope};
 use crate::state::AppState;
 use crate::store::{GroupBy, UsageSums};
+use uuid::Uuid;
 
 /// The longest range one call may sum (its day groups stay a few hundred).
 const MAX_RANGE_DAYS: i64 = 1000;
@@ -32,7 +33,8 @@ pub struct UsageTotals {
 /// One group of `GET /usage`.
 #[derive(Serialize, ToSchema)]
 pub struct UsageGroup {
-    /// The day (`YYYY-MM-DD`, UTC) or the model.
+    /// The day (`YYYY-MM-DD`, UTC), the model, the API key's id (`session`: an access token)
+    /// or the user's id.
     pub key: String,
     /// The group's counts.
     #[serde(flatten)]
@@ -50,7 +52,8 @@ pub struct UsageReport {
     pub to: DateTime<Utc>,
     /// Over the whole range.
     pub total: UsageTotals,
-    /// Per day or per model, sorted by key.
+    /// Per group: days and models sorted by key, keys and users the largest first; at most
+    /// 1,100.
     pub groups: Vec<UsageGroup>,
 }
 
@@ -63,12 +66,41 @@ fn totals(sums: &UsageSums) -> UsageTotals {
     }
 }
 
-/// The query, checked: `from`/`to` RFC 3339 (default: the last 30 days), `group_by`.
-fn parse_query(
+/// A usage query, checked.
+#[derive(Debug)]
+pub struct UsageQuery {
+    /// Start (inclusive).
+    pub from: DateTime<Utc>,
+    /// End (exclusive).
+    pub to: DateTime<Utc>,
+    /// Grouping.
+    pub group_by: GroupBy,
+    /// Whose records (admin only; `None`: everyone's).
+    pub user_id: Option<Uuid>,
+}
+
+/// Who asks: a user about themself (`/usage`) or an admin about anyone (`/admin/usage`, which
+/// also takes `user_id` and `group_by=user`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Asker {
+    /// `GET /usage`.
+    User,
+    /// `GET /admin/usage`.
+    Admin,
+}
+
+/// The query, checked: `from`/`to` RFC 3339 (default: the last 30 days), `group_by`, and for
+/// admins `user_id`.
+pub fn parse_query(
     query: Option<&str>,
     now: DateTime<Utc>,
-) -> Result<(DateTime<Utc>, DateTime<Utc>, GroupBy), ApiError> {
-    let (mut from, mut to, mut group_by) = (None, None, GroupBy::Day);
+    asker: Asker,
+) -> Result<UsageQuery, ApiError> {
+    let (mut from, mut to, mut group_by, mut user_id) = (None, None, GroupBy::Day, None);
+    let groups = match asker {
+        Asker::User => "day, model or api_key",
+        Asker::Admin => "day, model, api_key or user",
+    };
     for (key, value) in url::form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
         let time = |name: &str| {
             // An unencoded `+01:00` arrives as ` 01:00` (form decoding): take it as meant.
@@ -85,21 +117,32 @@ fn parse_query(
             "from" => from = Some(time("from")?),
             "to" => to = Some(time("to")?),
             "group_by" => {
-                group_by = match &*value {
-                    "day" => GroupBy::Day,
-                    "model" => GroupBy::Model,
+                group_by = match (&*value, asker) {
+                    ("day", _) => GroupBy::Day,
+                    ("model", _) => GroupBy::Model,
+                    ("api_key", _) => GroupBy::ApiKey,
+                    ("user", Asker::Admin) => GroupBy::User,
                     _ => {
                         return Err(ApiError::validation(
                             "group_by",
-                            "group_by must be day or model",
+                            format!("group_by must be {groups}"),
                         ));
                     }
                 };
             }
+            "user_id" if asker == Asker::Admin => {
+                user_id = Some(Uuid::parse_str(&value).map_err(|_| {
+                    ApiError::validation("user_id", "user_id must be a user's id (a UUID)")
+                })?);
+            }
             other => {
+                let takes = match asker {
+                    Asker::User => "/usage takes from, to and group_by",
+                    Asker::Admin => "/admin/usage takes user_id, from, to and group_by",
+                };
                 return Err(ApiError::validation(
                     other.chars().take(64).collect::<String>(),
-                    "unknown query parameter; /usage takes from, to and group_by",
+                    format!("unknown query parameter; {takes}"),
                 ));
             }
         }
@@ -115,7 +158,33 @@ fn parse_query(
             format!("the range may span at most {MAX_RANGE_DAYS} days"),
         ));
     }
-    Ok((from, to, group_by))
+    Ok(UsageQuery {
+        from,
+        to,
+        group_by,
+        user_id,
+    })
+}
+
+/// Sums `query`'s records in SQL and shapes the answer.
+pub async fn report(state: &AppState, query: UsageQuery) -> Result<UsageReport, ApiError> {
+    let (total, groups) = state
+        .store
+        .usage_summary(query.user_id, query.from, query.to, query.group_by)
+        .await?;
+    Ok(UsageReport {
+        object: "usage",
+        from: query.from,
+        to: query.to,
+        total: totals(&total),
+        groups: groups
+            .iter()
+            .map(|g| UsageGroup {
+                key: g.key.clone(),
+                totals: totals(g),
+            })
+            .collect(),
+    })
 }
 
 /// The caller's usage: totals and groups over a time range.
@@ -125,7 +194,7 @@ fn parse_query(
     params(
         ("from" = Option<String>, Query, description = "RFC 3339; default: 30 days before `to`"),
         ("to" = Option<String>, Query, description = "RFC 3339, exclusive; default: now"),
-        ("group_by" = Option<String>, Query, description = "`day` (UTC, the default) or `model`"),
+        ("group_by" = Option<String>, Query, description = "`day` (UTC, the default), `model`, or `api_key` (the key's id, or `session` for requests made with an access token)"),
     ),
     responses(
         (status = 200, description = "The caller's usage", body = UsageReport),
@@ -138,24 +207,9 @@ pub async fn get_usage(
     user: AuthUser,
     RawQuery(query): RawQuery,
 ) -> Result<Json<UsageReport>, ApiError> {
-    let (from, to, group_by) = parse_query(query.as_deref(), Utc::now())?;
-    let (total, groups) = state
-        .store
-        .usage_summary(user.id, from, to, group_by)
-        .await?;
-    Ok(Json(UsageReport {
-        object: "usage",
-        from,
-        to,
-        total: totals(&total),
-        groups: groups
-            .iter()
-            .map(|g| UsageGroup {
-                key: g.key.clone(),
-                totals: totals(g),
-            })
-            .collect(),
-    }))
+    let mut query = parse_query(query.as_deref(), Utc::now(), Asker::User)?;
+    query.user_id = Some(user.id);
+    report(&state, query).await.map(Json)
 }
 
 #[cfg(test)]
@@ -167,17 +221,31 @@ mod tests {
         let now = DateTime::parse_from_rfc3339("2026-12-01T12:00:00Z")
             .unwrap()
             .with_timezone(&Utc);
-        let (from, to, by) = parse_query(None, now).unwrap();
-        assert_eq!((to - from).num_days(), 30);
-        assert_eq!(to, now);
-        assert_eq!(by, GroupBy::Day);
-        let (from, _, by) =
-            parse_query(Some("from=2026-11-30T00:00:00%2B01:00&group_by=model"), now).unwrap();
-        assert_eq!(from.to_rfc3339(), "2026-11-29T23:00:00+00:00");
-        let (from, ..) = parse_query(Some("from=2026-11-30T00:00:00+01:00"), now).unwrap();
-        assert_eq!(from.to_rfc3339(), "2026-11-29T23:00:00+00:00");
-        assert_eq!(by, GroupBy::Model);
-        let param = |q: &str| match parse_query(Some(q), now) {
+        let q = parse_query(None, now, Asker::User).unwrap();
+        assert_eq!((q.to - q.from).num_days(), 30);
+        assert_eq!(q.to, now);
+        assert_eq!(q.group_by, GroupBy::Day);
+        let q = parse_query(
+            Some("from=2026-11-30T00:00:00%2B01:00&group_by=model"),
+            now,
+            Asker::User,
+        )
+        .unwrap();
+        assert_eq!(q.from.to_rfc3339(), "2026-11-29T23:00:00+00:00");
+        assert_eq!(q.group_by, GroupBy::Model);
+        let q = parse_query(Some("from=2026-11-30T00:00:00+01:00"), now, Asker::User).unwrap();
+        assert_eq!(q.from.to_rfc3339(), "2026-11-29T23:00:00+00:00");
+        let q = parse_query(Some("group_by=api_key"), now, Asker::User).unwrap();
+        assert_eq!(q.group_by, GroupBy::ApiKey);
+        let id = Uuid::new_v4();
+        let q = parse_query(
+            Some(&format!("user_id={id}&group_by=user")),
+            now,
+            Asker::Admin,
+        )
+        .unwrap();
+        assert_eq!((q.user_id, q.group_by), (Some(id), GroupBy::User));
+        let param = |q: &str| match parse_query(Some(q), now, Asker::User) {
             Err(ApiError::Validation { param, .. }) => param,
             other => panic!("{q}: {other:?}"),
         };
@@ -187,5 +255,10 @@ mod tests {
         assert_eq!(param("from=2026-12-02T00:00:00Z"), "from");
         assert_eq!(param("from=2020-01-01T00:00:00Z"), "from");
         assert_eq!(param("user_id=x"), "user_id");
+        assert_eq!(param(&format!("user_id={id}")), "user_id");
+        assert!(matches!(
+            parse_query(Some("user_id=nope"), now, Asker::Admin),
+            Err(ApiError::Validation { param, .. }) if param == "user_id"
+        ));
     }
 }

@@ -71,14 +71,16 @@ macro_rules! on_pool {
     };
 }
 
+mod api_keys;
 mod responses;
 mod tokens;
 mod usage;
 mod users;
 
+pub use api_keys::{ApiKeyRecord, NewApiKey};
 pub use tokens::{NewRefreshToken, Spend, SuccessorToken};
-pub use usage::{GroupBy, UsageRecord, UsageSums};
-pub use users::{NewUser, UserRecord};
+pub use usage::{GroupBy, SESSION_KEY, UsageRecord, UsageSums};
+pub use users::{AdminChange, NewUser, UserPatch, UserRecord};
 
 impl Store {
     /// Opens a pool for `database`. SQLite files are created if missing. Connections are made

@@ -89,7 +89,7 @@ impl Store {
     /// write, and fail with `SQLITE_BUSY` if another writer committed since its first read.)
     /// PostgreSQL: a plain `BEGIN` (READ COMMITTED), serialised per family by the row lock of
     /// [`Store::row_lock`] on the family's row.
-    fn begin_write(&self) -> &'static str {
+    pub(super) fn begin_write(&self) -> &'static str {
         match self {
             Store::Sqlite(_) => "BEGIN IMMEDIATE",
             Store::Postgres(_) => "BEGIN",
@@ -98,7 +98,7 @@ impl Store {
 
     /// What makes a `SELECT` lock the rows it reads until the transaction ends: `FOR UPDATE` on
     /// PostgreSQL; nothing on SQLite, whose write transactions hold the whole database already.
-    fn row_lock(&self) -> &'static str {
+    pub(super) fn row_lock(&self) -> &'static str {
         match self {
             Store::Sqlite(_) => "",
             Store::Postgres(_) => " FOR UPDATE",

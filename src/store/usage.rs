@@ -46,6 +46,23 @@ pub enum GroupBy {
     Day,
     /// By model.
     Model,
+    /// By user (the user's id); the largest first.
+    User,
+    /// By API key (the key's id, or `session` for requests made with an access token); the
+    /// largest first.
+    ApiKey,
+}
+
+/// The key a request made without an API key is grouped under.
+pub const SESSION_KEY: &str = "session";
+
+/// A 32-digit hex id as a hyphenated UUID (`lower(hex(id))` of a SQLite blob, or a PostgreSQL
+/// UUID without its hyphens); anything else unchanged.
+fn uuid_key(key: String) -> String {
+    match Uuid::try_parse(&key) {
+        Ok(id) => id.hyphenated().to_string(),
+        Err(_) => key,
+    }
 }
 
 /// Sums over a set of records.
@@ -106,43 +123,60 @@ impl Store {
         Ok(())
     }
 
-    /// `user`'s totals over `[from, to)`, and the same per day or per model (sorted by key).
+    /// Totals over `[from, to)` of `user`'s records (of everyone's when `None`), and the same
+    /// per group: sorted by key for days and models, the largest first for users and keys; at
+    /// most [`MAX_GROUPS`] groups.
     pub async fn usage_summary(
         &self,
-        user: Uuid,
+        user: Option<Uuid>,
         from: DateTime<Utc>,
         to: DateTime<Utc>,
         group_by: GroupBy,
     ) -> Result<(UsageSums, Vec<UsageSums>), StoreError> {
-        const RANGE: &str = "FROM usage_records WHERE user_id = $1 AND created_at >= $2 \
-                             AND created_at < $3";
-        let key = match (self, group_by) {
-            (_, GroupBy::Model) => "model",
+        let range = if user.is_some() {
+            "FROM usage_records WHERE created_at >= $1 AND created_at < $2 AND user_id = $3"
+        } else {
+            "FROM usage_records WHERE created_at >= $1 AND created_at < $2"
+        };
+        let sqlite = matches!(self, Store::Sqlite(_));
+        let key = match group_by {
+            GroupBy::Model => "model",
             // SQLite keeps timestamps as RFC 3339 text in UTC: the day is its first ten bytes.
-            (Store::Sqlite(_), GroupBy::Day) => "substr(created_at, 1, 10)",
-            (Store::Postgres(_), GroupBy::Day) => {
-                "to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD')"
+            GroupBy::Day if sqlite => "substr(created_at, 1, 10)",
+            GroupBy::Day => "to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
+            GroupBy::User if sqlite => "lower(hex(user_id))",
+            GroupBy::User => "replace(user_id::text, '-', '')",
+            GroupBy::ApiKey if sqlite => "coalesce(lower(hex(api_key_id)), '')",
+            GroupBy::ApiKey => "coalesce(replace(api_key_id::text, '-', ''), '')",
+        };
+        let order = match group_by {
+            GroupBy::Day | GroupBy::Model => "key".to_owned(),
+            GroupBy::User | GroupBy::ApiKey => {
+                "SUM(prompt_tokens) + SUM(completion_tokens) DESC, key".to_owned()
             }
         };
-        let total_sql = format!("SELECT '' AS key, {SUMS} {RANGE}");
+        let total_sql = format!("SELECT '' AS key, {SUMS} {range}");
         let groups_sql = format!(
-            "SELECT {key} AS key, {SUMS} {RANGE} GROUP BY {key} ORDER BY {key} LIMIT {MAX_GROUPS}"
+            "SELECT {key} AS key, {SUMS} {range} GROUP BY {key} ORDER BY {order} LIMIT {MAX_GROUPS}"
         );
-        let (total, groups) = on_pool!(self, pool => {
-            let total = sqlx::query_as::<_, UsageSums>(&total_sql)
-                .bind(user)
-                .bind(from)
-                .bind(to)
-                .fetch_one(pool)
-                .await?;
-            let groups = sqlx::query_as::<_, UsageSums>(&groups_sql)
-                .bind(user)
-                .bind(from)
-                .bind(to)
-                .fetch_all(pool)
-                .await?;
-            (total, groups)
+        let (total, mut groups) = on_pool!(self, pool => {
+            let mut total = sqlx::query_as::<_, UsageSums>(&total_sql).bind(from).bind(to);
+            let mut groups = sqlx::query_as::<_, UsageSums>(&groups_sql).bind(from).bind(to);
+            if let Some(user) = user {
+                total = total.bind(user);
+                groups = groups.bind(user);
+            }
+            (total.fetch_one(pool).await?, groups.fetch_all(pool).await?)
         });
+        if matches!(group_by, GroupBy::User | GroupBy::ApiKey) {
+            for group in &mut groups {
+                group.key = if group.key.is_empty() {
+                    SESSION_KEY.to_owned()
+                } else {
+                    uuid_key(std::mem::take(&mut group.key))
+                };
+            }
+        }
         Ok((total, groups))
     }
 

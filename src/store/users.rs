@@ -26,6 +26,35 @@ pub struct UserRecord {
     pub token_limit: Option<i64>,
     /// The window of `token_limit`, in seconds (the default window when `NULL`).
     pub token_limit_window: Option<i64>,
+    /// Access tokens issued at or before this time (Unix milliseconds) are refused: set when
+    /// every session of the user is revoked.
+    pub sessions_revoked_at: Option<i64>,
+}
+
+/// What an admin may change about a user; `None` leaves a field as it is.
+#[derive(Debug, Clone, Default)]
+pub struct UserPatch {
+    /// Activate or deactivate.
+    pub is_active: Option<bool>,
+    /// Grant or take admin rights.
+    pub is_admin: Option<bool>,
+    /// The display name (`Some(None)` clears it).
+    pub full_name: Option<Option<String>>,
+    /// The user's own token limit (`Some(None)`: back to `TOKEN_LIMIT`).
+    pub token_limit: Option<Option<i64>>,
+    /// Its window in seconds (`Some(None)`: back to `TOKEN_LIMIT_WINDOW`).
+    pub token_limit_window: Option<Option<i64>>,
+}
+
+/// The outcome of a change that must leave at least one active admin.
+#[derive(Debug)]
+pub enum AdminChange<T> {
+    /// Done.
+    Done(T),
+    /// No such user.
+    NotFound,
+    /// Refused: it would leave no active admin.
+    LastAdmin,
 }
 
 /// What `create_user` needs.
@@ -42,7 +71,19 @@ pub struct NewUser {
 }
 
 const USER_COLUMNS: &str = "id, email, password_hash, full_name, is_active, is_admin, created_at, \
-                            token_limit, token_limit_window";
+                            token_limit, token_limit_window, sessions_revoked_at";
+
+/// Escapes `%`, `_` and `\` for a `LIKE … ESCAPE '\'` pattern.
+fn like_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 2);
+    for c in text.chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
 
 impl Store {
     /// Inserts a user; an email that exists gives [`StoreError::Conflict`].
@@ -155,5 +196,161 @@ impl Store {
                 .await?;
         });
         Ok(())
+    }
+
+    /// Up to `limit` users in id order, after `after` (a cursor: the last id of the previous
+    /// page), whose email or name contains `query` (case-insensitively).
+    pub async fn list_users(
+        &self,
+        query: Option<&str>,
+        after: Option<Uuid>,
+        limit: u32,
+    ) -> Result<Vec<UserRecord>, StoreError> {
+        let pattern = query.map(|q| format!("%{}%", like_escape(&q.to_lowercase())));
+        let mut sql = format!("SELECT {USER_COLUMNS} FROM users WHERE TRUE");
+        if pattern.is_some() {
+            sql.push_str(
+                " AND (email LIKE $1 ESCAPE '\\' OR lower(coalesce(full_name, '')) LIKE $1 \
+                 ESCAPE '\\')",
+            );
+        }
+        if after.is_some() {
+            sql.push_str(if pattern.is_some() {
+                " AND id > $2"
+            } else {
+                " AND id > $1"
+            });
+        }
+        sql.push_str(&format!(" ORDER BY id LIMIT {limit}"));
+        let users = on_pool!(self, pool => {
+            let mut q = sqlx::query_as::<_, UserRecord>(&sql);
+            if let Some(pattern) = &pattern {
+                q = q.bind(pattern);
+            }
+            if let Some(after) = after {
+                q = q.bind(after);
+            }
+            q.fetch_all(pool).await?
+        });
+        Ok(users)
+    }
+
+    /// Applies `patch` to user `id`, unless it would leave no active admin (checked in the
+    /// same transaction, with the admins' rows locked, so that two admins demoting each other
+    /// at once cannot both succeed).
+    pub async fn update_user(
+        &self,
+        id: Uuid,
+        patch: &UserPatch,
+    ) -> Result<AdminChange<UserRecord>, StoreError> {
+        let removes_admin = patch.is_active == Some(false) || patch.is_admin == Some(false);
+        let now = Utc::now();
+        let lock = self.row_lock();
+        let admins_sql = format!("SELECT id FROM users WHERE is_admin AND is_active{lock}");
+        let select_sql = format!("SELECT {USER_COLUMNS} FROM users WHERE id = $1");
+        let update_sql = format!(
+            "UPDATE users SET is_active = $2, is_admin = $3, full_name = $4, token_limit = $5, \
+             token_limit_window = $6, updated_at = $7 WHERE id = $1 RETURNING {USER_COLUMNS}"
+        );
+        let change = on_pool!(self, pool => {
+            let mut tx = pool.begin_with(self.begin_write()).await?;
+            let admins: Vec<(Uuid,)> = if removes_admin {
+                sqlx::query_as(&admins_sql).fetch_all(&mut *tx).await?
+            } else {
+                Vec::new()
+            };
+            let current = sqlx::query_as::<_, UserRecord>(&select_sql)
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?;
+            match current {
+                None => AdminChange::NotFound,
+                Some(_) if admins.len() == 1 && admins[0].0 == id => AdminChange::LastAdmin,
+                Some(user) => {
+                    let updated = sqlx::query_as::<_, UserRecord>(&update_sql)
+                        .bind(id)
+                        .bind(patch.is_active.unwrap_or(user.is_active))
+                        .bind(patch.is_admin.unwrap_or(user.is_admin))
+                        .bind(patch.full_name.clone().unwrap_or(user.full_name))
+                        .bind(patch.token_limit.unwrap_or(user.token_limit))
+                        .bind(patch.token_limit_window.unwrap_or(user.token_limit_window))
+                        .bind(now)
+                        .fetch_one(&mut *tx)
+                        .await?;
+                    tx.commit().await?;
+                    AdminChange::Done(updated)
+                }
+            }
+        });
+        Ok(change)
+    }
+
+    /// Deletes user `id` (its sessions and API keys go with it), unless it is the last active
+    /// admin.
+    pub async fn delete_user(&self, id: Uuid) -> Result<AdminChange<()>, StoreError> {
+        let lock = self.row_lock();
+        let admins_sql = format!("SELECT id FROM users WHERE is_admin AND is_active{lock}");
+        let change = on_pool!(self, pool => {
+            let mut tx = pool.begin_with(self.begin_write()).await?;
+            let admins: Vec<(Uuid,)> = sqlx::query_as(&admins_sql).fetch_all(&mut *tx).await?;
+            if admins.len() == 1 && admins[0].0 == id {
+                AdminChange::LastAdmin
+            } else {
+                let deleted = sqlx::query("DELETE FROM users WHERE id = $1")
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                tx.commit().await?;
+                if deleted == 0 {
+                    AdminChange::NotFound
+                } else {
+                    AdminChange::Done(())
+                }
+            }
+        });
+        Ok(change)
+    }
+
+    /// Ends every session and API key of user `id`: its access tokens issued until now are
+    /// refused (`sessions_revoked_at`), its refresh-token families revoked and its API keys
+    /// deleted, in one transaction. `false` when there is no such user.
+    pub async fn revoke_user(&self, id: Uuid) -> Result<bool, StoreError> {
+        let now = Utc::now();
+        let found = on_pool!(self, pool => {
+            let mut tx = pool.begin_with(self.begin_write()).await?;
+            let found = sqlx::query(
+                "UPDATE users SET sessions_revoked_at = $2, updated_at = $3 WHERE id = $1",
+            )
+            .bind(id)
+            .bind(now.timestamp_millis())
+            .bind(now)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+                > 0;
+            sqlx::query(
+                "UPDATE refresh_families SET revoked_at = $2 \
+                 WHERE user_id = $1 AND revoked_at IS NULL",
+            )
+            .bind(id)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(
+                "UPDATE refresh_tokens SET revoked_at = $2 WHERE user_id = $1 AND revoked_at IS NULL",
+            )
+            .bind(id)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query("DELETE FROM api_keys WHERE user_id = $1")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            found
+        });
+        Ok(found)
     }
 }

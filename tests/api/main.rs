@@ -5,6 +5,8 @@
 
 mod support;
 
+mod admin;
+mod api_keys;
 mod auth;
 mod chat;
 mod hardening;

@@ -14,7 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 RELAY = Path(os.environ.get("RELAY_BIN", ROOT / "target" / "debug" / "relay"))
 SECRET = "python-sdk-tests-secret-key-0123456789abcdef"
-# Where the session's relay keeps its database (for `relay user set` in tests).
+# Where the session's relay keeps its database (for `relay user set` in tests) and its log.
 DATABASE = {}
 
 
@@ -37,10 +37,11 @@ def wait_for(url: str, proc: subprocess.Popen, timeout: float = 30.0) -> None:
     raise RuntimeError(f"{url} did not answer")
 
 
-def post_json(url: str, body: dict) -> dict:
-    req = urllib.request.Request(
-        url, data=json.dumps(body).encode(), headers={"content-type": "application/json"}
-    )
+def post_json(url: str, body: dict, token: str | None = None) -> dict:
+    headers = {"content-type": "application/json"}
+    if token:
+        headers["authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers)
     with urllib.request.urlopen(req) as resp:
         return json.load(resp)
 
@@ -69,9 +70,11 @@ def relay_url():
             "REDIS_URL": "",
             "RATE_LIMIT_REQUESTS": "100000",
             "RATE_LIMIT_CHAT_REQUESTS": "25",
-            "LOG_LEVEL": "warn",
+            "LOG_LEVEL": "info",
         }
-        relay = subprocess.Popen([str(RELAY), "serve"], env=env, cwd=tmp, stderr=subprocess.DEVNULL)
+        DATABASE["log"] = Path(tmp) / "relay.log"
+        log = open(DATABASE["log"], "wb")
+        relay = subprocess.Popen([str(RELAY), "serve"], env=env, cwd=tmp, stderr=log)
         procs.append(relay)
         try:
             base = f"http://127.0.0.1:{relay_port}"
@@ -82,6 +85,7 @@ def relay_url():
                 p.terminate()
             for p in procs:
                 p.wait(timeout=10)
+            log.close()
 
 
 @pytest.fixture(scope="session")

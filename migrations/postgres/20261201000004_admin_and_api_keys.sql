@@ -1,0 +1,16 @@
+-- Revocation: access tokens issued at or before this time (Unix milliseconds) are refused.
+ALTER TABLE users ADD COLUMN sessions_revoked_at BIGINT;
+
+-- API keys, for servers: only the SHA-256 of the key is stored, with a short visible prefix.
+CREATE TABLE api_keys (
+    id           UUID PRIMARY KEY,
+    user_id      UUID NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    name         TEXT NOT NULL,
+    key_hash     TEXT NOT NULL UNIQUE,
+    prefix       TEXT NOT NULL,
+    created_at   TIMESTAMPTZ NOT NULL,
+    expires_at   TIMESTAMPTZ,
+    last_used_at TIMESTAMPTZ
+);
+
+CREATE INDEX api_keys_user_id ON api_keys (user_id);
