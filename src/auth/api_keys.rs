@@ -175,7 +175,18 @@ impl ApiKeys {
         let hash = self.checked_hash(key).ok_or_else(invalid)?;
         let known = match self.cached(&hash) {
             Cached::Fresh(known) => known,
-            Cached::Stale(last) => self.read(hash, Some(last)).await?,
+            Cached::Stale(last) => {
+                // Should this request be dropped before the read ends, the entry is stale
+                // again for the next one (not trusted for another few seconds).
+                let renewal = Renewal {
+                    keys: self,
+                    hash,
+                    done: false,
+                };
+                let known = self.read(hash, Some(last)).await;
+                renewal.finish();
+                known?
+            }
             Cached::Unknown => self.read(hash, None).await?,
         };
         let known = known.ok_or_else(invalid)?;
@@ -273,12 +284,56 @@ impl ApiKeys {
         }
     }
 
-    /// Forgets every cached key (after a deletion on this replica, so that it bites at once
-    /// here; other replicas notice within [`KEY_TTL`]).
-    pub fn forget(&self) {
+    /// Forgets the cached keys that `keep` refuses.
+    fn forget_where(&self, forget: impl Fn(&KeyOwner) -> bool) {
         for shard in &self.shards {
             if let Ok(mut map) = shard.lock() {
-                map.clear();
+                map.retain(|_, entry| !entry.key.is_some_and(|k| forget(&k.owner)));
+            }
+        }
+    }
+
+    /// Forgets key `key_id` (deleted on this replica, so that it bites at once here; other
+    /// replicas notice within [`KEY_TTL`]).
+    pub fn forget_key(&self, key_id: Uuid) {
+        self.forget_where(|owner| owner.key_id == key_id);
+    }
+
+    /// Forgets every key of `user_id` (revoked or deleted on this replica).
+    pub fn forget_user(&self, user_id: Uuid) {
+        self.forget_where(|owner| owner.user_id == user_id);
+    }
+}
+
+/// A stale entry being read again: dropped unfinished (the request was cancelled), it makes the
+/// entry stale again.
+struct Renewal<'a> {
+    keys: &'a ApiKeys,
+    hash: [u8; 32],
+    done: bool,
+}
+
+impl Renewal<'_> {
+    fn finish(mut self) {
+        self.done = true;
+    }
+}
+
+impl Drop for Renewal<'_> {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        if let Ok(mut map) = self.keys.shard(&self.hash).lock() {
+            match Instant::now().checked_sub(KEY_TTL) {
+                Some(stale) => {
+                    if let Some(entry) = map.get_mut(&self.hash) {
+                        entry.read_at = stale;
+                    }
+                }
+                None => {
+                    map.remove(&self.hash);
+                }
             }
         }
     }

@@ -23,6 +23,8 @@ pub struct AuthUser {
     pub is_admin: bool,
     /// The API key the request came with (`None`: an access token).
     pub api_key: Option<Uuid>,
+    /// When the access token was issued, in seconds since the epoch (`None`: an API key).
+    pub issued_at: Option<i64>,
     /// The user's own token limit, if one is set (from `auth::status`, a few seconds old at
     /// most).
     pub token_limit: Option<UserTokenLimit>,

@@ -111,8 +111,19 @@ impl UserStatus {
     pub async fn check(&self, user: Uuid) -> Result<Standing, ApiError> {
         let state = match self.cached(user) {
             Cached::Fresh(state) => state,
-            // One request reads it again; the others meanwhile use the state it had.
-            Cached::Stale(state) => self.refresh(user, Some(state)).await,
+            // One request reads it again; the others meanwhile use the state it had. Should
+            // that request be dropped before the read ends, the entry is stale again for the
+            // next one (not trusted for another few seconds).
+            Cached::Stale(state) => {
+                let renewal = Renewal {
+                    status: self,
+                    user,
+                    done: false,
+                };
+                let state = self.refresh(user, Some(state)).await;
+                renewal.finish();
+                state
+            }
             Cached::Unknown => self.refresh(user, None).await,
         };
         match state {
@@ -188,4 +199,38 @@ enum Cached {
     Fresh(State),
     Stale(State),
     Unknown,
+}
+
+/// A stale entry being read again: dropped unfinished (the request was cancelled), it makes the
+/// entry stale again.
+struct Renewal<'a> {
+    status: &'a UserStatus,
+    user: Uuid,
+    done: bool,
+}
+
+impl Renewal<'_> {
+    fn finish(mut self) {
+        self.done = true;
+    }
+}
+
+impl Drop for Renewal<'_> {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        if let Ok(mut map) = self.status.shard(self.user).lock() {
+            match Instant::now().checked_sub(STATUS_TTL) {
+                Some(stale) => {
+                    if let Some((at, _)) = map.get_mut(&self.user) {
+                        *at = stale;
+                    }
+                }
+                None => {
+                    map.remove(&self.user);
+                }
+            }
+        }
+    }
 }

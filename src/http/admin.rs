@@ -267,7 +267,7 @@ pub async fn revoke_user(
         return Err(ApiError::NotFound);
     }
     state.users.forget(id);
-    state.keys.forget();
+    state.keys.forget_user(id);
     tracing::info!(admin_id = %admin.id, user_id = %id, "user's sessions and keys revoked");
     Ok(StatusCode::NO_CONTENT)
 }
@@ -296,7 +296,7 @@ pub async fn delete_user(
         AdminChange::LastAdmin => return Err(last_admin()),
     }
     state.users.forget(id);
-    state.keys.forget();
+    state.keys.forget_user(id);
     tracing::info!(admin_id = %admin.id, user_id = %id, "user deleted by an admin");
     Ok(StatusCode::NO_CONTENT)
 }

@@ -12,7 +12,7 @@ use uuid::Uuid;
 use crate::error::{ApiError, ErrorEnvelope};
 use crate::http::extract::{ApiJson, SessionUser};
 use crate::state::AppState;
-use crate::store::{ApiKeyRecord, NewApiKey};
+use crate::store::{ApiKeyRecord, KeyCreation, NewApiKey};
 
 /// Keys one user may hold.
 pub const MAX_KEYS_PER_USER: i64 = 100;
@@ -127,7 +127,8 @@ pub async fn create_api_key(
         }
     };
     let minted = state.keys.mint();
-    let record = state
+    let issued_at_ms = user.issued_at.unwrap_or(0).saturating_mul(1000);
+    let created = state
         .store
         .create_api_key(
             NewApiKey {
@@ -139,13 +140,25 @@ pub async fn create_api_key(
                 expires_at,
             },
             MAX_KEYS_PER_USER,
+            issued_at_ms,
         )
-        .await?
-        .ok_or_else(|| {
-            ApiError::Conflict(format!(
+        .await?;
+    let record = match created {
+        KeyCreation::Created(record) => record,
+        KeyCreation::TooMany => {
+            return Err(ApiError::Conflict(format!(
                 "you hold {MAX_KEYS_PER_USER} API keys already; delete one first"
-            ))
-        })?;
+            )));
+        }
+        // Revoked or deactivated since this token was issued (the status cache on this
+        // replica had not seen it yet).
+        KeyCreation::Refused => {
+            return Err(ApiError::unauthorized(
+                "this session has been revoked; log in again",
+                "token_revoked",
+            ));
+        }
+    };
     tracing::info!(user_id = %user.id, api_key_id = %record.id, "API key created");
     Ok((
         StatusCode::CREATED,
@@ -203,7 +216,7 @@ pub async fn delete_api_key(
         return Err(ApiError::NotFound);
     }
     // At once on this replica; the others within the key cache's few seconds.
-    state.keys.forget();
+    state.keys.forget_key(id);
     tracing::info!(user_id = %user.id, api_key_id = %id, "API key deleted");
     Ok(StatusCode::NO_CONTENT)
 }

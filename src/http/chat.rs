@@ -108,6 +108,15 @@ async fn relay_chat(
     )?;
     let limited = default_output(state, user).is_some();
     let worst = if limited {
+        if let Some(param) = chat.unbounded {
+            return Err(ApiError::validation(
+                param,
+                format!(
+                    "with a token limit on, relay cannot bound what {param} costs (web search \
+                     results count as prompt): leave it out, or search in your own function tool"
+                ),
+            ));
+        }
         worst_case(&chat.body, chat.max_output)?
     } else {
         0

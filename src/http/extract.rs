@@ -65,6 +65,7 @@ pub async fn authenticate(parts: &Parts, state: &AppState) -> Result<AuthUser, A
             id: owner.user_id,
             is_admin: standing.is_admin,
             api_key: Some(owner.key_id),
+            issued_at: None,
             token_limit: standing.token_limit,
         });
     }
@@ -83,6 +84,7 @@ pub async fn authenticate(parts: &Parts, state: &AppState) -> Result<AuthUser, A
         id: access.user_id,
         is_admin: standing.is_admin,
         api_key: None,
+        issued_at: Some(access.iat),
         token_limit: standing.token_limit,
     })
 }

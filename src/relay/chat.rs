@@ -35,6 +35,9 @@ pub struct PreparedChat {
     pub model: String,
     /// The most output tokens the answer may have (`n` × the cap), when it is capped.
     pub max_output: Option<u64>,
+    /// A field whose cost the body's size does not bound (`web_search_options`: the search
+    /// results count as prompt), refused while a token limit applies.
+    pub unbounded: Option<&'static str>,
 }
 
 /// The top-level fields relay reads; every other field is forwarded as it came.
@@ -48,6 +51,7 @@ const FIELDS: &[&str] = &[
     "n",
     "max_tokens",
     "max_completion_tokens",
+    "web_search_options",
 ];
 
 /// Each message must be an object with a non-empty string `role` (given once).
@@ -172,12 +176,18 @@ pub fn prepare(
         default_output,
     )
     .map(|cap| cap.saturating_mul(body::whole(&body, "n").unwrap_or(1)));
+    let unbounded = (!matches!(
+        body.scalar("web_search_options"),
+        Scalar::Absent | Scalar::Null
+    ))
+    .then_some("web_search_options");
     Ok(PreparedChat {
         body: edits.apply(&original),
         stream,
         forward_usage,
         model,
         max_output,
+        unbounded,
     })
 }
 

@@ -41,15 +41,31 @@ pub struct NewApiKey {
     pub expires_at: Option<DateTime<Utc>>,
 }
 
+/// What became of a key creation.
+#[derive(Debug)]
+pub enum KeyCreation {
+    /// Stored.
+    Created(ApiKeyRecord),
+    /// The owner holds the most keys allowed already.
+    TooMany,
+    /// The owner is gone, deactivated, or had every session revoked after the caller's
+    /// access token was issued: that token may not make keys any more.
+    Refused,
+}
+
 const KEY_COLUMNS: &str = "id, user_id, name, prefix, created_at, expires_at, last_used_at";
 
 impl Store {
-    /// Stores a new key, unless its owner has `max_per_user` already (`Ok(None)` then).
+    /// Stores a new key for a caller whose access token was issued at `issued_at_ms`, unless
+    /// the owner holds `max_per_user` already, or is inactive or revoked since that token was
+    /// issued (checked under the owner's row lock, so that a revocation running at the same
+    /// time either comes first and refuses this, or comes after and deletes the key).
     pub async fn create_api_key(
         &self,
         key: NewApiKey,
         max_per_user: i64,
-    ) -> Result<Option<ApiKeyRecord>, StoreError> {
+        issued_at_ms: i64,
+    ) -> Result<KeyCreation, StoreError> {
         let now = Utc::now();
         let insert = format!(
             "INSERT INTO api_keys (id, user_id, name, key_hash, prefix, created_at, expires_at) \
@@ -57,9 +73,13 @@ impl Store {
         );
         let record = on_pool!(self, pool => {
             let mut tx = pool.begin_with(self.begin_write()).await?;
-            // The owner's row, locked: two creations at once cannot both pass the count.
-            let owner = format!("SELECT id FROM users WHERE id = $1{}", self.row_lock());
-            let exists: Option<(Uuid,)> = sqlx::query_as(&owner)
+            // The owner's row, locked: two creations at once cannot both pass the count, and a
+            // revocation cannot slip between the check and the insert.
+            let owner = format!(
+                "SELECT is_active, sessions_revoked_at FROM users WHERE id = $1{}",
+                self.row_lock()
+            );
+            let state: Option<(bool, Option<i64>)> = sqlx::query_as(&owner)
                 .bind(key.user_id)
                 .fetch_optional(&mut *tx)
                 .await?;
@@ -67,8 +87,13 @@ impl Store {
                 .bind(key.user_id)
                 .fetch_one(&mut *tx)
                 .await?;
-            if exists.is_none() || count >= max_per_user {
-                None
+            let allowed = state.is_some_and(|(active, revoked)| {
+                active && revoked.is_none_or(|at| issued_at_ms > at)
+            });
+            if !allowed {
+                KeyCreation::Refused
+            } else if count >= max_per_user {
+                KeyCreation::TooMany
             } else {
                 let record = sqlx::query_as::<_, ApiKeyRecord>(&insert)
                     .bind(key.id)
@@ -81,7 +106,7 @@ impl Store {
                     .fetch_one(&mut *tx)
                     .await?;
                 tx.commit().await?;
-                Some(record)
+                KeyCreation::Created(record)
             }
         });
         Ok(record)

@@ -77,7 +77,7 @@ mod tokens;
 mod usage;
 mod users;
 
-pub use api_keys::{ApiKeyRecord, NewApiKey};
+pub use api_keys::{ApiKeyRecord, KeyCreation, NewApiKey};
 pub use tokens::{NewRefreshToken, Spend, SuccessorToken};
 pub use usage::{GroupBy, SESSION_KEY, UsageRecord, UsageSums};
 pub use users::{AdminChange, NewUser, UserPatch, UserRecord};

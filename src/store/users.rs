@@ -246,8 +246,12 @@ impl Store {
         let removes_admin = patch.is_active == Some(false) || patch.is_admin == Some(false);
         let now = Utc::now();
         let lock = self.row_lock();
-        let admins_sql = format!("SELECT id FROM users WHERE is_admin AND is_active{lock}");
-        let select_sql = format!("SELECT {USER_COLUMNS} FROM users WHERE id = $1");
+        // In id order, so that two such transactions lock the admins' rows in the same order.
+        let admins_sql =
+            format!("SELECT id FROM users WHERE is_admin AND is_active ORDER BY id{lock}");
+        // Locked too: a concurrent change of other fields must not be overwritten with what
+        // this one read.
+        let select_sql = format!("SELECT {USER_COLUMNS} FROM users WHERE id = $1{lock}");
         let update_sql = format!(
             "UPDATE users SET is_active = $2, is_admin = $3, full_name = $4, token_limit = $5, \
              token_limit_window = $6, updated_at = $7 WHERE id = $1 RETURNING {USER_COLUMNS}"
@@ -289,7 +293,8 @@ impl Store {
     /// admin.
     pub async fn delete_user(&self, id: Uuid) -> Result<AdminChange<()>, StoreError> {
         let lock = self.row_lock();
-        let admins_sql = format!("SELECT id FROM users WHERE is_admin AND is_active{lock}");
+        let admins_sql =
+            format!("SELECT id FROM users WHERE is_admin AND is_active ORDER BY id{lock}");
         let change = on_pool!(self, pool => {
             let mut tx = pool.begin_with(self.begin_write()).await?;
             let admins: Vec<(Uuid,)> = sqlx::query_as(&admins_sql).fetch_all(&mut *tx).await?;
@@ -315,20 +320,38 @@ impl Store {
     /// Ends every session and API key of user `id`: its access tokens issued until now are
     /// refused (`sessions_revoked_at`), its refresh-token families revoked and its API keys
     /// deleted, in one transaction. `false` when there is no such user.
+    ///
+    /// The time is read once the user's row and families are locked: a refresh or a key
+    /// creation that got in first has committed by then (its access token was issued before
+    /// that time, and is refused), and one that comes later waits for this transaction and
+    /// finds its family revoked or the user's revocation.
     pub async fn revoke_user(&self, id: Uuid) -> Result<bool, StoreError> {
-        let now = Utc::now();
+        let lock = self.row_lock();
+        let lock_user = format!("SELECT id FROM users WHERE id = $1{lock}");
+        let lock_families = format!(
+            "SELECT id FROM refresh_families WHERE user_id = $1 AND revoked_at IS NULL \
+             ORDER BY id{lock}"
+        );
         let found = on_pool!(self, pool => {
             let mut tx = pool.begin_with(self.begin_write()).await?;
-            let found = sqlx::query(
-                "UPDATE users SET sessions_revoked_at = $2, updated_at = $3 WHERE id = $1",
-            )
-            .bind(id)
-            .bind(now.timestamp_millis())
-            .bind(now)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected()
-                > 0;
+            let user: Option<(Uuid,)> = sqlx::query_as(&lock_user)
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?;
+            if user.is_none() {
+                return Ok(false);
+            }
+            let _: Vec<(Uuid,)> = sqlx::query_as(&lock_families)
+                .bind(id)
+                .fetch_all(&mut *tx)
+                .await?;
+            let now = Utc::now();
+            sqlx::query("UPDATE users SET sessions_revoked_at = $2, updated_at = $3 WHERE id = $1")
+                .bind(id)
+                .bind(now.timestamp_millis())
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
             sqlx::query(
                 "UPDATE refresh_families SET revoked_at = $2 \
                  WHERE user_id = $1 AND revoked_at IS NULL",
@@ -349,7 +372,7 @@ impl Store {
                 .execute(&mut *tx)
                 .await?;
             tx.commit().await?;
-            found
+            true
         });
         Ok(found)
     }

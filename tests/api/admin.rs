@@ -77,6 +77,7 @@ on_both_databases!(
     the_last_active_admin_cannot_remove_themself,
     revoke_ends_every_session_and_key,
     the_cli_lists_sets_and_revokes,
+    concurrent_patches_of_different_fields_both_stick,
 );
 
 #[tokio::test]
@@ -812,4 +813,26 @@ async fn deactivation_and_key_deletion_bite_on_a_second_relay_process_within_5_s
     )
     .await;
     eprintln!("deactivation seen by the other replica after {took:?}");
+}
+
+async fn concurrent_patches_of_different_fields_both_stick(db: Db) {
+    let app = spawn_app(db).await;
+    let admin = admin_token(&app, "racer@example.com").await;
+    app.register("target@example.com", "password-123").await;
+    let id = app.stored_user("target@example.com").await.id.to_string();
+    for round in 0..15 {
+        let name = format!("name {round}");
+        let limit = 1000 + round;
+        let (a, b) = tokio::join!(
+            patch(&app, &admin, &id, json!({"full_name": name})),
+            patch(&app, &admin, &id, json!({"token_limit": limit})),
+        );
+        assert_eq!((a.status().as_u16(), b.status().as_u16()), (200, 200));
+        let user = app.stored_user("target@example.com").await;
+        assert_eq!(
+            (user.full_name.as_deref(), user.token_limit),
+            (Some(name.as_str()), Some(i64::from(limit))),
+            "round {round}: one change overwrote the other"
+        );
+    }
 }

@@ -276,7 +276,8 @@ async fn a_user_holds_at_most_100_keys() {
             prefix: "rk-test".into(),
             expires_at: None,
         };
-        assert!(app.store.create_api_key(key, 100).await.unwrap().is_some());
+        let created = app.store.create_api_key(key, 100, i64::MAX).await.unwrap();
+        assert!(matches!(created, relay::store::KeyCreation::Created(_)));
     }
     let resp = app
         .post_json_authed("/auth/api-keys", &token, &json!({"name": "one more"}))
@@ -330,4 +331,28 @@ async fn keys_never_reach_the_log() {
     // The secret part never appears; the log knows keys by id.
     assert!(relay.logged(&key[12..]).is_none(), "the key was logged");
     assert!(relay.logged("sk-upstream-secret").is_none());
+}
+
+#[tokio::test]
+async fn a_token_revoked_elsewhere_cannot_make_a_key_that_outlives_the_revocation() {
+    // The revocation comes from another replica (or the CLI): this relay's status cache still
+    // trusts the token for up to 3 s. A key made with it in that window must not survive.
+    let app = spawn_app(Db::Sqlite).await;
+    let (token, _) = app.user_tokens("stolen@example.com").await;
+    assert_eq!(app.chat(&token, &hello()).await.status(), 200);
+    let user = app.stored_user("stolen@example.com").await.id;
+    assert!(app.store.revoke_user(user).await.unwrap());
+    let resp = app
+        .post_json_authed("/auth/api-keys", &token, &json!({"name": "backdoor"}))
+        .await;
+    assert_eq!(resp.status(), 401);
+    let err: Value = resp.json().await.unwrap();
+    assert_eq!(err["error"]["code"], "token_revoked");
+    assert!(app.store.list_api_keys(user).await.unwrap().is_empty());
+    // And the token itself stops within the cache's 3 s.
+    let start = Instant::now();
+    while app.chat(&token, &hello()).await.status() != 401 {
+        assert!(start.elapsed() < Duration::from_secs(5));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

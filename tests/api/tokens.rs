@@ -306,6 +306,17 @@ async fn stored_context_is_refused_while_a_token_limit_applies() {
         let err: Value = resp.json().await.unwrap();
         assert_eq!(err["error"]["param"], param);
     }
+    // Chat's web search: its results count as prompt, which the body does not bound.
+    let search = json!({"model": "mock-echo", "web_search_options": {},
+        "messages": [{"role": "user", "content": "news?"}]});
+    let resp = app.chat(&token, &search).await;
+    assert_eq!(resp.status(), 422);
+    let err: Value = resp.json().await.unwrap();
+    assert_eq!(err["error"]["param"], "web_search_options");
+    // Without a token limit, it goes through as it came.
+    let open = spawn_app_with(Db::Sqlite, &[("REDIS_URL", "")]).await;
+    let (token, _) = open.user_tokens("searcher@example.com").await;
+    assert_eq!(open.chat(&token, &search).await.status(), 200);
 }
 
 #[tokio::test]
