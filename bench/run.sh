@@ -37,8 +37,9 @@ taskset -c "$LOAD_CPU" "$RELAY" mock-upstream --port "$PACED_MOCK" --chunks 20 -
 
 # Every relay shares one database, as replicas do: a token is only good where its user exists.
 # They start one after another, so that only the first applies the migrations.
-start_relay() { # port upstream-port log-level [redis-url [token-limit]]
+start_relay() { # port upstream-port log-level [redis-url [token-limit [metrics-enabled]]]
   (cd "$TMP" && exec env -i PATH="$PATH" HOST=127.0.0.1 PORT="$1" TOKEN_LIMIT="${5:-0}" TOKEN_LIMIT_WINDOW=1 \
+    METRICS_ENABLED="${6:-true}" \
     SECRET_KEY=bench-secret-key-bench-secret-key-0123456789 OPENAI_API_KEY=sk-bench \
     OPENAI_BASE_URL="http://127.0.0.1:$2/v1" DATABASE_URL="sqlite://$TMP/relay.db" \
     REDIS_URL="${4:-}" RATE_LIMIT_KEY_PREFIX="bench-$$" \
@@ -62,6 +63,11 @@ TOKENS_PORT=$((BASE_PORT + 14)); TOKENS_REDIS_PORT=$((BASE_PORT + 15))
 start_relay "$TOKENS_PORT" "$MOCK" warn "" 1000000000; TOKENS_PID=$!; PIDS+=($TOKENS_PID)
 wait_http "http://127.0.0.1:$TOKENS_PORT/api/v1/health"
 start_relay "$TOKENS_REDIS_PORT" "$MOCK" warn "$REDIS" 1000000000; TOKENS_REDIS_PID=$!; PIDS+=($TOKENS_REDIS_PID)
+wait_http "http://127.0.0.1:$TOKENS_REDIS_PORT/api/v1/health"
+# And one without metrics (METRICS_ENABLED=false), to weigh what recording them costs.
+NOMETRICS_PORT=$((BASE_PORT + 16))
+start_relay "$NOMETRICS_PORT" "$MOCK" warn "" 0 false; NOMETRICS_PID=$!; PIDS+=($NOMETRICS_PID)
+wait_http "http://127.0.0.1:$NOMETRICS_PORT/api/v1/health"
 
 cat > "$TMP/nginx.conf" <<NGINX
 worker_processes 1;
@@ -192,6 +198,15 @@ TOKEN=$KEY; read -r key_cpu_b _ < <(cpu_per_request "$RELAY_PID" "$RELAY_URL"); 
 jwt_cpu=$(python3 -c "print('%.4f' % (($jwt_cpu_a + $jwt_cpu_b) / 2))")
 key_cpu=$(python3 -c "print('%.4f' % (($key_cpu_a + $key_cpu_b) / 2))")
 
+echo "Non-streaming, 64 connections, metrics on (the relay above) and off" >&2
+NOMETRICS_URL="http://127.0.0.1:$NOMETRICS_PORT/api/v1/chat/completions"
+read -r met_cpu_a _ < <(cpu_per_request "$RELAY_PID" "$RELAY_URL")
+read -r nomet_cpu_a _ < <(cpu_per_request "$NOMETRICS_PID" "$NOMETRICS_URL")
+read -r met_cpu_b _ < <(cpu_per_request "$RELAY_PID" "$RELAY_URL")
+read -r nomet_cpu_b _ < <(cpu_per_request "$NOMETRICS_PID" "$NOMETRICS_URL")
+met_cpu=$(python3 -c "print('%.4f' % (($met_cpu_a + $met_cpu_b) / 2))")
+nomet_cpu=$(python3 -c "print('%.4f' % (($nomet_cpu_a + $nomet_cpu_b) / 2))")
+
 echo "Streaming (20 chunks), 32 connections and time to first byte" >&2
 s_nginx=$(sb_run "$NGINX_URL" 32 --seconds "$DUR" --body "$STREAM")
 s_relay=$(sb_run "$RELAY_URL" 32 --seconds "$DUR" --body "$STREAM")
@@ -232,6 +247,7 @@ cat <<TABLE
 | same, limits in Redis: CPU per request (ms) / p50 (ms) | | | $redis_cpu / $rr50 | |
 | same, token limit on, memory: CPU per request (ms) / p50 (ms) | | | $tok_cpu / $tok50 | $(ratio "$tok_cpu" "$relay_cpu") × without (target ≤ 1.10) |
 | same, token limit on, Redis: CPU per request (ms) / p50 (ms) | | | $tokr_cpu / $tokr50 | $(ratio "$tokr_cpu" "$redis_cpu") × without |
+| same, metrics on vs off (METRICS_ENABLED=false): CPU per request (ms), mean of two each | | | $met_cpu vs $nomet_cpu | on $(ratio "$met_cpu" "$nomet_cpu") × off (target ≤ 1.03) |
 | same, memory limits: access token (JWT) vs API key, CPU per request (ms), mean of two each | | | $jwt_cpu vs $key_cpu (p50 $jwt50 / $key50 ms) | key $(ratio "$key_cpu" "$jwt_cpu") × JWT (target ≤ 1.05) |
 | stream 20 chunks, 32 conns, streams/s | | $(field "$s_nginx" per_second) | $(field "$s_relay" per_second) | $(ratio "$(field "$s_relay" per_second)" "$(field "$s_nginx" per_second)") × nginx (target ≥ 0.7) |
 | stream, 1 conn, time to first byte p50 (ms) | $(field "$t_direct" ttfb_p50_ms) | $(field "$t_nginx" ttfb_p50_ms) | $(field "$t_relay" ttfb_p50_ms) | adds $(sub "$(field "$t_relay" ttfb_p50_ms)" "$(field "$t_direct" ttfb_p50_ms)") ms (target ≤ +0.3) |

@@ -74,6 +74,11 @@ impl App {
         let keys =
             crate::auth::api_keys::ApiKeys::new(config.auth.secret_key_bytes(), store.clone());
         let (usage, usage_writer) = crate::usage::start(store.clone());
+        let metrics = if config.metrics.enabled {
+            Some(crate::measure::install().context("cannot set up metrics")?)
+        } else {
+            None
+        };
         let state = AppState::new(Inner {
             config: Arc::new(config),
             store,
@@ -84,6 +89,7 @@ impl App {
             users,
             keys,
             usage,
+            metrics,
             started_at: Instant::now(),
         });
         spawn_purges(state.store.clone(), state.config.usage.retention_days);

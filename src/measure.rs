@@ -1,18 +1,154 @@
-//! Metric series, named in one place, with bounded labels.
+//! Metric series, named in one place, with bounded labels, and the Prometheus exporter.
 //!
-//! Series are recorded through the `metrics` facade; `/metrics` installs the Prometheus
-//! recorder. Without a recorder installed, recording a value costs a check and nothing else.
-//! No label ever holds a user id, an email or a raw path; a model label is one of the first
-//! [`MAX_MODELS`] models seen, else `other`, however many names clients send.
+//! Series are recorded through the `metrics` facade (a call site costs a registry lookup);
+//! [`install`] puts the Prometheus recorder of `metrics-exporter-prometheus` behind it (its
+//! recorder and text renderer only: relay serves `GET /metrics` itself). Without a recorder
+//! installed (`METRICS_ENABLED=false`), recording costs a check and nothing else.
+//!
+//! Labels are bounded: routes are route templates (never raw paths), methods the standard
+//! ones, statuses numbers, models the first [`MAX_MODELS`] seen (then `other`). No label ever
+//! holds a user id, an email or a key.
 
 use std::collections::HashSet;
 use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
 
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Requests answered, by `route`, `method` and `status`.
+pub const HTTP_REQUESTS_TOTAL: &str = "relay_http_requests_total";
+/// Time from a request's arrival to the end of its answer (a stream's last byte), by `route`.
+pub const HTTP_REQUEST_DURATION: &str = "relay_http_request_duration_seconds";
+/// Requests that reached the upstream, by `endpoint`, `model` and `outcome`.
+pub const UPSTREAM_REQUESTS_TOTAL: &str = "relay_upstream_requests_total";
+/// Time from a request's arrival to the upstream's first byte, by `model`.
+pub const UPSTREAM_FIRST_BYTE: &str = "relay_upstream_first_byte_seconds";
 /// Tokens used, by `model` and `kind` (`prompt` | `completion`); fed by the usage writer, the
 /// one place where each request's usage (reported or estimated) is final.
 pub const TOKENS_TOTAL: &str = "relay_tokens_total";
+/// Rate-limit decisions, by `endpoint` (`tokens` for token limits), `outcome` (`allowed` |
+/// `refused`) and `backend` (`redis` | `memory`).
+pub const RATELIMIT_DECISIONS_TOTAL: &str = "relay_ratelimit_decisions_total";
+/// 1 while rate limits are decided in Redis, 0 in memory.
+pub const RATELIMIT_BACKEND: &str = "relay_ratelimit_backend";
+/// Streams being relayed now.
+pub const ACTIVE_STREAMS: &str = "relay_active_streams";
+/// Always 1, labelled with the `version`.
+pub const BUILD_INFO: &str = "relay_build_info";
 /// Usage records dropped (the queue was full, or the database refused them for too long).
 pub const USAGE_RECORDS_DROPPED_TOTAL: &str = "relay_usage_records_dropped_total";
+
+/// Histogram buckets, in seconds: from half a millisecond (relay's own overhead) to five
+/// minutes (a long stream).
+pub const BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0, 120.0, 300.0,
+];
+
+/// Installs the Prometheus recorder (once per process; later calls get the same handle) and
+/// starts its upkeep (which drains histogram samples) every 5 seconds on the current runtime.
+pub fn install() -> anyhow::Result<PrometheusHandle> {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    if let Some(handle) = HANDLE.get() {
+        return Ok(handle.clone());
+    }
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), BUCKETS)?
+        .install_recorder()?;
+    let handle = HANDLE.get_or_init(|| handle).clone();
+    metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            every.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
+    Ok(handle)
+}
+
+/// The label of a request's method: the standard ones, else `other`.
+fn method_label(method: &http::Method) -> &'static str {
+    match *method {
+        http::Method::GET => "GET",
+        http::Method::POST => "POST",
+        http::Method::PUT => "PUT",
+        http::Method::PATCH => "PATCH",
+        http::Method::DELETE => "DELETE",
+        http::Method::HEAD => "HEAD",
+        http::Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
+
+/// Counts one answered request (`route` is its template, `None` when no route matched).
+pub fn count_request(route: Option<&str>, method: &http::Method, status: u16, took: Duration) {
+    let route = route.unwrap_or("unmatched").to_owned();
+    metrics::counter!(
+        HTTP_REQUESTS_TOTAL,
+        "route" => route.clone(),
+        "method" => method_label(method),
+        "status" => status.to_string(),
+    )
+    .increment(1);
+    metrics::histogram!(HTTP_REQUEST_DURATION, "route" => route).record(took.as_secs_f64());
+}
+
+/// Counts one request that reached the upstream, and its time to first byte if it had one.
+pub fn count_upstream(
+    endpoint: &'static str,
+    model: &str,
+    outcome: &'static str,
+    first_byte: Option<Duration>,
+) {
+    let model = model_label(model);
+    if let Some(first_byte) = first_byte {
+        metrics::histogram!(UPSTREAM_FIRST_BYTE, "model" => model.clone())
+            .record(first_byte.as_secs_f64());
+    }
+    metrics::counter!(
+        UPSTREAM_REQUESTS_TOTAL,
+        "endpoint" => endpoint,
+        "model" => model,
+        "outcome" => outcome,
+    )
+    .increment(1);
+}
+
+/// Counts one rate-limit decision.
+pub fn count_decision(endpoint: &'static str, allowed: bool, backend: &'static str) {
+    metrics::counter!(
+        RATELIMIT_DECISIONS_TOTAL,
+        "endpoint" => endpoint,
+        "outcome" => if allowed { "allowed" } else { "refused" },
+        "backend" => backend,
+    )
+    .increment(1);
+}
+
+/// Sets [`RATELIMIT_BACKEND`] (at each scrape).
+pub fn set_backend(redis: bool) {
+    metrics::gauge!(RATELIMIT_BACKEND).set(if redis { 1.0 } else { 0.0 });
+}
+
+/// A stream being relayed: counted in [`ACTIVE_STREAMS`] from its making to its drop.
+#[derive(Debug)]
+pub struct ActiveStream(());
+
+impl ActiveStream {
+    /// Counts a stream in.
+    pub fn start() -> Self {
+        metrics::gauge!(ACTIVE_STREAMS).increment(1.0);
+        ActiveStream(())
+    }
+}
+
+impl Drop for ActiveStream {
+    fn drop(&mut self) {
+        metrics::gauge!(ACTIVE_STREAMS).decrement(1.0);
+    }
+}
 
 /// Distinct model labels kept; later models are counted as `other`.
 pub const MAX_MODELS: usize = 100;

@@ -37,6 +37,8 @@ pub struct Inner {
     pub keys: ApiKeys,
     /// Where each request that reached the upstream leaves its usage record.
     pub usage: UsageSink,
+    /// The Prometheus recorder's handle, for `GET /metrics` (`None`: `METRICS_ENABLED=false`).
+    pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     /// When the process started serving, for `uptime_seconds`.
     pub started_at: Instant,
 }

@@ -241,6 +241,24 @@ pub struct UsageConfig {
     pub retention_days: u32,
 }
 
+/// `GET /metrics`.
+#[derive(Clone)]
+pub struct MetricsConfig {
+    /// `METRICS_ENABLED`: record metrics and serve `/metrics` (`false`: neither).
+    pub enabled: bool,
+    /// `METRICS_TOKEN`: when set, `/metrics` needs `Authorization: Bearer <token>`.
+    pub token: Option<SecretString>,
+}
+
+impl fmt::Debug for MetricsConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MetricsConfig")
+            .field("enabled", &self.enabled)
+            .field("token", &self.token.as_ref().map(|_| "[redacted]"))
+            .finish()
+    }
+}
+
 /// Every setting relay reads. Built once at start-up and passed down, a section to each part.
 #[derive(Clone)]
 pub struct Config {
@@ -264,6 +282,8 @@ pub struct Config {
     pub log: LogConfig,
     /// `USAGE_RETENTION_DAYS`.
     pub usage: UsageConfig,
+    /// `METRICS_ENABLED`, `METRICS_TOKEN`.
+    pub metrics: MetricsConfig,
 }
 
 impl fmt::Debug for Config {
@@ -283,6 +303,7 @@ impl fmt::Debug for Config {
             .field("database", &self.database)
             .field("log", &self.log)
             .field("usage", &self.usage)
+            .field("metrics", &self.metrics)
             .finish_non_exhaustive()
     }
 }
@@ -358,6 +379,7 @@ impl Config {
             database: sections::database(&mut p),
             log: sections::logging(&mut p, relaxed),
             usage: sections::usage(&mut p),
+            metrics: sections::metrics(&mut p),
         };
         if p.problems.is_empty() {
             Ok(config)

@@ -9,8 +9,8 @@ use url::Url;
 
 use super::parse::{Parser, check_origin, parse_list, random_secret};
 use super::{
-    AuthConfig, Database, Endpoint, Limit, LogConfig, LogFormat, MIN_SECRET_BYTES, Mode, Origins,
-    RateLimits, ServerConfig, UpstreamConfig, UsageConfig,
+    AuthConfig, Database, Endpoint, Limit, LogConfig, LogFormat, MIN_SECRET_BYTES, MetricsConfig,
+    Mode, Origins, RateLimits, ServerConfig, UpstreamConfig, UsageConfig,
 };
 
 /// The largest `MAX_CONNECTIONS` accepted: more than a process can have files open on Linux
@@ -363,4 +363,19 @@ pub(super) fn usage(p: &mut Parser<'_>) -> UsageConfig {
         );
     }
     UsageConfig { retention_days }
+}
+
+/// `METRICS_ENABLED`, `METRICS_TOKEN`.
+pub(super) fn metrics(p: &mut Parser<'_>) -> MetricsConfig {
+    let enabled = p.boolean("METRICS_ENABLED", true);
+    let token = p.get("METRICS_TOKEN").filter(|t| !t.is_empty()).map(|t| {
+        if t.len() < 16 {
+            p.problem(
+                "METRICS_TOKEN",
+                "is too short: at least 16 characters (or unset for an open /metrics)",
+            );
+        }
+        SecretString::from(t.to_owned())
+    });
+    MetricsConfig { enabled, token }
 }

@@ -241,11 +241,45 @@ impl RequestLog {
             completed,
             "request"
         );
+        crate::measure::count_request(
+            self.route.as_ref().map(MatchedPath::as_str),
+            &self.method,
+            self.status.as_u16(),
+            self.start.elapsed(),
+        );
+        count_upstream(&self.ctx, self.status, completed);
         settle_tokens(&self.ctx, self.status);
         if let Some(sink) = &self.usage {
             record_usage(sink, &self.ctx, self.status, completed);
         }
     }
+}
+
+/// Counts a request that reached the upstream in the metrics: its outcome (`ok`, `cancelled`
+/// by the client, `timeout`, `rate_limited` by the upstream, `client_error` for the
+/// upstream's other 4xx, else `error`) and its time to first byte.
+fn count_upstream(ctx: &RequestContext, status: StatusCode, completed: bool) {
+    let Some(call) = ctx.upstream() else {
+        return;
+    };
+    let end = ctx.stream_end();
+    let status = match end {
+        Some(StreamEnd::Failed(code)) => code,
+        _ => status.as_u16(),
+    };
+    let outcome = if !completed && end != Some(StreamEnd::Done) {
+        "cancelled"
+    } else {
+        match status {
+            200..=299 => "ok",
+            429 => "rate_limited",
+            504 => "timeout",
+            400..=499 => "client_error",
+            _ => "error",
+        }
+    };
+    let first_byte = ctx.first_byte().map(|at| at - ctx.started);
+    crate::measure::count_upstream(call.endpoint, &call.model, outcome, first_byte);
 }
 
 /// Settles the request's token reservation, if it made one: what its usage did not spend goes

@@ -42,6 +42,7 @@ pub mod docs;
 pub mod embeddings;
 pub mod extract;
 pub mod health;
+pub mod metrics;
 pub mod middleware;
 pub mod models;
 pub mod playground;
@@ -228,6 +229,9 @@ pub fn router(state: AppState) -> Router {
     }
     if config.playground_enabled() {
         app = app.merge(playground::router());
+    }
+    if config.metrics.enabled {
+        app = app.route("/metrics", axum::routing::get(metrics::metrics));
     }
     let usage = Some(state.usage.clone());
     with_layers(app, &config, usage).with_state(state)

@@ -237,8 +237,16 @@ impl RateLimiter {
     /// Takes one token for `subject` at `endpoint`.
     pub async fn check(&self, endpoint: Endpoint, subject: &Subject) -> Decision {
         let key = self.key(endpoint, subject);
-        self.apply_one(self.request_step(endpoint, &key, Op::Take(1)))
-            .await
+        let decision = self
+            .apply_one(self.request_step(endpoint, &key, Op::Take(1)))
+            .await;
+        self.count(endpoint_label(endpoint), decision.allowed);
+        decision
+    }
+
+    /// Counts a decision in the metrics, with the backend deciding now.
+    fn count(&self, endpoint: &'static str, allowed: bool) {
+        crate::measure::count_decision(endpoint, allowed, self.backend().as_str());
     }
 
     /// Gives back the token a request took from `subject`'s bucket at `endpoint` (login takes
@@ -285,6 +293,18 @@ impl RateLimiter {
             }
         }
         decisions
+    }
+}
+
+/// An endpoint as a metric label.
+fn endpoint_label(endpoint: Endpoint) -> &'static str {
+    match endpoint {
+        Endpoint::Login => "login",
+        Endpoint::Register => "register",
+        Endpoint::Refresh => "refresh",
+        Endpoint::Chat => "chat",
+        Endpoint::Models => "models",
+        Endpoint::Account => "account",
     }
 }
 

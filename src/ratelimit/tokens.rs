@@ -138,8 +138,15 @@ impl RateLimiter {
             return (None, TokenDecision::Off);
         }
         let mut decisions = self.apply(&steps).await.into_iter();
-        let request = request_key.and_then(|_| decisions.next());
-        let tokens = match (decisions.next(), shape, key) {
+        let request = request_key.as_ref().and_then(|_| decisions.next());
+        if let (Some((endpoint, _)), Some(decision)) = (&request_key, &request) {
+            self.count(super::endpoint_label(*endpoint), decision.allowed);
+        }
+        let token_decision = decisions.next();
+        if let Some(decision) = &token_decision {
+            self.count("tokens", decision.allowed);
+        }
+        let tokens = match (token_decision, shape, key) {
             (Some(decision), _, _) if !decision.allowed => TokenDecision::Refused(decision),
             (Some(decision), Some(shape), Some(key)) => TokenDecision::Admitted(
                 Reservation {

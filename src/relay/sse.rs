@@ -159,6 +159,7 @@ pin_project_lite::pin_project! {
         mask: Arc<KeyMask>,
         seen: Seen,
         phase: Phase,
+        active: crate::measure::ActiveStream,
     }
 }
 
@@ -182,6 +183,7 @@ impl<S> SseRelay<S> {
             mask,
             seen: Seen::default(),
             phase: Phase::Streaming,
+            active: crate::measure::ActiveStream::start(),
         }
     }
 

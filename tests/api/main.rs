@@ -12,6 +12,7 @@ mod chat;
 mod hardening;
 mod hostile_bodies;
 mod http;
+mod metrics;
 mod openapi;
 mod ratelimit;
 mod responses;
