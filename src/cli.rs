@@ -23,6 +23,21 @@ pub enum Command {
     /// Manage users.
     #[command(subcommand)]
     User(UserCommand),
+    /// Ask a running relay for `GET /api/v1/health`: exit 0 on a 200, 1 otherwise. The
+    /// container image's health check, so that the image needs no curl.
+    Health(HealthArgs),
+}
+
+/// Options of `relay health`.
+#[derive(Debug, Args)]
+pub struct HealthArgs {
+    /// The URL to ask (default: `http://127.0.0.1:$PORT/api/v1/health`, with `PORT` and `HOST`
+    /// read as `relay serve` reads them, from the environment and `.env`).
+    #[arg(long)]
+    pub url: Option<String>,
+    /// Seconds to wait for the answer.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=300))]
+    pub timeout: u64,
 }
 
 /// Options of `relay serve`.

@@ -9,6 +9,7 @@ pub mod error;
 pub mod http;
 pub mod measure;
 pub mod mock;
+pub mod probe;
 pub mod ratelimit;
 pub mod relay;
 pub mod state;

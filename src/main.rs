@@ -8,8 +8,8 @@ use relay::app::{App, raise_file_limit, shutdown_signal};
 use relay::auth::Passwords;
 use relay::auth::users::{AdminViewUser, Registration, check_token_limit, create_user};
 use relay::cli::{
-    Cli, Command, MockArgs, ServeArgs, UserCommand, UserCreateArgs, UserListArgs, UserRevokeArgs,
-    UserSetArgs,
+    Cli, Command, HealthArgs, MockArgs, ServeArgs, UserCommand, UserCreateArgs, UserListArgs,
+    UserRevokeArgs, UserSetArgs,
 };
 use relay::config::{Config, Mode};
 use relay::store::{AdminChange, Store, UserPatch, UserRecord};
@@ -60,10 +60,15 @@ fn main() -> ExitCode {
     if let Command::MockUpstream(args) = command {
         return run_mock(args);
     }
+    if let Command::Health(args) = command {
+        return run_health(args);
+    }
     let mode = match &command {
         Command::Serve(args) if args.dev => Mode::Dev,
         Command::Serve(_) => Mode::Serve,
-        Command::Migrate | Command::User(_) | Command::MockUpstream(_) => Mode::Admin,
+        Command::Migrate | Command::User(_) | Command::MockUpstream(_) | Command::Health(_) => {
+            Mode::Admin
+        }
     };
     let config = match Config::load(mode) {
         Ok(config) => config,
@@ -94,7 +99,7 @@ fn main() -> ExitCode {
             Command::User(UserCommand::Set(args)) => user_set(config, args).await,
             Command::User(UserCommand::List(args)) => user_list(config, args).await,
             Command::User(UserCommand::Revoke(args)) => user_revoke(config, args).await,
-            Command::MockUpstream(_) => Ok(()),
+            Command::MockUpstream(_) | Command::Health(_) => Ok(()),
         }
     });
     match result {
@@ -297,6 +302,37 @@ fn run_mock(args: MockArgs) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("relay mock-upstream: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `relay health`: one `GET` of the health endpoint, bounded by `--timeout`. Exit codes are
+/// what Docker's `HEALTHCHECK` expects: 0 healthy, 1 not (a settings problem included; 2 is
+/// reserved there). Settings are read as `relay serve` reads them, in admin mode, so that the
+/// check needs no secret.
+fn run_health(args: HealthArgs) -> ExitCode {
+    let url = match args.url {
+        Some(url) => url,
+        None => match Config::load(Mode::Admin) {
+            Ok(config) => config.server.health_url(),
+            Err(err) => {
+                eprintln!("{err}");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+    match relay::probe::http_get(&url, std::time::Duration::from_secs(args.timeout)) {
+        Ok(answer) if answer.status == 200 => {
+            let _ = writeln!(std::io::stdout().lock(), "{url}: 200 {}", answer.body);
+            ExitCode::SUCCESS
+        }
+        Ok(answer) => {
+            eprintln!("relay health: {url}: {}", answer.status);
+            ExitCode::FAILURE
+        }
+        Err(err) => {
+            eprintln!("relay health: {url}: {err:#}");
             ExitCode::FAILURE
         }
     }

@@ -187,6 +187,20 @@ pub struct ServerConfig {
     pub max_connections: usize,
 }
 
+impl ServerConfig {
+    /// Where a process on this machine reaches this listener's `GET /api/v1/health`: the
+    /// loopback address when relay listens on every address (`0.0.0.0`, `::`), else `HOST`.
+    pub fn health_url(&self) -> String {
+        let host = match self.host.parse::<std::net::IpAddr>() {
+            Ok(ip) if ip.is_unspecified() && ip.is_ipv4() => "127.0.0.1".to_owned(),
+            Ok(ip) if ip.is_unspecified() => "[::1]".to_owned(),
+            Ok(std::net::IpAddr::V6(ip)) => format!("[{ip}]"),
+            _ => self.host.clone(),
+        };
+        format!("http://{host}:{}/api/v1/health", self.port)
+    }
+}
+
 /// The token signing key and token lifetimes.
 #[derive(Clone)]
 pub struct AuthConfig {

@@ -41,6 +41,46 @@ impl<'a> Parser<'a> {
         self.vars.get(name).is_some_and(|v| v.trim().is_empty())
     }
 
+    /// A secret from `name`, or read from the file named by `name_FILE` (Docker and systemd
+    /// secrets), with one trailing newline removed: what `echo key > file` leaves. Returns the
+    /// value and the variable it came from, for messages. Setting both is a problem (which one
+    /// wins would be a guess), and so is a file that cannot be read or is empty; no message
+    /// quotes the file's content.
+    pub(super) fn secret(&mut self, name: &str) -> Option<(String, String)> {
+        let file_var = format!("{name}_FILE");
+        let direct = self.get(name);
+        let Some(path) = self.get(&file_var) else {
+            return direct.map(|v| (v.to_owned(), name.to_owned()));
+        };
+        if direct.is_some() {
+            self.problem(
+                &file_var,
+                format!("{name} and {file_var} are both set; set only one of them"),
+            );
+            return None;
+        }
+        match std::fs::read_to_string(path) {
+            Ok(mut content) => {
+                if content.ends_with('\n') {
+                    content.pop();
+                    if content.ends_with('\r') {
+                        content.pop();
+                    }
+                }
+                if content.is_empty() {
+                    self.problem(&file_var, format!("the file {path:?} is empty"));
+                    return None;
+                }
+                Some((content, file_var))
+            }
+            Err(e) => {
+                // The error says why (missing, permission denied, not UTF-8), never what.
+                self.problem(&file_var, format!("cannot read the file {path:?}: {e}"));
+                None
+            }
+        }
+    }
+
     pub(super) fn problem(&mut self, name: &str, why: impl fmt::Display) {
         self.problems.push(format!("{name}: {why}"));
     }

@@ -98,16 +98,17 @@ pub(super) fn server(p: &mut Parser<'_>) -> ServerConfig {
     }
 }
 
-/// `SECRET_KEY`, `ACCESS_TOKEN_EXPIRE_MINUTES`, `REFRESH_TOKEN_EXPIRE_DAYS`. `relaxed` is dev or
+/// `SECRET_KEY` (or `SECRET_KEY_FILE`), `ACCESS_TOKEN_EXPIRE_MINUTES`, `REFRESH_TOKEN_EXPIRE_DAYS`. `relaxed` is dev or
 /// debug mode, where a missing key is generated for the process; a key that is set but short
 /// is refused in every mode that signs tokens (a weak key set by mistake must not go live).
 pub(super) fn auth(p: &mut Parser<'_>, mode: Mode, relaxed: bool) -> AuthConfig {
-    let (secret_key, secret_key_ephemeral) = match p.get("SECRET_KEY") {
-        Some(key) if key.len() >= MIN_SECRET_BYTES => (SecretString::from(key.to_owned()), false),
-        Some(key) => {
+    let file_problems = p.problems.len();
+    let (secret_key, secret_key_ephemeral) = match p.secret("SECRET_KEY") {
+        Some((key, _)) if key.len() >= MIN_SECRET_BYTES => (SecretString::from(key), false),
+        Some((key, from)) => {
             if mode != Mode::Admin {
                 p.problem(
-                    "SECRET_KEY",
+                    &from,
                     format!(
                         "is too weak: {} bytes, at least {MIN_SECRET_BYTES} are required \
                          (generate one with `openssl rand -base64 48`)",
@@ -117,11 +118,14 @@ pub(super) fn auth(p: &mut Parser<'_>, mode: Mode, relaxed: bool) -> AuthConfig 
             }
             (SecretString::from(String::new()), false)
         }
+        // A broken SECRET_KEY_FILE was reported already: no second message for the same key.
+        None if p.problems.len() > file_problems => (SecretString::from(String::new()), false),
         None => {
             if mode == Mode::Serve && !relaxed {
                 p.problem(
                     "SECRET_KEY",
-                    "is required (at least 32 bytes; generate one with `openssl rand -base64 48`)",
+                    "is required (at least 32 bytes; generate one with `openssl rand -base64 48`; \
+                     or name a file holding it in SECRET_KEY_FILE)",
                 );
             }
             (random_secret(), true)
@@ -196,13 +200,15 @@ pub(super) fn auth(p: &mut Parser<'_>, mode: Mode, relaxed: bool) -> AuthConfig 
     }
 }
 
-/// `OPENAI_API_KEY`, `OPENAI_BASE_URL`, `UPSTREAM_TIMEOUT_SECONDS`, `DEFAULT_MODEL`,
+/// `OPENAI_API_KEY` (or `OPENAI_API_KEY_FILE`), `OPENAI_BASE_URL`, `UPSTREAM_TIMEOUT_SECONDS`, `DEFAULT_MODEL`,
 /// `ALLOWED_MODELS`.
 pub(super) fn upstream(p: &mut Parser<'_>, mode: Mode, relaxed: bool) -> UpstreamConfig {
+    let file_problems = p.problems.len();
     let api_key = p
-        .get("OPENAI_API_KEY")
-        .map(|k| SecretString::from(k.to_owned()));
-    if api_key.is_none() && mode == Mode::Serve && !relaxed {
+        .secret("OPENAI_API_KEY")
+        .map(|(key, _)| SecretString::from(key));
+    // A broken OPENAI_API_KEY_FILE was reported already.
+    if api_key.is_none() && p.problems.len() == file_problems && mode == Mode::Serve && !relaxed {
         p.problem("OPENAI_API_KEY", "is required (the upstream API key)");
     }
     let base_url = p.url("OPENAI_BASE_URL", "https://api.openai.com/v1");

@@ -208,3 +208,87 @@ fn the_playground_is_on_in_dev_mode_or_when_asked_for() {
     assert_eq!(err.problems.len(), 1, "{err}");
     assert!(err.problems[0].starts_with("PLAYGROUND"), "{err}");
 }
+
+#[test]
+fn secrets_can_be_read_from_files_without_their_trailing_newline() {
+    use secrecy::ExposeSecret as _;
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("secret_key");
+    let api_file = dir.path().join("openai_api_key");
+    // `echo key > file` leaves one newline; a second one would be part of the secret.
+    std::fs::write(&key_file, format!("{KEY}\n")).unwrap();
+    std::fs::write(&api_file, "sk-from-a-file\r\n").unwrap();
+    let c = Config::from_vars(
+        &vars(&[
+            ("SECRET_KEY_FILE", key_file.to_str().unwrap()),
+            ("OPENAI_API_KEY_FILE", api_file.to_str().unwrap()),
+        ]),
+        Mode::Serve,
+    )
+    .unwrap();
+    assert_eq!(c.auth.secret_key.expose_secret(), KEY);
+    assert!(!c.auth.secret_key_ephemeral);
+    assert_eq!(
+        c.upstream.api_key.as_ref().unwrap().expose_secret(),
+        "sk-from-a-file"
+    );
+}
+
+#[test]
+fn a_secret_set_twice_or_in_an_unreadable_file_is_named_without_its_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("secret_key");
+    std::fs::write(&key_file, KEY).unwrap();
+    let missing = dir.path().join("no-such-file");
+    let err = Config::from_vars(
+        &vars(&[
+            ("SECRET_KEY", KEY),
+            ("SECRET_KEY_FILE", key_file.to_str().unwrap()),
+            ("OPENAI_API_KEY_FILE", missing.to_str().unwrap()),
+        ]),
+        Mode::Serve,
+    )
+    .unwrap_err();
+    assert_eq!(
+        err.problems.len(),
+        2,
+        "one problem each, nothing about a missing key: {err}"
+    );
+    assert!(
+        err.problems[0].starts_with("SECRET_KEY_FILE")
+            && err.problems[0].contains("SECRET_KEY and SECRET_KEY_FILE are both set"),
+        "{err}"
+    );
+    assert!(
+        err.problems[1].starts_with("OPENAI_API_KEY_FILE")
+            && err.problems[1].contains("no-such-file"),
+        "{err}"
+    );
+    assert!(!err.to_string().contains(KEY), "{err}");
+}
+
+#[test]
+fn a_weak_or_empty_secret_file_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let weak = dir.path().join("weak");
+    let empty = dir.path().join("empty");
+    std::fs::write(&weak, "weak-file-secret\n").unwrap();
+    std::fs::write(&empty, "\n").unwrap();
+    let err = Config::from_vars(
+        &vars(&[
+            ("SECRET_KEY_FILE", weak.to_str().unwrap()),
+            ("OPENAI_API_KEY_FILE", empty.to_str().unwrap()),
+        ]),
+        Mode::Serve,
+    )
+    .unwrap_err();
+    assert_eq!(err.problems.len(), 2, "{err}");
+    assert!(
+        err.problems[0].starts_with("SECRET_KEY_FILE: is too weak"),
+        "{err}"
+    );
+    assert!(
+        err.problems[1].starts_with("OPENAI_API_KEY_FILE") && err.problems[1].contains("empty")
+    );
+    assert!(!err.to_string().contains("weak-file-secret"), "{err}");
+}

@@ -401,3 +401,105 @@ async fn sigterm_cuts_streams_that_outlast_the_grace_period() {
         "relay waited for the grace period, then exited ({took:?})"
     );
 }
+
+#[tokio::test]
+async fn relay_health_exits_0_while_relay_answers_and_1_otherwise() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}/relay.db", dir.path().display());
+    let vars = support::test_vars(&db, &[("REDIS_URL", ""), ("LOG_LEVEL", "info")]);
+    let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let server = support::RelayProcess::start(dir.path(), &["serve"], &vars);
+    let port = server.base.rsplit(':').next().unwrap().to_owned();
+    let health = |args: &[&str], vars: &[(&str, &str)]| {
+        let started = Instant::now();
+        let out = relay_command(dir.path(), args, vars).output().unwrap();
+        (out.status.code(), started.elapsed())
+    };
+    let url = format!("{}/api/v1/health", server.base);
+    assert_eq!(health(&["health", "--url", &url], &[]).0, Some(0));
+    // Without --url it asks PORT on this machine, as serve reads it: from the environment…
+    let everywhere = [("HOST", "0.0.0.0"), ("PORT", port.as_str())];
+    assert_eq!(health(&["health"], &everywhere).0, Some(0));
+    // …or from .env, and needs no secret for it.
+    std::fs::write(dir.path().join(".env"), format!("PORT={port}\n")).unwrap();
+    assert_eq!(health(&["health"], &[]).0, Some(0));
+    std::fs::remove_file(dir.path().join(".env")).unwrap();
+
+    // Not 200 is unhealthy; so is nobody listening, at once.
+    let not_found = format!("{}/api/v1/no-such-health", server.base);
+    assert_eq!(health(&["health", "--url", &not_found], &[]).0, Some(1));
+    drop(server);
+    let (code, took) = health(&["health", "--url", &url, "--timeout", "2"], &[]);
+    assert_eq!(code, Some(1));
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    // A broken setting is unhealthy too (1, not serve's 2: Docker reserves 2).
+    assert_eq!(health(&["health"], &[("PORT", "eighty")]).0, Some(1));
+}
+
+#[tokio::test]
+async fn secrets_can_come_from_files_and_are_never_printed() {
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = tempfile::tempdir().unwrap();
+    let key_file = secrets.path().join("secret_key");
+    let api_file = secrets.path().join("openai_api_key");
+    std::fs::write(&key_file, format!("{}\n", support::SECRET)).unwrap();
+    std::fs::write(&api_file, "sk-file-secret-never-printed\n").unwrap();
+    let db = format!("sqlite://{}/relay.db", dir.path().display());
+    let mut vars = support::test_vars(&db, &[("REDIS_URL", ""), ("LOG_LEVEL", "info")]);
+    vars.remove("SECRET_KEY");
+    vars.remove("OPENAI_API_KEY");
+    vars.insert("SECRET_KEY_FILE".into(), key_file.display().to_string());
+    vars.insert("OPENAI_API_KEY_FILE".into(), api_file.display().to_string());
+    let pairs: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+
+    // The key from the file signs tokens: a user can register, log in and be recognised.
+    let server = support::RelayProcess::start(dir.path(), &["serve"], &pairs);
+    let client = reqwest::Client::new();
+    let token = server.access_token(&client, "files@example.com").await;
+    let me = client
+        .get(format!("{}/api/v1/auth/me", server.base))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(me.status(), 200);
+    drop(server);
+
+    // Both a variable and its file: exit 2, naming both, quoting neither.
+    let mut both = pairs.clone();
+    both.push(("SECRET_KEY", support::SECRET));
+    both.push(("OPENAI_API_KEY", "sk-env-secret-never-printed"));
+    let out = relay_command(dir.path(), &["serve"], &both)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    for name in [
+        "SECRET_KEY and SECRET_KEY_FILE",
+        "OPENAI_API_KEY and OPENAI_API_KEY_FILE",
+    ] {
+        assert!(err.contains(name), "{name} not named: {err}");
+    }
+    // A file that cannot be read (here: a directory) names the variable and the path.
+    let mut unreadable = pairs.clone();
+    let dir_path = secrets.path().display().to_string();
+    unreadable.retain(|(k, _)| *k != "SECRET_KEY_FILE");
+    unreadable.push(("SECRET_KEY_FILE", &dir_path));
+    let out = relay_command(dir.path(), &["serve"], &unreadable)
+        .output()
+        .unwrap();
+    let err2 = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err2}");
+    assert!(
+        err2.contains("SECRET_KEY_FILE: cannot read the file") && err2.contains(&dir_path),
+        "{err2}"
+    );
+    for text in [&err, &err2] {
+        assert!(
+            !text.contains(support::SECRET)
+                && !text.contains("sk-file-secret-never-printed")
+                && !text.contains("sk-env-secret-never-printed"),
+            "{text}"
+        );
+    }
+}
