@@ -183,11 +183,11 @@ impl ApiKeys {
                     hash,
                     done: false,
                 };
-                let known = self.read(hash, Some(last)).await;
+                let known = Box::pin(self.read(hash, Some(last))).await;
                 renewal.finish();
                 known?
             }
-            Cached::Unknown => self.read(hash, None).await?,
+            Cached::Unknown => Box::pin(self.read(hash, None)).await?,
         };
         let known = known.ok_or_else(invalid)?;
         if known.expires_at.is_some_and(|at| at <= Utc::now()) {

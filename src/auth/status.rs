@@ -120,11 +120,11 @@ impl UserStatus {
                     user,
                     done: false,
                 };
-                let state = self.refresh(user, Some(state)).await;
+                let state = Box::pin(self.refresh(user, Some(state))).await;
                 renewal.finish();
                 state
             }
-            Cached::Unknown => self.refresh(user, None).await,
+            Cached::Unknown => Box::pin(self.refresh(user, None)).await,
         };
         match state {
             State::Active(standing) => Ok(standing),
