@@ -351,6 +351,10 @@ where
 
 /// Deletes expired refresh tokens, and usage records older than `retention_days` (unless 0),
 /// now and every hour, so that the tables stay bounded.
+/// Days a stored response's owner is remembered: OpenAI keeps stored responses for 30 days, so
+/// an older id names nothing any more (and is refused to everyone once forgotten).
+pub const RESPONSE_OWNER_DAYS: i64 = 30;
+
 fn spawn_purges(store: Store, retention_days: u32) {
     tokio::spawn(async move {
         let mut every = tokio::time::interval(std::time::Duration::from_secs(3600));
@@ -361,6 +365,15 @@ fn spawn_purges(store: Store, retention_days: u32) {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(deleted = n, "expired refresh tokens purged"),
                 Err(e) => tracing::warn!(error = %e, "could not purge expired refresh tokens"),
+            }
+            if let Some(before) =
+                now.checked_sub_signed(chrono::Duration::days(RESPONSE_OWNER_DAYS))
+            {
+                match store.purge_response_owners(before).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(deleted = n, "old stored-response owners purged"),
+                    Err(e) => tracing::warn!(error = %e, "could not purge old response owners"),
+                }
             }
             if retention_days > 0
                 && let Some(before) =

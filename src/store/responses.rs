@@ -1,7 +1,7 @@
 //! The `response_owners` table: which user created each response the upstream stores, and
 //! each of its output items.
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use super::{Store, StoreError};
@@ -61,5 +61,16 @@ impl Store {
             sqlx::query(SQL).bind(id).bind(user).execute(pool).await?;
         });
         Ok(())
+    }
+
+    /// Forgets the ids recorded before `before` (the upstream keeps stored responses for 30
+    /// days): returns how many. A forgotten id is refused to everyone, its owner included —
+    /// the safe direction.
+    pub async fn purge_response_owners(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
+        const SQL: &str = "DELETE FROM response_owners WHERE created_at < $1";
+        let n = on_pool!(self, pool => {
+            sqlx::query(SQL).bind(before).execute(pool).await?.rows_affected()
+        });
+        Ok(n)
     }
 }

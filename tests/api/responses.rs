@@ -534,3 +534,38 @@ async fn unusual_event_streams_are_read_all_the_same() {
         assert_hidden(&app, &mallory, &id).await;
     }
 }
+
+#[tokio::test]
+async fn owners_older_than_the_upstreams_retention_are_purged() {
+    let (app, token, _) = with_mock(Db::Sqlite).await;
+    let made: Value = create(&app, &token, &json!({"input": "keep me"}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let id = made["id"].as_str().unwrap();
+    assert_eq!(
+        app.get_authed(&format!("/responses/{id}"), &token)
+            .await
+            .status(),
+        200
+    );
+    // A recent owner survives the purge; one past 30 days does not.
+    let cutoff = chrono::Utc::now() - chrono::Duration::days(relay::app::RESPONSE_OWNER_DAYS);
+    assert_eq!(app.store.purge_response_owners(cutoff).await.unwrap(), 0);
+    if let relay::store::Store::Sqlite(pool) = &app.store {
+        sqlx::query("UPDATE response_owners SET created_at = $1")
+            .bind(chrono::Utc::now() - chrono::Duration::days(31))
+            .execute(pool)
+            .await
+            .unwrap();
+    }
+    assert!(app.store.purge_response_owners(cutoff).await.unwrap() >= 1);
+    // Forgotten: refused, and nothing is asked of the upstream.
+    assert_eq!(
+        app.get_authed(&format!("/responses/{id}"), &token)
+            .await
+            .status(),
+        404
+    );
+}
