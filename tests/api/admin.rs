@@ -553,31 +553,14 @@ async fn closed_registration_refuses_but_the_cli_still_creates() {
             .is_none()
     );
     let dir = tempfile::tempdir().unwrap();
-    let mut command = support::relay_command(
+    let out = support::relay_user_create(
         dir.path(),
-        &[
-            "user",
-            "create",
-            "--email",
-            "invited@example.com",
-            "--password-stdin",
-        ],
+        "invited@example.com",
+        "password-123",
+        false,
         &[("DATABASE_URL", &app.db.url), ("REGISTRATION", "closed")],
     );
-    command
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped());
-    let mut child = command.spawn().unwrap();
-    {
-        use std::io::Write as _;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(b"password-123\n")
-            .unwrap();
-    }
-    assert!(child.wait_with_output().unwrap().status.success());
+    assert!(out.status.success());
     assert_eq!(
         app.login("invited@example.com", "password-123")
             .await
@@ -704,32 +687,14 @@ async fn deactivation_and_key_deletion_bite_on_a_second_relay_process_within_5_s
     let b = support::RelayProcess::start(dir_b.path(), &["serve"], &vars);
     let client = reqwest::Client::new();
     let admin_token = {
-        let mut create = support::relay_command(
+        let out = support::relay_user_create(
             dir_a.path(),
-            &[
-                "user",
-                "create",
-                "--email",
-                "root@example.com",
-                "--password-stdin",
-                "--admin",
-            ],
+            "root@example.com",
+            "password-123",
+            true,
             &vars,
         );
-        create
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped());
-        let mut child = create.spawn().unwrap();
-        {
-            use std::io::Write as _;
-            child
-                .stdin
-                .take()
-                .unwrap()
-                .write_all(b"password-123\n")
-                .unwrap();
-        }
-        assert!(child.wait_with_output().unwrap().status.success());
+        assert!(out.status.success());
         let pair: Value = client
             .post(format!("{}/api/v1/auth/login", a.base))
             .json(&json!({"email": "root@example.com", "password": "password-123"}))

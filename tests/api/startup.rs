@@ -1,7 +1,5 @@
 //! The `relay` binary as an operator meets it: start-up checks, migrate, user create, signals.
 
-use std::io::Write as _;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -230,30 +228,13 @@ async fn migrate_twice_and_create_a_user_on_both_databases() {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        let mut child = relay_command(
+        let out = support::relay_user_create(
             dir.path(),
-            &[
-                "user",
-                "create",
-                "--email",
-                "Root@Example.com",
-                "--password-stdin",
-                "--admin",
-            ],
+            "Root@Example.com",
+            "admin-password-1",
+            true,
             &vars,
-        )
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(b"admin-password-1\n")
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
+        );
         assert!(
             out.status.success(),
             "{db:?}: {}",

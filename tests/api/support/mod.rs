@@ -361,6 +361,35 @@ fn clean_environment(
         .stdin(std::process::Stdio::null());
 }
 
+/// Runs `relay user create --email <email> --password-stdin [--admin]` in `dir` with `vars`,
+/// writing `password` to its standard input; returns its output (status, the user on stdout).
+pub fn relay_user_create(
+    dir: &std::path::Path,
+    email: &str,
+    password: &str,
+    admin: bool,
+    vars: &[(&str, &str)],
+) -> std::process::Output {
+    use std::io::Write as _;
+    let mut args = vec!["user", "create", "--email", email, "--password-stdin"];
+    if admin {
+        args.push("--admin");
+    }
+    let mut child = relay_command(dir, &args, vars)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{password}\n").as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
 /// A `relay` process started from the built binary in `dir`, with a clean environment (only
 /// PATH and `vars`), on a free port; killed when dropped.
 pub struct RelayProcess {
