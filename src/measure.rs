@@ -48,14 +48,19 @@ pub const BUCKETS: &[f64] = &[
 /// Installs the Prometheus recorder (once per process; later calls get the same handle) and
 /// starts its upkeep (which drains histogram samples) every 5 seconds on the current runtime.
 pub fn install() -> anyhow::Result<PrometheusHandle> {
-    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
-    if let Some(handle) = HANDLE.get() {
+    // Held while installing: two apps built at once in one process (tests) must not both try.
+    static HANDLE: Mutex<Option<PrometheusHandle>> = Mutex::new(None);
+    let mut installed = HANDLE
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(handle) = &*installed {
         return Ok(handle.clone());
     }
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), BUCKETS)?
         .install_recorder()?;
-    let handle = HANDLE.get_or_init(|| handle).clone();
+    *installed = Some(handle.clone());
+    drop(installed);
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     let upkeep = handle.clone();
     tokio::spawn(async move {
