@@ -90,35 +90,53 @@ fn to_i64(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
+/// The row counts of the `INSERT` statements usage records are written with, largest first
+/// (14 parameters a row: 64 rows stay far below SQLite's and PostgreSQL's limits).
+const INSERT_ROWS: [usize; 7] = [64, 32, 16, 8, 4, 2, 1];
+
 impl Store {
-    /// Inserts `records` in one statement.
+    /// Inserts `records` in one transaction, in multi-row statements of a few fixed sizes
+    /// ([`INSERT_ROWS`]): each size's statement is prepared once and then taken from the
+    /// connection's statement cache, where a statement of every batch's own size would be
+    /// parsed anew for each batch (parsing a 256-row `INSERT` costs SQLite more than running it).
     pub async fn insert_usage(&self, records: &[UsageRecord]) -> Result<(), StoreError> {
         if records.is_empty() {
             return Ok(());
         }
         on_pool!(self, pool => {
-            let mut insert = sqlx::QueryBuilder::new(
-                "INSERT INTO usage_records (user_id, api_key_id, endpoint, model, prompt_tokens, \
-                 completion_tokens, status, streamed, cancelled, estimated, duration_ms, ttfb_ms, \
-                 request_id, created_at) ",
-            );
-            insert.push_values(records, |mut row, r| {
-                row.push_bind(r.user_id)
-                    .push_bind(r.api_key_id)
-                    .push_bind(r.endpoint)
-                    .push_bind(r.model.as_str())
-                    .push_bind(to_i64(r.prompt_tokens))
-                    .push_bind(to_i64(r.completion_tokens))
-                    .push_bind(i32::from(r.status))
-                    .push_bind(r.streamed)
-                    .push_bind(r.cancelled)
-                    .push_bind(r.estimated)
-                    .push_bind(to_i64(r.duration_ms))
-                    .push_bind(r.ttfb_ms.map(to_i64))
-                    .push_bind(r.request_id.as_str())
-                    .push_bind(r.created_at);
-            });
-            insert.build().execute(pool).await?;
+            let mut tx = pool.begin().await?;
+            let mut rest = records;
+            while !rest.is_empty() {
+                let rows = INSERT_ROWS
+                    .into_iter()
+                    .find(|&n| n <= rest.len())
+                    .unwrap_or(1);
+                let (chunk, tail) = rest.split_at(rows);
+                rest = tail;
+                let mut insert = sqlx::QueryBuilder::new(
+                    "INSERT INTO usage_records (user_id, api_key_id, endpoint, model, \
+                     prompt_tokens, completion_tokens, status, streamed, cancelled, estimated, \
+                     duration_ms, ttfb_ms, request_id, created_at) ",
+                );
+                insert.push_values(chunk, |mut row, r| {
+                    row.push_bind(r.user_id)
+                        .push_bind(r.api_key_id)
+                        .push_bind(r.endpoint)
+                        .push_bind(r.model.as_str())
+                        .push_bind(to_i64(r.prompt_tokens))
+                        .push_bind(to_i64(r.completion_tokens))
+                        .push_bind(i32::from(r.status))
+                        .push_bind(r.streamed)
+                        .push_bind(r.cancelled)
+                        .push_bind(r.estimated)
+                        .push_bind(to_i64(r.duration_ms))
+                        .push_bind(r.ttfb_ms.map(to_i64))
+                        .push_bind(r.request_id.as_str())
+                        .push_bind(r.created_at);
+                });
+                insert.build().persistent(true).execute(&mut *tx).await?;
+            }
+            tx.commit().await?;
         });
         Ok(())
     }

@@ -137,7 +137,10 @@ async fn totals_equal_the_upstreams_counts(db: Db) {
     assert_eq!(streamed, [false, true, true, false, true, false]);
 }
 
-on_both_databases!(totals_equal_the_upstreams_counts);
+on_both_databases!(
+    totals_equal_the_upstreams_counts,
+    batches_of_any_size_are_written_whole
+);
 
 #[tokio::test]
 async fn a_client_gone_mid_stream_leaves_one_cancelled_estimated_record() {
@@ -272,4 +275,59 @@ async fn a_stream_cut_by_the_upstream_is_recorded_as_failed() {
         completion >= 2,
         "'partial answer' was delivered: {completion}"
     );
+}
+
+/// The writer's batches are written in statements of a few fixed sizes: every size of batch
+/// must still be written whole, exactly once.
+async fn batches_of_any_size_are_written_whole(db: Db) {
+    let app = support::spawn_app(db).await;
+    let (token, _) = app.user_tokens("batches@example.com").await;
+    let me: Value = app
+        .get_authed("/auth/me", &token)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let user: uuid::Uuid = me["id"].as_str().unwrap().parse().unwrap();
+    let from = chrono::Utc::now() - chrono::Duration::hours(1);
+    let mut written = 0;
+    for n in [1_usize, 3, 63, 64, 77, 256] {
+        let records: Vec<_> = (0..n)
+            .map(|i| relay::store::UsageRecord {
+                user_id: user,
+                api_key_id: None,
+                endpoint: "chat",
+                model: format!("batch-{n}"),
+                prompt_tokens: i as u64,
+                completion_tokens: 1,
+                status: 200,
+                streamed: false,
+                cancelled: false,
+                estimated: false,
+                duration_ms: 1,
+                ttfb_ms: Some(1),
+                request_id: format!("req-{n}-{i}"),
+                created_at: chrono::Utc::now(),
+            })
+            .collect();
+        app.store.insert_usage(&records).await.unwrap();
+        written += n;
+        let to = chrono::Utc::now() + chrono::Duration::hours(1);
+        let (total, by_model) = app
+            .store
+            .usage_summary(Some(user), from, to, relay::store::GroupBy::Model)
+            .await
+            .unwrap();
+        assert_eq!(total.requests, written as i64);
+        let this = by_model
+            .iter()
+            .find(|g| g.key == format!("batch-{n}"))
+            .unwrap();
+        assert_eq!(this.requests, n as i64);
+        assert_eq!(
+            this.prompt_tokens,
+            (n * (n - 1) / 2) as i64,
+            "each row once"
+        );
+    }
 }
