@@ -223,24 +223,27 @@ struct RequestLog {
 
 impl RequestLog {
     fn emit(self, completed: bool) {
-        let latency_ms = self.start.elapsed().as_secs_f64() * 1000.0;
-        let user_id = self.ctx.user().map(|u| u.to_string());
-        let usage = self.ctx.usage();
-        tracing::info!(
-            target: "relay::request",
-            method = %self.method,
-            route = self.route.as_ref().map_or("-", MatchedPath::as_str),
-            path = self.unmatched_path.as_deref(),
-            status = self.status.as_u16(),
-            latency_ms = (latency_ms * 1000.0).round() / 1000.0,
-            request_id = %String::from_utf8_lossy(self.ctx.request_id.as_bytes()),
-            client_ip = %self.client_ip,
-            user_id = user_id.as_deref(),
-            prompt_tokens = usage.map(|u| u.prompt_tokens),
-            completion_tokens = usage.map(|u| u.completion_tokens),
-            completed,
-            "request"
-        );
+        // The line's fields are only made when the line is written (not at LOG_LEVEL=warn).
+        if tracing::enabled!(target: "relay::request", tracing::Level::INFO) {
+            let latency_ms = self.start.elapsed().as_secs_f64() * 1000.0;
+            let user_id = self.ctx.user().map(|u| u.to_string());
+            let usage = self.ctx.usage();
+            tracing::info!(
+                target: "relay::request",
+                method = %self.method,
+                route = self.route.as_ref().map_or("-", MatchedPath::as_str),
+                path = self.unmatched_path.as_deref(),
+                status = self.status.as_u16(),
+                latency_ms = (latency_ms * 1000.0).round() / 1000.0,
+                request_id = %String::from_utf8_lossy(self.ctx.request_id.as_bytes()),
+                client_ip = %self.client_ip,
+                user_id = user_id.as_deref(),
+                prompt_tokens = usage.map(|u| u.prompt_tokens),
+                completion_tokens = usage.map(|u| u.completion_tokens),
+                completed,
+                "request"
+            );
+        }
         crate::measure::count_request(
             self.route.as_ref().map(MatchedPath::as_str),
             &self.method,

@@ -7,9 +7,9 @@
 
 use std::sync::Arc;
 
+use super::pool::UpstreamBody;
 use bytes::Bytes;
 use http_body_util::BodyDataStream;
-use hyper::body::Incoming;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
@@ -258,7 +258,7 @@ pub fn output_cap(
 #[allow(clippy::large_enum_variant)] // made once per request and consumed at once; boxing it would add an allocation
 pub enum Completion {
     /// Server-sent events, relayed as they arrive (usage recorded in the request's context).
-    Stream(SseRelay<BodyDataStream<Incoming>>),
+    Stream(SseRelay<BodyDataStream<UpstreamBody>>),
     /// A whole JSON completion, checked to be one, usage recorded, bytes untouched.
     Json(Bytes),
 }

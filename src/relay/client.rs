@@ -7,7 +7,8 @@
 //! requests are built fresh with relay's key, and no client header is copied, which also drops
 //! every hop-by-hop header.
 //!
-//! The client is hyper's own pooled client, without a layer on top: an API answers and does not
+//! The connections are relay's own small pool of hyper HTTP/1.1 connections ([`super::pool`]),
+//! each driven by the request using it, without a layer on top: an API answers and does not
 //! redirect, a retried POST could run (and bill) a completion twice, and every layer costs time
 //! and memory on each request.
 
@@ -15,19 +16,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, USER_AGENT};
+use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HOST, USER_AGENT};
 use http::{HeaderValue, Request, Uri};
+use http_body::Body as _;
 use http_body_util::{BodyExt as _, Full};
-use hyper::body::Incoming;
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use secrecy::ExposeSecret as _;
 use url::Url;
 
 use super::errors::{KeyMask, transport_error, upstream_error};
 use super::models::{Model, ModelCache, ModelPolicy, UpstreamModelList};
+use super::pool::{Pool, SendError, UpstreamBody};
 use crate::config::UpstreamConfig;
 use crate::context::{RequestContext, UpstreamCall};
 use crate::error::ApiError;
@@ -64,7 +63,7 @@ pub fn is_event_stream(response: &UpstreamResponse) -> bool {
 }
 
 /// An upstream answer whose headers arrived; its body is read (or streamed) by the caller.
-pub type UpstreamResponse = http::Response<Incoming>;
+pub type UpstreamResponse = http::Response<UpstreamBody>;
 
 /// Largest upstream error body read (they are small; anything bigger is not an OpenAI error).
 const MAX_ERROR_BODY: usize = 64 * 1024;
@@ -77,12 +76,14 @@ const MAX_MODELS_BODY: usize = 4 * 1024 * 1024;
 
 /// The shared upstream client.
 pub struct Upstream {
-    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    pool: Arc<Pool>,
+    /// The upstream's `Host` header.
+    host: HeaderValue,
     chat_uri: Uri,
     embeddings_uri: Uri,
     responses_uri: Uri,
     models_uri: Uri,
-    /// The base URL without its trailing slash, for paths built per request.
+    /// The base URL's path without its trailing slash, for paths built per request.
     base: String,
     authorization: HeaderValue,
     mask: Arc<KeyMask>,
@@ -106,10 +107,11 @@ impl std::fmt::Debug for Upstream {
     }
 }
 
+/// `path` under the base URL's path, in origin form (what an HTTP/1.1 request line carries).
 fn join(base: &Url, path: &str) -> anyhow::Result<Uri> {
     Ok(Uri::try_from(format!(
         "{}/{path}",
-        base.as_str().trim_end_matches('/')
+        base.path().trim_end_matches('/')
     ))?)
 }
 
@@ -142,20 +144,25 @@ impl Upstream {
             .try_with_platform_verifier()
             .map_err(|e| anyhow::anyhow!("cannot load the system's TLS roots: {e}"))?
             .https_or_http()
-            .enable_all_versions()
+            .enable_http1()
             .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(1024)
-            .build(https);
+        let base = &config.base_url;
+        let host = base
+            .host_str()
+            .ok_or_else(|| anyhow::anyhow!("OPENAI_BASE_URL has no host"))?;
+        let authority = match base.port() {
+            Some(port) => format!("{host}:{port}"),
+            None => host.to_owned(),
+        };
+        let origin = Uri::try_from(format!("{}://{authority}", base.scheme()))?;
         Ok(Upstream {
-            client,
+            pool: Pool::new(https, origin, 1024, Duration::from_secs(90)),
+            host: HeaderValue::try_from(authority)?,
             chat_uri: join(&config.base_url, "chat/completions")?,
             embeddings_uri: join(&config.base_url, "embeddings")?,
             responses_uri: join(&config.base_url, "responses")?,
             models_uri: join(&config.base_url, "models")?,
-            base: config.base_url.as_str().trim_end_matches('/').to_owned(),
+            base: config.base_url.path().trim_end_matches('/').to_owned(),
             authorization,
             mask: Arc::new(KeyMask::new(api_key)),
             timeout: config.timeout,
@@ -201,6 +208,7 @@ impl Upstream {
             Api::Responses => &self.responses_uri,
         };
         let request = Request::post(uri.clone())
+            .header(HOST, self.host.clone())
             .header(AUTHORIZATION, self.authorization.clone())
             .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
             .header(ACCEPT, accept)
@@ -226,6 +234,7 @@ impl Upstream {
         let mut request = Request::builder()
             .method(method)
             .uri(uri)
+            .header(HOST, self.host.clone())
             .header(AUTHORIZATION, self.authorization.clone())
             .header(ACCEPT, HeaderValue::from_static("application/json"))
             .header(USER_AGENT, USER_AGENT_VALUE);
@@ -262,13 +271,14 @@ impl Upstream {
     ) -> Result<UpstreamResponse, ApiError> {
         // Built from values checked when the client was made; this cannot fail.
         let request = request.map_err(|e| ApiError::Internal(e.into()))?;
-        let response = match tokio::time::timeout(self.timeout, self.client.request(request)).await
-        {
+        let response = match tokio::time::timeout(self.timeout, self.pool.send(request)).await {
             Err(_) => {
                 tracing::warn!("upstream sent no answer in time");
                 return Err(ApiError::GatewayTimeout);
             }
-            Ok(Err(err)) => return Err(transport_error(&err, err.is_connect())),
+            Ok(Err(err)) => {
+                return Err(transport_error(&err, matches!(err, SendError::Connect(_))));
+            }
             Ok(Ok(response)) => response,
         };
         if response.status().is_success() {
@@ -306,6 +316,10 @@ impl Upstream {
             let Ok(chunk) = frame.into_data() else {
                 continue; // trailers
             };
+            if buf.is_empty() && chunk.len() <= limit && body.is_end_stream() {
+                // The whole body in one piece (a `Content-Length` answer read at once): no copy.
+                return Ok(chunk);
+            }
             let room = limit.saturating_sub(buf.len());
             buf.extend_from_slice(&chunk[..chunk.len().min(room)]);
             if buf.len() >= limit {
@@ -335,6 +349,7 @@ impl Upstream {
 
     async fn fetch_models(&self) -> Result<Vec<Model>, ApiError> {
         let request = Request::get(self.models_uri.clone())
+            .header(HOST, self.host.clone())
             .header(AUTHORIZATION, self.authorization.clone())
             .header(ACCEPT, HeaderValue::from_static("application/json"))
             .header(USER_AGENT, USER_AGENT_VALUE)

@@ -11,6 +11,7 @@ pub mod client;
 pub mod embeddings;
 pub mod errors;
 pub mod models;
+pub mod pool;
 pub mod response_view;
 pub mod responses;
 pub mod sse;

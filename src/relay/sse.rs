@@ -64,17 +64,33 @@ fn event_end(buf: &[u8], from: usize) -> Option<usize> {
 /// The `data:` payload of an event (single-line data, which is what OpenAI sends; multi-line
 /// data is joined with `\n` as the SSE spec says).
 fn event_data(event: &[u8]) -> Option<std::borrow::Cow<'_, [u8]>> {
-    let mut parts: Vec<&[u8]> = Vec::new();
-    for line in event.split(|b| *b == b'\n') {
+    // What OpenAI sends: one `data:` line, then the blank line. Found with one `memchr`.
+    if let Some(rest) = event.strip_prefix(b"data:")
+        && let Some(nl) = memchr::memchr(b'\n', rest)
+        && matches!(&rest[nl + 1..], b"\n" | b"\r\n")
+    {
+        let line = &rest[..nl];
         let line = line.strip_suffix(b"\r").unwrap_or(line);
-        if let Some(rest) = line.strip_prefix(b"data:") {
-            parts.push(rest.strip_prefix(b" ").unwrap_or(rest));
-        }
+        return Some(std::borrow::Cow::Borrowed(
+            line.strip_prefix(b" ").unwrap_or(line),
+        ));
     }
-    match parts.len() {
-        0 => None,
-        1 => Some(std::borrow::Cow::Borrowed(parts[0])),
-        _ => Some(std::borrow::Cow::Owned(parts.join(&b'\n'))),
+    let mut data = event.split(|b| *b == b'\n').filter_map(|line| {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let rest = line.strip_prefix(b"data:")?;
+        Some(rest.strip_prefix(b" ").unwrap_or(rest))
+    });
+    let first = data.next()?;
+    match data.next() {
+        None => Some(std::borrow::Cow::Borrowed(first)),
+        Some(second) => {
+            let mut joined = [first, second].join(&b'\n');
+            for more in data {
+                joined.push(b'\n');
+                joined.extend_from_slice(more);
+            }
+            Some(std::borrow::Cow::Owned(joined))
+        }
     }
 }
 
@@ -139,6 +155,9 @@ fn event_type<'a>(event: &'a [u8], data: &[u8]) -> Option<std::borrow::Cow<'a, [
 /// `instructions` and `tools` (up to `MAX_REQUEST_BYTES`).
 const MAX_EVENT_BYTES: usize = 32 * 1024 * 1024;
 
+/// The most complete events held back to be written together; more goes out at once.
+const MAX_HELD_BYTES: usize = 64 * 1024;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     Streaming,
@@ -160,6 +179,8 @@ pin_project_lite::pin_project! {
         seen: Seen,
         phase: Phase,
         active: crate::measure::ActiveStream,
+        // Complete events not yet given to the client, sent together (see `poll_next`).
+        held: BytesMut,
     }
 }
 
@@ -184,6 +205,7 @@ impl<S> SseRelay<S> {
             seen: Seen::default(),
             phase: Phase::Streaming,
             active: crate::measure::ActiveStream::start(),
+            held: BytesMut::new(),
         }
     }
 
@@ -218,21 +240,22 @@ fn inspect(
     };
     seen.events += 1;
     let data: &[u8] = &data;
-    let mentions = |needle: &[u8]| memchr::memmem::find(data, needle).is_some();
     let error_like = match protocol {
         Protocol::Chat { forward_usage } => {
             if data.trim_ascii() == b"[DONE]" {
                 seen.done = true;
                 return Verdict::Keep;
             }
-            let error_like = mentions(b"\"error\"");
+            let error_like = finders().error.find(data).is_some();
             // The answer's text, or a tool call's arguments.
-            if let Some(text) = string_after(data, b"\"content\":")
-                .or_else(|| string_after(data, b"\"arguments\":"))
+            if let Some(text) = string_after(data, &finders().content)
+                .or_else(|| string_after(data, &finders().arguments))
             {
                 ctx.add_delivered(&text);
             }
-            if !error_like && !mentions(b"\"usage\"") {
+            // Every chunk says `"usage": null` when usage was asked for; only the last one
+            // carries it.
+            if !error_like && !has_usage(data) {
                 return Verdict::Keep;
             }
             if let Ok(chunk) = serde_json::from_slice::<ChunkView>(data) {
@@ -255,18 +278,58 @@ fn inspect(
     }
 }
 
+/// The needles looked for in every event, built once.
+struct Finders {
+    error: memchr::memmem::Finder<'static>,
+    usage: memchr::memmem::Finder<'static>,
+    content: memchr::memmem::Finder<'static>,
+    arguments: memchr::memmem::Finder<'static>,
+    delta: memchr::memmem::Finder<'static>,
+}
+
+fn finders() -> &'static Finders {
+    static FINDERS: std::sync::OnceLock<Finders> = std::sync::OnceLock::new();
+    FINDERS.get_or_init(|| Finders {
+        error: memchr::memmem::Finder::new(b"\"error\""),
+        usage: memchr::memmem::Finder::new(b"\"usage\""),
+        content: memchr::memmem::Finder::new(b"\"content\":"),
+        arguments: memchr::memmem::Finder::new(b"\"arguments\":"),
+        delta: memchr::memmem::Finder::new(b"\"delta\":"),
+    })
+}
+
+/// Whether a `"usage"` key in `data` has a value other than `null`. A quote inside a JSON
+/// string is escaped, so `"usage"` followed by a colon is always a key.
+fn has_usage(data: &[u8]) -> bool {
+    finders().usage.find_iter(data).any(|at| {
+        let rest = data[at + b"\"usage\"".len()..].trim_ascii_start();
+        match rest.strip_prefix(b":") {
+            Some(value) => !value.trim_ascii_start().starts_with(b"null"),
+            None => false,
+        }
+    })
+}
+
 /// The string value that follows the first `key` (e.g. `"content":`) in `data`, read without
 /// parsing the rest: the text an event delivers, for an estimate should usage never arrive.
-fn string_after(data: &[u8], key: &[u8]) -> Option<String> {
-    let at = memchr::memmem::find(data, key)? + key.len();
-    let rest = data[at..].trim_ascii_start();
-    if rest.first() != Some(&b'"') {
-        return None;
+/// Borrowed from `data` unless it has escapes.
+fn string_after<'a>(
+    data: &'a [u8],
+    key: &memchr::memmem::Finder<'_>,
+) -> Option<std::borrow::Cow<'a, str>> {
+    let at = key.find(data)? + key.needle().len();
+    let rest = data[at..].trim_ascii_start().strip_prefix(b"\"")?;
+    let end = memchr::memchr2(b'"', b'\\', rest)?;
+    if rest[end] == b'"' {
+        // No escape: the text is the bytes up to the closing quote.
+        let text = std::str::from_utf8(&rest[..end]).ok()?;
+        return (!text.is_empty()).then_some(std::borrow::Cow::Borrowed(text));
     }
-    let mut de = serde_json::Deserializer::from_slice(rest);
+    let mut de = serde_json::Deserializer::from_slice(&data[at..]);
     String::deserialize(&mut de)
         .ok()
         .filter(|text| !text.is_empty())
+        .map(std::borrow::Cow::Owned)
 }
 
 /// Looks at one Responses API event; returns whether it reports an error (to be masked).
@@ -289,7 +352,7 @@ fn inspect_response_event(
         | b"response.function_call_arguments.delta"
         | b"response.reasoning_summary_text.delta"
         | b"response.refusal.delta" => {
-            if let Some(text) = string_after(data, b"\"delta\":") {
+            if let Some(text) = string_after(data, &finders().delta) {
                 ctx.add_delivered(&text);
             }
             false
@@ -376,7 +439,10 @@ where
         let mut this = self.project();
         loop {
             if *this.phase == Phase::Finished {
-                return Poll::Ready(None);
+                // What is held goes out first; then the end.
+                return Poll::Ready(
+                    (!this.held.is_empty()).then(|| Ok(this.held.split().freeze())),
+                );
             }
             match this.upstream.as_mut().poll_next(cx) {
                 Poll::Ready(Some(Ok(chunk))) => {
@@ -425,21 +491,22 @@ where
                             // as they came rather than hold them without bound.
                             let bytes = std::mem::take(this.buf).freeze();
                             let bytes = masked(this.mask, &bytes).unwrap_or(bytes);
-                            return Poll::Ready(Some(Ok(bytes)));
+                            this.held.extend_from_slice(&bytes);
+                            return Poll::Ready(Some(Ok(this.held.split().freeze())));
                         }
                         continue;
                     }
-                    let complete = this.buf.split_to(scanned).freeze();
-                    let bytes = if forward_from == 0 {
-                        complete
+                    let complete = this.buf.split_to(scanned);
+                    if forward_from == 0 {
+                        // Usually contiguous with what is held (both cut from `buf`): no copy.
+                        this.held.unsplit(complete);
                     } else {
                         out.extend_from_slice(&complete[forward_from..]);
-                        out.freeze()
-                    };
-                    if bytes.is_empty() {
-                        continue;
+                        this.held.unsplit(out);
                     }
-                    return Poll::Ready(Some(Ok(bytes)));
+                    if this.held.len() >= MAX_HELD_BYTES {
+                        return Poll::Ready(Some(Ok(this.held.split().freeze())));
+                    }
                 }
                 Poll::Ready(Some(Err(err))) => {
                     *this.phase = Phase::Finished;
@@ -463,7 +530,7 @@ where
                             "upstream_stream_error",
                         )
                     };
-                    return Poll::Ready(Some(Ok(event)));
+                    this.held.extend_from_slice(&event);
                 }
                 Poll::Ready(None) => {
                     *this.phase = Phase::Finished;
@@ -472,7 +539,8 @@ where
                         // The upstream's own error event ended it.
                         this.ctx.set_stream_end(StreamEnd::Failed(502));
                         let rest = masked(this.mask, &rest).unwrap_or(rest);
-                        return Poll::Ready((!rest.is_empty()).then_some(Ok(rest)));
+                        this.held.extend_from_slice(&rest);
+                        continue;
                     }
                     // A cut-off partial event is dropped: clients parse each event as JSON and
                     // would fail on it before they saw the error event.
@@ -481,14 +549,19 @@ where
                         "upstream stream ended before its last event"
                     );
                     this.ctx.set_stream_end(StreamEnd::Failed(502));
-                    return Poll::Ready(Some(Ok(error_event(
+                    this.held.extend_from_slice(&error_event(
                         *this.protocol,
                         this.seen.events,
                         "the upstream stream ended unexpectedly",
                         "upstream_stream_error",
-                    ))));
+                    ));
                 }
                 Poll::Pending => {
+                    if !this.held.is_empty() {
+                        // Everything the upstream had ready was read: the events it held go to
+                        // the client in one write (one TCP segment), not one write per event.
+                        return Poll::Ready(Some(Ok(this.held.split().freeze())));
+                    }
                     if this.idle.as_mut().poll(cx).is_ready() {
                         *this.phase = Phase::Finished;
                         this.ctx.set_stream_end(StreamEnd::Failed(504));
@@ -496,12 +569,13 @@ where
                             timeout_s = this.timeout.as_secs_f64(),
                             "upstream stream stalled"
                         );
-                        return Poll::Ready(Some(Ok(error_event(
+                        this.held.extend_from_slice(&error_event(
                             *this.protocol,
                             this.seen.events,
                             "the upstream stopped sending for too long",
                             "upstream_timeout",
-                        ))));
+                        ));
+                        continue;
                     }
                     return Poll::Pending;
                 }
@@ -516,6 +590,45 @@ mod tests {
     use futures_util::StreamExt as _;
 
     #[test]
+    fn usage_is_found_only_where_it_has_a_value() {
+        assert!(!has_usage(
+            br#"{"choices":[{"delta":{"content":"x"}}],"usage":null}"#
+        ));
+        assert!(!has_usage(br#"{"usage" :  null}"#));
+        assert!(has_usage(br#"{"choices":[],"usage":{"prompt_tokens":1}}"#));
+        assert!(has_usage(br#"{"usage" : {"prompt_tokens":1}}"#));
+        // Inside a string a quote is escaped: not a key.
+        assert!(!has_usage(
+            br#"{"delta":{"content":"say \"usage\": 5"},"usage":null}"#
+        ));
+        assert!(!has_usage(br#"{"type":"usage","usage":null}"#));
+        assert!(has_usage(
+            br#"{"type":"usage","usage":null,"x":{"usage":{}}}"#
+        ));
+    }
+
+    #[test]
+    fn delivered_text_is_read_with_and_without_escapes() {
+        let content = &finders().content;
+        let text = |data: &[u8]| string_after(data, content).map(|t| t.into_owned());
+        assert_eq!(
+            text(br#"{"delta":{"content":"hello"}}"#).as_deref(),
+            Some("hello")
+        );
+        assert_eq!(
+            text(br#"{"delta":{"content": "a\"b\n"}}"#).as_deref(),
+            Some("a\"b\n")
+        );
+        assert_eq!(
+            text(br#"{"delta":{"content":"caf\u00e9"}}"#).as_deref(),
+            Some("café")
+        );
+        assert_eq!(text(br#"{"delta":{"content":""}}"#), None);
+        assert_eq!(text(br#"{"delta":{"content":null}}"#), None);
+        assert_eq!(text(br#"{"delta":{"role":"assistant"}}"#), None);
+    }
+
+    #[test]
     fn events_are_found_with_either_line_ending() {
         assert_eq!(event_end(b"data: a\n\ndata: b", 0), Some(9));
         assert_eq!(event_end(b"data: a\r\n\r\n", 0), Some(11));
@@ -525,6 +638,11 @@ mod tests {
             Some(&b"{\"x\":1}"[..])
         );
         assert_eq!(event_data(b": comment\n\n"), None);
+        assert_eq!(
+            event_data(b"event: x\r\ndata: a\r\ndata:b\ndata: c\n\n").as_deref(),
+            Some(&b"a\nb\nc"[..]),
+            "multi-line data is joined with newlines"
+        );
     }
 
     fn mask() -> Arc<KeyMask> {

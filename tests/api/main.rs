@@ -18,4 +18,5 @@ mod ratelimit;
 mod responses;
 mod startup;
 mod tokens;
+mod upstream;
 mod usage;
