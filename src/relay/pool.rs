@@ -44,13 +44,29 @@ type Io = MaybeHttpsStream<TokioIo<TcpStream>>;
 /// to make progress.
 struct Conn {
     send: http1::SendRequest<Full<Bytes>>,
-    conn: http1::Connection<Io, Full<Bytes>>,
+    /// `None` once it has ended.
+    conn: Option<http1::Connection<Io, Full<Bytes>>>,
 }
 
 impl Conn {
-    /// Drives the connection; `true` once it has ended (closed, or failed).
+    /// Drives the connection; `true` once it has ended (closed, or failed). An ended
+    /// connection is dropped at once: that is what gives a request still queued on it back to
+    /// its sender, and fails one waiting for its answer, rather than leave either waiting.
     fn drive(&mut self, cx: &mut Context<'_>) -> bool {
-        Pin::new(&mut self.conn).poll(cx).is_ready()
+        let Some(conn) = self.conn.as_mut() else {
+            return true;
+        };
+        if Pin::new(conn).poll(cx).is_ready() {
+            self.conn = None;
+            return true;
+        }
+        false
+    }
+
+    /// Whether it can take a request now: open, and done with the last one.
+    fn is_idle(&mut self) -> bool {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        !self.drive(&mut cx) && self.send.is_ready()
     }
 }
 
@@ -99,8 +115,8 @@ pub struct Pool {
 
 impl Pool {
     /// A pool for `origin`, keeping at most `max_idle` idle connections, each for at most
-    /// `idle_timeout`. Expired connections are also closed every `idle_timeout` by a task that
-    /// ends with the pool.
+    /// `idle_timeout`. Expired connections are closed every quarter of `idle_timeout` by a task
+    /// that ends with the pool.
     pub fn new(
         connector: HttpsConnector<HttpConnector>,
         origin: Uri,
@@ -117,7 +133,7 @@ impl Pool {
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             let weak = Arc::downgrade(&pool);
             handle.spawn(async move {
-                let mut every = tokio::time::interval(idle_timeout);
+                let mut every = tokio::time::interval(idle_timeout / 4);
                 every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
                     every.tick().await;
@@ -136,15 +152,19 @@ impl Pool {
         self.idle.lock().map(|idle| idle.len()).unwrap_or(0)
     }
 
+    /// Closes the connections idle for too long. (Closing happens after the lock is let go:
+    /// a socket's close and deregistration are not done while other requests wait for it.)
     fn expire(&self) {
+        let mut expired = Vec::new();
         if let Ok(mut idle) = self.idle.lock() {
             while idle
                 .front()
                 .is_some_and(|i| i.since.elapsed() >= self.idle_timeout)
             {
-                idle.pop_front();
+                expired.extend(idle.pop_front());
             }
         }
+        drop(expired);
     }
 
     fn checkout(&self) -> Option<Box<Conn>> {
@@ -152,25 +172,36 @@ impl Pool {
         let newest = idle.pop_back()?;
         if newest.since.elapsed() >= self.idle_timeout {
             // The newest is too old: so are all the others.
-            idle.clear();
+            let all = std::mem::take(&mut *idle);
+            drop(idle);
+            drop(all);
             return None;
         }
         Some(newest.conn)
     }
 
-    fn put_back(&self, conn: Box<Conn>) {
-        if conn.send.is_closed() {
+    fn put_back(&self, mut conn: Box<Conn>) {
+        // One that is closing (`Connection: close`, or a read that found more than its answer)
+        // is not kept.
+        if !conn.is_idle() {
             return;
         }
-        if let Ok(mut idle) = self.idle.lock() {
-            if idle.len() >= self.max_idle {
-                idle.pop_front();
+        let evicted = match self.idle.lock() {
+            Ok(mut idle) => {
+                let evicted = if idle.len() >= self.max_idle {
+                    idle.pop_front()
+                } else {
+                    None
+                };
+                idle.push_back(Idle {
+                    conn,
+                    since: Instant::now(),
+                });
+                evicted
             }
-            idle.push_back(Idle {
-                conn,
-                since: Instant::now(),
-            });
-        }
+            Err(_) => None,
+        };
+        drop(evicted);
     }
 
     async fn connect(&self) -> Result<Box<Conn>, SendError> {
@@ -186,7 +217,10 @@ impl Pool {
             .handshake(io)
             .await
             .map_err(SendError::Request)?;
-        Ok(Box::new(Conn { send, conn }))
+        Ok(Box::new(Conn {
+            send,
+            conn: Some(conn),
+        }))
     }
 
     /// A connection ready for a request: an idle one that is still open, else a new one.
@@ -207,14 +241,12 @@ impl Pool {
         }
         let mut conn = self.connect().await?;
         let ready = poll_fn(|cx| {
-            let ended = conn.drive(cx);
-            match conn.send.poll_ready(cx) {
-                Poll::Ready(result) => Poll::Ready(result.map_err(SendError::Request)),
-                Poll::Pending if ended => Poll::Ready(Err(SendError::Connect(
+            if conn.drive(cx) {
+                return Poll::Ready(Err(SendError::Connect(
                     "the upstream closed the connection before the request".into(),
-                ))),
-                Poll::Pending => Poll::Pending,
+                )));
             }
+            conn.send.poll_ready(cx).map_err(SendError::Request)
         })
         .await;
         ready.map(|()| (conn, false))
@@ -229,11 +261,10 @@ impl Pool {
         loop {
             let (mut conn, reused) = self.ready_conn().await?;
             let mut answer = std::pin::pin!(conn.send.try_send_request(request));
-            let mut ended = false;
             let result = poll_fn(|cx| {
-                if !ended {
-                    ended = conn.drive(cx);
-                }
+                // Once the connection ended (and was dropped), the answer resolves: the request
+                // comes back if it was never written, or fails.
+                conn.drive(cx);
                 answer.as_mut().poll(cx)
             })
             .await;
@@ -242,7 +273,7 @@ impl Pool {
                     let (parts, body) = response.into_parts();
                     let body = UpstreamBody {
                         body,
-                        conn: (!ended).then_some(conn),
+                        conn: conn.conn.is_some().then_some(conn),
                         pool: Arc::downgrade(self),
                     };
                     return Ok(Response::from_parts(parts, body));

@@ -135,7 +135,7 @@ fn ask(stream: bool) -> Value {
 
 #[tokio::test]
 async fn upstream_connections_are_reused_and_one_closed_while_idle_is_replaced() {
-    let upstream = start_raw(Duration::from_millis(150)).await;
+    let upstream = start_raw(Duration::from_secs(1)).await;
     let app = support::spawn_app_with(Db::Sqlite, &[("OPENAI_BASE_URL", &upstream.base)]).await;
     let (token, _) = app.user_tokens("pool@example.com").await;
     for stream in [false, true, false, true] {
@@ -150,7 +150,7 @@ async fn upstream_connections_are_reused_and_one_closed_while_idle_is_replaced()
         "four requests, one after the other (two of them whole streams), share one connection"
     );
     // The upstream closes the idle connection; the next request must not fail on it.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     for stream in [false, true] {
         let resp = app.chat(&token, &ask(stream)).await;
         assert_eq!(
