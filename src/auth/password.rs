@@ -186,7 +186,10 @@ mod tests {
         // The same parameters as a real hash made now (and so the same cost to check).
         let real = hash_blocking("correct horse").unwrap();
         let real = PasswordHash::new(&real).unwrap();
-        assert_eq!(Params::try_from(&parsed).unwrap(), Params::try_from(&real).unwrap());
+        assert_eq!(
+            Params::try_from(&parsed).unwrap(),
+            Params::try_from(&real).unwrap()
+        );
         assert_eq!(parsed.version, real.version);
         assert_eq!(parsed.hash.unwrap().len(), 32);
         // Checked in full (a hash that did not parse would be refused at once, and fast).
