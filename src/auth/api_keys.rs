@@ -12,9 +12,6 @@
 //! expired key is refused on every replica within seconds, and the request path makes no query
 //! per request. The last-used time is written off the request path, at most once a minute a key.
 
-use std::collections::HashMap;
-use std::hash::BuildHasher as _;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -27,6 +24,7 @@ use sha2::{Digest as _, Sha256};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
+use super::cache::{Cached, TtlCache};
 use crate::error::ApiError;
 use crate::store::Store;
 
@@ -45,7 +43,6 @@ pub const KEY_TTL: Duration = Duration::from_secs(3);
 /// How often a key's last-used time is written at most.
 pub const TOUCH_EVERY: Duration = Duration::from_secs(60);
 const LOOKUP_BUDGET: Duration = Duration::from_millis(200);
-const SHARDS: usize = 16;
 const MAX_KEYS: usize = 100_000;
 
 /// A key just made: the secret (shown once) and what is stored of it.
@@ -73,8 +70,10 @@ struct Known {
     expires_at: Option<DateTime<Utc>>,
 }
 
+/// What the cache holds of a key: the key (`None`: no such key), and when its last-used time
+/// was last queued for writing.
+#[derive(Clone, Copy)]
 struct Entry {
-    read_at: Instant,
     key: Option<Known>,
     touched_at: Option<Instant>,
 }
@@ -83,8 +82,7 @@ struct Entry {
 pub struct ApiKeys {
     tag_key: [u8; 32],
     store: Store,
-    hasher: std::collections::hash_map::RandomState,
-    shards: Vec<Mutex<HashMap<[u8; 32], Entry>>>,
+    cache: TtlCache<[u8; 32], Entry>,
     touches: mpsc::Sender<Uuid>,
 }
 
@@ -113,8 +111,7 @@ impl ApiKeys {
         ApiKeys {
             tag_key,
             store,
-            hasher: std::collections::hash_map::RandomState::new(),
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            cache: TtlCache::new(KEY_TTL, MAX_KEYS),
             touches,
         }
     }
@@ -165,25 +162,15 @@ impl ApiKeys {
         Some(Sha256::digest(key.as_bytes()).into())
     }
 
-    fn shard(&self, hash: &[u8; 32]) -> &Mutex<HashMap<[u8; 32], Entry>> {
-        &self.shards[(self.hasher.hash_one(hash) as usize) % SHARDS]
-    }
-
     /// The owner of `key`, or a 401 for a key that is unknown, deleted or expired.
     pub async fn owner(&self, key: &str) -> Result<KeyOwner, ApiError> {
         let invalid = || ApiError::unauthorized("invalid API key", "invalid_api_key");
         let hash = self.checked_hash(key).ok_or_else(invalid)?;
-        let known = match self.cached(&hash) {
-            Cached::Fresh(known) => known,
+        let known = match self.cache.get(&hash) {
+            Cached::Fresh(entry) => entry.key,
             Cached::Stale(last) => {
-                // Should this request be dropped before the read ends, the entry is stale
-                // again for the next one (not trusted for another few seconds).
-                let renewal = Renewal {
-                    keys: self,
-                    hash,
-                    done: false,
-                };
-                let known = Box::pin(self.read(hash, Some(last))).await;
+                let renewal = self.cache.renewal(hash);
+                let known = Box::pin(self.read(hash, Some(last.key))).await;
                 renewal.finish();
                 known?
             }
@@ -198,21 +185,6 @@ impl ApiKeys {
         }
         self.touch(&hash, known.owner.key_id);
         Ok(known.owner)
-    }
-
-    fn cached(&self, hash: &[u8; 32]) -> Cached {
-        let Ok(mut map) = self.shard(hash).lock() else {
-            return Cached::Unknown;
-        };
-        match map.get_mut(hash) {
-            None => Cached::Unknown,
-            Some(entry) if entry.read_at.elapsed() < KEY_TTL => Cached::Fresh(entry.key),
-            Some(entry) => {
-                // Renewed now, so that only this request reads the database.
-                entry.read_at = Instant::now();
-                Cached::Stale(entry.key)
-            }
-        }
     }
 
     /// Reads the key from the database and remembers it. When the database does not answer in
@@ -245,52 +217,34 @@ impl ApiKeys {
                 last.ok_or_else(unavailable)?
             }
         };
-        if let Ok(mut map) = self.shard(&hash).lock() {
-            if map.len() >= MAX_KEYS / SHARDS && !map.contains_key(&hash) {
-                map.retain(|_, e| e.read_at.elapsed() < KEY_TTL);
-                if map.len() >= MAX_KEYS / SHARDS {
-                    map.clear();
-                }
-            }
-            let touched_at = map.get(&hash).and_then(|e| e.touched_at);
-            map.insert(
-                hash,
-                Entry {
-                    read_at: Instant::now(),
-                    key,
-                    touched_at,
-                },
-            );
-        }
+        self.cache.insert_with(hash, |last| Entry {
+            key,
+            touched_at: last.and_then(|e| e.touched_at),
+        });
         Ok(key)
     }
 
     /// Queues a last-used write for `key_id` when none was queued in the last minute.
     fn touch(&self, hash: &[u8; 32], key_id: Uuid) {
-        let due = self.shard(hash).lock().ok().is_some_and(|mut map| {
-            map.get_mut(hash).is_some_and(|entry| {
-                let due = entry
-                    .touched_at
-                    .is_none_or(|at| at.elapsed() >= TOUCH_EVERY);
-                if due {
-                    entry.touched_at = Some(Instant::now());
-                }
-                due
-            })
-        });
+        let due = self.cache.update(hash, |entry| {
+            let due = entry
+                .touched_at
+                .is_none_or(|at| at.elapsed() >= TOUCH_EVERY);
+            if due {
+                entry.touched_at = Some(Instant::now());
+            }
+            due
+        }) == Some(true);
         if due {
             // A full queue skips this write: the time is a hint, never worth a wait.
             let _ = self.touches.try_send(key_id);
         }
     }
 
-    /// Forgets the cached keys that `keep` refuses.
+    /// Forgets the cached keys whose owner `forget` says yes to.
     fn forget_where(&self, forget: impl Fn(&KeyOwner) -> bool) {
-        for shard in &self.shards {
-            if let Ok(mut map) = shard.lock() {
-                map.retain(|_, entry| !entry.key.is_some_and(|k| forget(&k.owner)));
-            }
-        }
+        self.cache
+            .forget_where(|entry| entry.key.is_some_and(|k| forget(&k.owner)));
     }
 
     /// Forgets key `key_id` (deleted on this replica, so that it bites at once here; other
@@ -305,48 +259,8 @@ impl ApiKeys {
     }
 }
 
-/// A stale entry being read again: dropped unfinished (the request was cancelled), it makes the
-/// entry stale again.
-struct Renewal<'a> {
-    keys: &'a ApiKeys,
-    hash: [u8; 32],
-    done: bool,
-}
-
-impl Renewal<'_> {
-    fn finish(mut self) {
-        self.done = true;
-    }
-}
-
-impl Drop for Renewal<'_> {
-    fn drop(&mut self) {
-        if self.done {
-            return;
-        }
-        if let Ok(mut map) = self.keys.shard(&self.hash).lock() {
-            match Instant::now().checked_sub(KEY_TTL) {
-                Some(stale) => {
-                    if let Some(entry) = map.get_mut(&self.hash) {
-                        entry.read_at = stale;
-                    }
-                }
-                None => {
-                    map.remove(&self.hash);
-                }
-            }
-        }
-    }
-}
-
 fn unavailable() -> ApiError {
     ApiError::ServiceUnavailable("cannot check the API key now, try again later".into())
-}
-
-enum Cached {
-    Fresh(Option<Known>),
-    Stale(Option<Known>),
-    Unknown,
 }
 
 /// Writes last-used times: gathers the ids queued within a second, then one update each.

@@ -2,6 +2,7 @@
 //! about HTTP; `http::extract` turns a Bearer header into an [`AuthUser`].
 
 pub mod api_keys;
+mod cache;
 pub mod jwt;
 pub mod password;
 pub mod session;

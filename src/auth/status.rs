@@ -10,21 +10,18 @@
 //! (and a user never seen is let through), and remembered: chat does not depend on the
 //! database being up.
 
-use std::collections::HashMap;
-use std::hash::BuildHasher as _;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use uuid::Uuid;
 
 use super::UserTokenLimit;
+use super::cache::{Cached, TtlCache};
 use crate::error::ApiError;
 use crate::store::Store;
 
 /// How long a user's state is trusted before it is read again.
 pub const STATUS_TTL: Duration = Duration::from_secs(3);
 
-const SHARDS: usize = 16;
 /// How long a request waits for the database to tell a user's state.
 const LOOKUP_BUDGET: Duration = Duration::from_millis(200);
 /// Users remembered at most, over all shards.
@@ -82,8 +79,7 @@ fn token_limit_of(record: &crate::store::UserRecord) -> Option<UserTokenLimit> {
 /// The cache; one per process, in the app state.
 pub struct UserStatus {
     store: Store,
-    hasher: std::collections::hash_map::RandomState,
-    shards: Vec<Mutex<HashMap<Uuid, (Instant, State)>>>,
+    cache: TtlCache<Uuid, State>,
 }
 
 impl std::fmt::Debug for UserStatus {
@@ -97,29 +93,18 @@ impl UserStatus {
     pub fn new(store: Store) -> Self {
         UserStatus {
             store,
-            hasher: std::collections::hash_map::RandomState::new(),
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            cache: TtlCache::new(STATUS_TTL, MAX_USERS),
         }
-    }
-
-    fn shard(&self, user: Uuid) -> &Mutex<HashMap<Uuid, (Instant, State)>> {
-        &self.shards[(self.hasher.hash_one(user) as usize) % SHARDS]
     }
 
     /// `Ok` (with what requests need to know of the user) when `user` exists and is active; a
     /// 401 when deleted, a 403 when deactivated.
     pub async fn check(&self, user: Uuid) -> Result<Standing, ApiError> {
-        let state = match self.cached(user) {
+        let state = match self.cache.get(&user) {
             Cached::Fresh(state) => state,
-            // One request reads it again; the others meanwhile use the state it had. Should
-            // that request be dropped before the read ends, the entry is stale again for the
-            // next one (not trusted for another few seconds).
+            // One request reads it again; the others meanwhile use the state it had.
             Cached::Stale(state) => {
-                let renewal = Renewal {
-                    status: self,
-                    user,
-                    done: false,
-                };
+                let renewal = self.cache.renewal(user);
                 let state = Box::pin(self.refresh(user, Some(state))).await;
                 renewal.finish();
                 state
@@ -142,25 +127,7 @@ impl UserStatus {
     /// Forgets what is cached of `user`, so that a change made on this replica bites here at
     /// once (other replicas read it again within [`STATUS_TTL`]).
     pub fn forget(&self, user: Uuid) {
-        if let Ok(mut map) = self.shard(user).lock() {
-            map.remove(&user);
-        }
-    }
-
-    /// The remembered state; a stale entry is renewed on the spot, so that only the request
-    /// that found it stale reads the database.
-    fn cached(&self, user: Uuid) -> Cached {
-        let Ok(mut map) = self.shard(user).lock() else {
-            return Cached::Unknown;
-        };
-        match map.get_mut(&user) {
-            None => Cached::Unknown,
-            Some((at, state)) if at.elapsed() < STATUS_TTL => Cached::Fresh(*state),
-            Some((at, state)) => {
-                *at = Instant::now();
-                Cached::Stale(*state)
-            }
-        }
+        self.cache.remove(&user);
     }
 
     /// Reads `user`'s state from the database (waiting at most [`LOOKUP_BUDGET`]) and
@@ -181,56 +148,7 @@ impl UserStatus {
                 last.unwrap_or(State::Active(Standing::default()))
             }
         };
-        if let Ok(mut map) = self.shard(user).lock() {
-            if map.len() >= MAX_USERS / SHARDS && !map.contains_key(&user) {
-                map.retain(|_, (at, _)| at.elapsed() < STATUS_TTL);
-                if map.len() >= MAX_USERS / SHARDS {
-                    map.clear();
-                }
-            }
-            map.insert(user, (Instant::now(), state));
-        }
+        self.cache.insert_with(user, |_| state);
         state
-    }
-}
-
-/// What the cache knows of a user.
-enum Cached {
-    Fresh(State),
-    Stale(State),
-    Unknown,
-}
-
-/// A stale entry being read again: dropped unfinished (the request was cancelled), it makes the
-/// entry stale again.
-struct Renewal<'a> {
-    status: &'a UserStatus,
-    user: Uuid,
-    done: bool,
-}
-
-impl Renewal<'_> {
-    fn finish(mut self) {
-        self.done = true;
-    }
-}
-
-impl Drop for Renewal<'_> {
-    fn drop(&mut self) {
-        if self.done {
-            return;
-        }
-        if let Ok(mut map) = self.status.shard(self.user).lock() {
-            match Instant::now().checked_sub(STATUS_TTL) {
-                Some(stale) => {
-                    if let Some((at, _)) = map.get_mut(&self.user) {
-                        *at = stale;
-                    }
-                }
-                None => {
-                    map.remove(&self.user);
-                }
-            }
-        }
     }
 }
