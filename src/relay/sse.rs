@@ -491,6 +491,10 @@ where
                             // as they came rather than hold them without bound.
                             let bytes = std::mem::take(this.buf).freeze();
                             let bytes = masked(this.mask, &bytes).unwrap_or(bytes);
+                            if this.held.is_empty() {
+                                // Not copied (it is over 32 MiB).
+                                return Poll::Ready(Some(Ok(bytes)));
+                            }
                             this.held.extend_from_slice(&bytes);
                             return Poll::Ready(Some(Ok(this.held.split().freeze())));
                         }
