@@ -1,5 +1,6 @@
-//! [`Upstream`], the one entry point to the upstream: one pooled HTTP client (hyper's, with
-//! rustls) for the whole process, with the model policy and the model list cache beside it.
+//! [`Upstream`], the one entry point to the upstream: one pooled HTTP client for the whole
+//! process (relay's own HTTP/1.1 connections, opened by hyper-util's connector with rustls),
+//! with the model policy and the model list cache beside it.
 //!
 //! Timeouts are per phase, never per request, so that long streams live: a connect timeout,
 //! `UPSTREAM_TIMEOUT_SECONDS` for the response headers (the first byte), and the same as an idle
@@ -7,7 +8,7 @@
 //! requests are built fresh with relay's key, and no client header is copied, which also drops
 //! every hop-by-hop header.
 //!
-//! The connections are relay's own small pool of hyper HTTP/1.1 connections ([`super::pool`]),
+//! The connections are relay's own small pool of HTTP/1.1 connections ([`super::pool`]),
 //! each driven by the request using it, without a layer on top: an API answers and does not
 //! redirect, a retried POST could run (and bill) a completion twice, and every layer costs time
 //! and memory on each request.
@@ -19,7 +20,7 @@ use bytes::Bytes;
 use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HOST, USER_AGENT};
 use http::{HeaderValue, Request, Uri};
 use http_body::Body as _;
-use http_body_util::{BodyExt as _, Full};
+use http_body_util::BodyExt as _;
 use hyper_util::client::legacy::connect::HttpConnector;
 use secrecy::ExposeSecret as _;
 use url::Url;
@@ -213,7 +214,7 @@ impl Upstream {
             .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
             .header(ACCEPT, accept)
             .header(USER_AGENT, USER_AGENT_VALUE)
-            .body(Full::new(body));
+            .body(body);
         self.send(request).await
     }
 
@@ -241,7 +242,7 @@ impl Upstream {
         if !body.is_empty() {
             request = request.header(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         }
-        self.send(request.body(Full::new(body))).await
+        self.send(request.body(body)).await
     }
 
     /// [`Upstream::post`] for a client's request: marks it on `ctx` as a call to the upstream
@@ -267,7 +268,7 @@ impl Upstream {
 
     async fn send(
         &self,
-        request: http::Result<Request<Full<Bytes>>>,
+        request: http::Result<Request<Bytes>>,
     ) -> Result<UpstreamResponse, ApiError> {
         // Built from values checked when the client was made; this cannot fail.
         let request = request.map_err(|e| ApiError::Internal(e.into()))?;
@@ -353,7 +354,7 @@ impl Upstream {
             .header(AUTHORIZATION, self.authorization.clone())
             .header(ACCEPT, HeaderValue::from_static("application/json"))
             .header(USER_AGENT, USER_AGENT_VALUE)
-            .body(Full::new(Bytes::new()));
+            .body(Bytes::new());
         let response = self.send(request).await?;
         let body = self.read_limited(response, MAX_MODELS_BODY).await?;
         serde_json::from_slice::<UpstreamModelList>(&body)

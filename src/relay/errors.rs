@@ -123,7 +123,7 @@ fn sanitize(status: StatusCode, error: &Value, mask: &KeyMask) -> Bytes {
 }
 
 /// Maps a transport failure (no usable HTTP answer) to a 504 when something timed out (the TCP
-/// connect, or the system's timeouts on a socket), else a 502; logs the cause. hyper's errors
+/// connect, or the system's timeouts on a socket), else a 502; logs the cause. These errors
 /// name neither the URL nor any header: safe to log.
 pub fn transport_error(err: &(dyn std::error::Error + 'static), connect: bool) -> ApiError {
     let mut cause = err.to_string();
@@ -133,8 +133,8 @@ pub fn transport_error(err: &(dyn std::error::Error + 'static), connect: bool) -
         timed_out |= e
             .downcast_ref::<std::io::Error>()
             .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
-            || e.downcast_ref::<hyper::Error>()
-                .is_some_and(hyper::Error::is_timeout);
+            || e.downcast_ref::<super::h1::WireError>()
+                .is_some_and(super::h1::WireError::is_timeout);
         if !std::ptr::addr_eq(e, err) {
             cause.push_str(": ");
             cause.push_str(&e.to_string());

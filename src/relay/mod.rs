@@ -10,6 +10,7 @@ pub mod chat;
 pub mod client;
 pub mod embeddings;
 pub mod errors;
+pub mod h1;
 pub mod models;
 pub mod pool;
 pub mod response_view;

@@ -1,72 +1,129 @@
 //! The upstream's HTTP/1.1 connections, each driven by the request that is using it.
 //!
-//! hyper's pooled client runs every connection in a task of its own and hands the response
-//! over through channels, one body frame per turn of that task. For a stream, that meant one
-//! write to the client per event even when one read from the upstream brought all of them, and
-//! two task switches per event. Here a request checks a connection out of the pool and polls it
-//! itself, in its own task, while it waits for the answer and while it reads the body
-//! ([`UpstreamBody`]): whatever one read brings is handed over in the same poll, and the
-//! connection goes back to the pool when the body has been read to its end. A body dropped
-//! before its end (a client gone mid-stream) drops its connection, which closes it.
+//! A request checks a connection out of the pool, writes itself on it and reads the answer's
+//! head, in its own task; the answer's body ([`UpstreamBody`]) reads on as it is polled, and
+//! whatever one read brings is handed over in the same poll, cut out of the bytes read without
+//! a copy ([`super::h1`] speaks the protocol). The connection goes back to the pool when the
+//! body has been read to its end. A body dropped before its end (a client gone mid-stream)
+//! drops its connection, which closes it. Between reads a connection holds no buffer: a paced
+//! stream costs its socket and little else.
 //!
 //! Idle connections are not polled; one that the upstream closed meanwhile is found out when it
-//! is checked out (its connection ends on the first poll) and is thrown away. A request that
-//! could not even be written on a reused connection is sent once more on another one, as
-//! hyper's client does: the upstream never saw it, so it cannot be billed twice. Nothing else is
-//! ever retried.
+//! is checked out (it reads as ended) and is thrown away. A request of which not a byte could
+//! be written on a reused connection is sent once more on another one: the upstream never saw
+//! it, so it cannot be billed twice. Nothing else is ever retried.
 //!
 //! HTTP/1.1 only, also over TLS (ALPN offers `http/1.1` alone), as nginx speaks to its
 //! upstreams: one connection per request in flight, and no connection-level flow control
-//! between an event and the client.
+//! between an event and the client. A request is written whole before its answer is read: an
+//! upstream that answers (say, 413) without reading a body larger than the socket buffers
+//! fails the request as a connection error instead.
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
+use std::io::IoSlice;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::{Request, Response, Uri};
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper::client::conn::http1;
 use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tower::Service as _;
 
-type Io = MaybeHttpsStream<TokioIo<TcpStream>>;
+use super::h1::{self, Decoder, WireError};
 
-/// One connection: where requests go in, and the state machine that must be polled for them
-/// to make progress.
+type Io = TokioIo<MaybeHttpsStream<TokioIo<TcpStream>>>;
+
+/// How much room a read is given: an event or two of a stream, a small answer whole.
+const READ_BYTES: usize = 8 * 1024;
+/// Below this much room left in the buffer, a read gets a fresh [`READ_BYTES`].
+const MIN_READ_ROOM: usize = 1024;
+
+/// One connection.
 struct Conn {
-    send: http1::SendRequest<Full<Bytes>>,
-    /// `None` once it has ended.
-    conn: Option<http1::Connection<Io, Full<Bytes>>>,
+    io: Io,
+    /// Bytes read and not handed over yet. Empty (no allocation) between reads once all was
+    /// handed over.
+    buf: BytesMut,
 }
 
 impl Conn {
-    /// Drives the connection; `true` once it has ended (closed, or failed). An ended
-    /// connection is dropped at once: that is what gives a request still queued on it back to
-    /// its sender, and fails one waiting for its answer, rather than leave either waiting.
-    fn drive(&mut self, cx: &mut Context<'_>) -> bool {
-        let Some(conn) = self.conn.as_mut() else {
-            return true;
-        };
-        if Pin::new(conn).poll(cx).is_ready() {
-            self.conn = None;
-            return true;
+    /// Reads what the socket has into `buf`; `Ok(0)` at its end.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
+        if self.buf.capacity() - self.buf.len() < MIN_READ_ROOM {
+            self.buf.reserve(READ_BYTES);
         }
-        false
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf)
     }
 
-    /// Whether it can take a request now: open, and done with the last one.
-    fn is_idle(&mut self) -> bool {
+    /// Lets go of the buffer's memory when all it held was handed over (the handed-over bytes
+    /// keep their own part alive).
+    fn release(&mut self) {
+        if self.buf.is_empty() {
+            self.buf = BytesMut::new();
+        }
+    }
+
+    /// Whether an idle connection is still open: nothing to read, not even its end.
+    fn is_open(&mut self) -> bool {
         let mut cx = Context::from_waker(std::task::Waker::noop());
-        !self.drive(&mut cx) && self.send.is_ready()
+        let mut byte = [0u8; 1];
+        let mut probe = tokio::io::ReadBuf::new(&mut byte);
+        self.buf.is_empty()
+            && Pin::new(&mut self.io)
+                .poll_read(&mut cx, &mut probe)
+                .is_pending()
+    }
+
+    /// Writes `head` and `body`. On failure, also whether any byte went out.
+    async fn write(&mut self, head: &[u8], body: &[u8]) -> Result<(), (bool, std::io::Error)> {
+        let total = head.len() + body.len();
+        let mut written = 0;
+        while written < total {
+            let n = poll_fn(|cx| {
+                let slices = if written < head.len() {
+                    [IoSlice::new(&head[written..]), IoSlice::new(body)]
+                } else {
+                    [
+                        IoSlice::new(&body[written - head.len()..]),
+                        IoSlice::new(&[]),
+                    ]
+                };
+                Pin::new(&mut self.io).poll_write_vectored(cx, &slices)
+            })
+            .await
+            .map_err(|e| (written > 0, e))?;
+            if n == 0 {
+                return Err((written > 0, std::io::ErrorKind::WriteZero.into()));
+            }
+            written += n;
+        }
+        poll_fn(|cx| Pin::new(&mut self.io).poll_flush(cx))
+            .await
+            .map_err(|e| (true, e))
+    }
+
+    /// Reads the answer's head.
+    async fn read_head(&mut self, method: &http::Method) -> Result<h1::Head, WireError> {
+        poll_fn(|cx| {
+            loop {
+                if let Some(head) = h1::parse_head(&mut self.buf, method)? {
+                    self.release();
+                    return Poll::Ready(Ok(head));
+                }
+                if ready!(self.poll_fill(cx))? == 0 {
+                    return Poll::Ready(Err(WireError::Closed));
+                }
+            }
+        })
+        .await
     }
 }
 
@@ -80,8 +137,8 @@ struct Idle {
 pub enum SendError {
     /// No connection could be made.
     Connect(Box<dyn std::error::Error + Send + Sync>),
-    /// The connection failed before the answer's headers arrived.
-    Request(hyper::Error),
+    /// The exchange failed before the answer's headers arrived.
+    Request(WireError),
 }
 
 impl std::fmt::Display for SendError {
@@ -180,12 +237,7 @@ impl Pool {
         Some(newest.conn)
     }
 
-    fn put_back(&self, mut conn: Box<Conn>) {
-        // One that is closing (`Connection: close`, or a read that found more than its answer)
-        // is not kept.
-        if !conn.is_idle() {
-            return;
-        }
+    fn put_back(&self, conn: Box<Conn>) {
         let evicted = match self.idle.lock() {
             Ok(mut idle) => {
                 let evicted = if idle.len() >= self.max_idle {
@@ -213,116 +265,121 @@ impl Pool {
             .call(self.origin.clone())
             .await
             .map_err(SendError::Connect)?;
-        let (send, conn) = http1::Builder::new()
-            .handshake(io)
-            .await
-            .map_err(SendError::Request)?;
         Ok(Box::new(Conn {
-            send,
-            conn: Some(conn),
+            io: TokioIo::new(io),
+            buf: BytesMut::new(),
         }))
     }
 
-    /// A connection ready for a request: an idle one that is still open, else a new one.
-    /// `true` with a reused one.
+    /// A connection for a request: an idle one that is still open, else a new one. `true`
+    /// with a reused one.
     async fn ready_conn(&self) -> Result<(Box<Conn>, bool), SendError> {
         while let Some(mut conn) = self.checkout() {
-            let ready = poll_fn(|cx| {
-                if conn.drive(cx) {
-                    return Poll::Ready(false);
-                }
-                // An idle connection is ready at once; one that is not was left mid-answer.
-                Poll::Ready(matches!(conn.send.poll_ready(cx), Poll::Ready(Ok(()))))
-            })
-            .await;
-            if ready {
+            if conn.is_open() {
                 return Ok((conn, true));
             }
         }
-        let mut conn = self.connect().await?;
-        let ready = poll_fn(|cx| {
-            if conn.drive(cx) {
-                return Poll::Ready(Err(SendError::Connect(
-                    "the upstream closed the connection before the request".into(),
-                )));
-            }
-            conn.send.poll_ready(cx).map_err(SendError::Request)
-        })
-        .await;
-        ready.map(|()| (conn, false))
+        Ok((self.connect().await?, false))
     }
 
-    /// Sends `request` (its URI in origin form, with a `Host` header) and waits for the
-    /// answer's headers, driving the connection meanwhile. The answer's body drives it on.
+    /// Sends `request` (its URI in origin form, with a `Host` header) and reads the answer's
+    /// head. The answer's body reads on from the same connection.
     pub async fn send(
         self: &Arc<Self>,
-        mut request: Request<Full<Bytes>>,
+        request: Request<Bytes>,
     ) -> Result<Response<UpstreamBody>, SendError> {
+        let mut head = Vec::with_capacity(512);
+        h1::encode_head(&request, &mut head);
         loop {
             let (mut conn, reused) = self.ready_conn().await?;
-            let mut answer = std::pin::pin!(conn.send.try_send_request(request));
-            let result = poll_fn(|cx| {
-                // Once the connection ended (and was dropped), the answer resolves: the request
-                // comes back if it was never written, or fails.
-                conn.drive(cx);
-                answer.as_mut().poll(cx)
-            })
-            .await;
-            match result {
-                Ok(response) => {
-                    let (parts, body) = response.into_parts();
-                    let body = UpstreamBody {
-                        body,
-                        conn: conn.conn.is_some().then_some(conn),
-                        pool: Arc::downgrade(self),
-                    };
-                    return Ok(Response::from_parts(parts, body));
-                }
-                Err(mut err) => match err.take_message() {
-                    // Never written: the upstream did not see it. Once more, on another
-                    // connection, when this one was an idle one that the upstream had closed
-                    // (each try throws one such connection away, so this ends).
-                    Some(unsent) if reused => request = unsent,
-                    _ => return Err(SendError::Request(err.into_error())),
-                },
+            match conn.write(&head, request.body()).await {
+                Ok(()) => {}
+                // Not a byte went out on a connection that the upstream had closed: once more,
+                // on another one (each try throws one such connection away, so this ends).
+                Err((false, _)) if reused => continue,
+                Err((_, err)) => return Err(SendError::Request(err.into())),
             }
+            let head = conn
+                .read_head(request.method())
+                .await
+                .map_err(SendError::Request)?;
+            let (parts, ()) = head.response.into_parts();
+            let mut body = UpstreamBody {
+                conn: Some(conn),
+                decoder: head.body,
+                keep_alive: head.keep_alive,
+                pool: Arc::downgrade(self),
+            };
+            if body.decoder.is_done() {
+                body.finish();
+            }
+            return Ok(Response::from_parts(parts, body));
         }
     }
 }
 
-/// An answer's body from the upstream, which drives its connection while it is read and
-/// returns it to the pool at its end.
+/// An answer's body from the upstream, read from its connection as it is polled; the
+/// connection goes back to the pool at the body's end.
 pub struct UpstreamBody {
-    body: Incoming,
+    /// `None` once the body ended or failed.
     conn: Option<Box<Conn>>,
+    decoder: Decoder,
+    /// Whether the connection may take another request after this answer.
+    keep_alive: bool,
     pool: Weak<Pool>,
 }
 
 impl UpstreamBody {
-    /// The next frame, driving the connection for it.
-    fn poll_next(
-        &mut self,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let mut drove = false;
+    /// The body ended: its connection goes back to the pool if it may carry another request
+    /// and nothing was read beyond the answer; else it is closed.
+    fn finish(&mut self) {
+        let Some(conn) = self.conn.take() else {
+            return;
+        };
+        if let Some(pool) = self
+            .pool
+            .upgrade()
+            .filter(|_| self.keep_alive && conn.buf.is_empty())
+        {
+            pool.put_back(conn);
+        }
+    }
+
+    /// The next piece of the body, reading for it.
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, WireError>>> {
         loop {
-            if let Poll::Ready(frame) = Pin::new(&mut self.body).poll_frame(cx) {
-                if frame.is_none() {
-                    // Read to its end: the connection may take the next request.
-                    if let (Some(conn), Some(pool)) = (self.conn.take(), self.pool.upgrade()) {
-                        pool.put_back(conn);
-                    }
-                }
-                return Poll::Ready(frame);
-            }
-            // The connection ended (the body has its end or its error already), or it read
-            // what it could and handed over nothing more.
-            let Some(conn) = self.conn.as_mut().filter(|_| !drove) else {
-                return Poll::Pending;
+            let Some(conn) = self.conn.as_mut() else {
+                return Poll::Ready(None);
             };
-            drove = true;
-            if conn.drive(cx) {
-                self.conn = None;
+            match self.decoder.decode(&mut conn.buf) {
+                Ok(Some(bytes)) => {
+                    conn.release();
+                    if self.decoder.is_done() {
+                        self.finish();
+                    }
+                    return Poll::Ready(Some(Ok(bytes)));
+                }
+                Ok(None) if self.decoder.is_done() => {
+                    self.finish();
+                    return Poll::Ready(None);
+                }
+                Ok(None) => {}
+                Err(err) => {
+                    self.conn = None;
+                    return Poll::Ready(Some(Err(err)));
+                }
+            }
+            match ready!(conn.poll_fill(cx)) {
+                Ok(0) => {
+                    // The connection ended: so does a body that lasts until then.
+                    self.conn = None;
+                    return Poll::Ready(self.decoder.eof().err().map(Err));
+                }
+                Ok(_) => {}
+                Err(err) => {
+                    self.conn = None;
+                    return Poll::Ready(Some(Err(err.into())));
+                }
             }
         }
     }
@@ -330,21 +387,26 @@ impl UpstreamBody {
 
 impl Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = WireError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        self.get_mut().poll_next(cx)
+    ) -> Poll<Option<Result<Frame<Bytes>, WireError>>> {
+        self.get_mut()
+            .poll_next(cx)
+            .map(|next| next.map(|piece| piece.map(Frame::data)))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        self.decoder.is_done()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+        match self.decoder.remaining() {
+            Some(n) => SizeHint::with_exact(n),
+            None => SizeHint::default(),
+        }
     }
 }
 
@@ -353,15 +415,12 @@ impl Drop for UpstreamBody {
     /// upstream's end of body, which is usually in the same read) still returns its connection;
     /// one left anywhere else closes it.
     fn drop(&mut self) {
-        if self.conn.is_none() {
-            return;
-        }
         let mut cx = Context::from_waker(std::task::Waker::noop());
-        // A trailing empty frame may come before the end.
-        for _ in 0..2 {
+        while self.conn.is_some() {
             match self.poll_next(&mut cx) {
-                Poll::Ready(Some(Ok(frame))) if frame.data_ref().is_some_and(Bytes::is_empty) => {}
-                _ => return,
+                // The end's framing is all that may be left.
+                Poll::Ready(None) => return,
+                _ => self.conn = None,
             }
         }
     }
@@ -369,6 +428,8 @@ impl Drop for UpstreamBody {
 
 impl std::fmt::Debug for UpstreamBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("UpstreamBody").finish_non_exhaustive()
+        f.debug_struct("UpstreamBody")
+            .field("decoder", &self.decoder)
+            .finish_non_exhaustive()
     }
 }

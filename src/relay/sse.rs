@@ -416,9 +416,9 @@ pub trait BodyError: std::fmt::Display {
     fn is_timeout(&self) -> bool;
 }
 
-impl BodyError for hyper::Error {
+impl BodyError for super::h1::WireError {
     fn is_timeout(&self) -> bool {
-        hyper::Error::is_timeout(self)
+        super::h1::WireError::is_timeout(self)
     }
 }
 

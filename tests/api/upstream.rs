@@ -209,3 +209,171 @@ async fn events_that_arrive_together_leave_together() {
         "{EVENTS} events that came in one upstream read were relayed in {chunks} chunks"
     );
 }
+
+/// An upstream that answers the n-th request it reads (counted over all its connections) with
+/// `script(n)`: the raw bytes to write, and whether to close the connection after them.
+async fn start_scripted(
+    script: impl Fn(usize) -> (Vec<u8>, bool) + Send + Sync + 'static,
+) -> RawUpstream {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    let script = Arc::new(script);
+    let served = Arc::new(AtomicUsize::new(0));
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut socket, _)) = listener.accept().await else {
+                return;
+            };
+            count.fetch_add(1, Ordering::SeqCst);
+            let (script, served) = (script.clone(), served.clone());
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                while let Some(_request) = read_request(&mut socket, &mut buf).await {
+                    let (answer, close) = script(served.fetch_add(1, Ordering::SeqCst));
+                    if socket.write_all(&answer).await.is_err() || close {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    RawUpstream {
+        base: format!("http://{addr}/v1"),
+        accepted,
+    }
+}
+
+/// `completion()` with `content` as its message.
+fn completion_saying(content: &str) -> String {
+    completion().replace("\"hi\"", &format!("\"{content}\""))
+}
+
+fn with_length(body: &str, extra_headers: &str) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n{extra_headers}\
+         content-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+#[tokio::test]
+async fn answers_are_read_as_the_upstream_frames_them_and_connections_reused_only_when_clean() {
+    let upstream = start_scripted(|n| {
+        let body = completion_saying(&format!("answer {n}"));
+        match n {
+            // Chunked, in uneven chunks, with an extension and a trailer.
+            0 => {
+                let (a, b) = body.split_at(7);
+                (
+                    format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                         transfer-encoding: chunked\r\n\r\n{:x};x=y\r\n{a}\r\n{:x}\r\n{b}\r\n\
+                         0\r\nx-trailer: 1\r\n\r\n",
+                        a.len(),
+                        b.len()
+                    )
+                    .into_bytes(),
+                    false,
+                )
+            }
+            // An interim answer first.
+            1 => {
+                let mut answer = b"HTTP/1.1 103 Early Hints\r\nlink: </x>\r\n\r\n".to_vec();
+                answer.extend(with_length(&body, ""));
+                (answer, false)
+            }
+            // The upstream says it closes: the connection is not used again.
+            2 => (with_length(&body, "connection: close\r\n"), true),
+            // No length: the body lasts until the upstream closes.
+            3 => (
+                format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\r\n{body}")
+                    .into_bytes(),
+                true,
+            ),
+            // More than the answer: what follows must never be read as the next answer.
+            4 => {
+                let mut answer = with_length(&body, "");
+                answer.extend(with_length(&completion_saying("smuggled"), ""));
+                (answer, false)
+            }
+            _ => (with_length(&body, ""), false),
+        }
+    })
+    .await;
+    let app = support::spawn_app_with(Db::Sqlite, &[("OPENAI_BASE_URL", &upstream.base)]).await;
+    let (token, _) = app.user_tokens("framing@example.com").await;
+    for n in 0..6 {
+        let resp = app.chat(&token, &ask(false)).await;
+        assert_eq!(resp.status(), 200, "request {n}");
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(
+            body["choices"][0]["message"]["content"],
+            format!("answer {n}"),
+            "request {n}"
+        );
+    }
+    assert_eq!(
+        upstream.accepted.load(Ordering::SeqCst),
+        4,
+        "requests 0-2 share a connection, which closes; 3 is read to the close; 4 left bytes \
+         behind, so 5 needs a new connection"
+    );
+}
+
+#[tokio::test]
+async fn broken_answers_are_502s_and_their_connections_are_dropped() {
+    let upstream = start_scripted(|n| match n {
+        // A head without end, beyond any sane size.
+        0 => {
+            let mut head = b"HTTP/1.1 200 OK\r\n".to_vec();
+            while head.len() < 100 * 1024 {
+                head.extend_from_slice(b"x-filler: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n");
+            }
+            (head, false)
+        }
+        // A chunk size that is not one.
+        1 => (
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n"
+                .to_vec(),
+            false,
+        ),
+        // Shorter than it said, then closed.
+        2 => (with_length(&completion(), "").split_last().unwrap().1.to_vec(), true),
+        // Not HTTP.
+        3 => (b"SSH-2.0-OpenSSH_9.6\r\n\r\n".to_vec(), false),
+        _ => (with_length(&completion_saying("fine"), ""), false),
+    })
+    .await;
+    let app = support::spawn_app_with(
+        Db::Sqlite,
+        &[
+            ("OPENAI_BASE_URL", &upstream.base),
+            ("UPSTREAM_TIMEOUT_SECONDS", "5"),
+        ],
+    )
+    .await;
+    let (token, _) = app.user_tokens("broken@example.com").await;
+    for n in 0..4 {
+        let started = std::time::Instant::now();
+        let resp = app.chat(&token, &ask(false)).await;
+        assert_eq!(resp.status(), 502, "broken answer {n}");
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "answer {n} was not waited out"
+        );
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(body["error"]["type"], "server_error", "{body}");
+    }
+    let resp = app.chat(&token, &ask(false)).await;
+    assert_eq!(resp.status(), 200);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["choices"][0]["message"]["content"], "fine");
+    assert_eq!(
+        upstream.accepted.load(Ordering::SeqCst),
+        5,
+        "no connection that carried a broken answer is used again"
+    );
+}
