@@ -114,10 +114,18 @@ pub struct Head {
     pub keep_alive: bool,
 }
 
-/// Takes an answer's head from the front of `buf` (skipping interim `1xx` answers); `Ok(None)`
-/// while `buf` does not hold all of it yet. `method` is the request's (a `HEAD` answer has no
-/// body).
-pub fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, WireError> {
+/// Most interim (`1xx`) answers accepted before an answer: an upstream that sent them without
+/// end would keep a request busy until its timeout.
+const MAX_INTERIM_ANSWERS: usize = 8;
+
+/// Takes an answer's head from the front of `buf` (skipping interim `1xx` answers, counted in
+/// `interim` across calls for the same request); `Ok(None)` while `buf` does not hold all of it
+/// yet. `method` is the request's (a `HEAD` answer has no body).
+pub fn parse_head(
+    buf: &mut BytesMut,
+    method: &Method,
+    interim: &mut usize,
+) -> Result<Option<Head>, WireError> {
     loop {
         let mut slots =
             [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
@@ -145,6 +153,10 @@ pub fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, W
         if status.is_informational() {
             if status == StatusCode::SWITCHING_PROTOCOLS {
                 return Err(WireError::Invalid("unexpected protocol switch"));
+            }
+            *interim += 1;
+            if *interim > MAX_INTERIM_ANSWERS {
+                return Err(WireError::Invalid("too many interim answers"));
             }
             buf.advance(len); // an interim answer (e.g. 103 Early Hints): the real one follows
             continue;
@@ -418,7 +430,7 @@ mod tests {
     use super::*;
 
     fn head(raw: &str, method: &Method) -> Result<Option<Head>, WireError> {
-        parse_head(&mut BytesMut::from(raw), method)
+        parse_head(&mut BytesMut::from(raw), method, &mut 0)
     }
 
     /// Feeds `wire` to a decoder `step` bytes at a time; the body, or the first error.
@@ -483,7 +495,9 @@ mod tests {
             );
         }
         let mut buf = BytesMut::from(raw);
-        let h = parse_head(&mut buf, &Method::POST).unwrap().unwrap();
+        let h = parse_head(&mut buf, &Method::POST, &mut 0)
+            .unwrap()
+            .unwrap();
         assert_eq!(h.response.status(), StatusCode::OK);
         assert_eq!(h.response.headers()["content-type"], "application/json");
         assert!(
@@ -507,6 +521,19 @@ mod tests {
         assert_eq!(h.response.status(), StatusCode::NOT_FOUND);
         assert!(h.body.is_done());
         assert!(head("HTTP/1.1 101 Switching\r\n\r\n", &Method::GET).is_err());
+        // Without end, across reads: refused once there are too many.
+        let mut interim = 0;
+        let mut buf = BytesMut::new();
+        let mut refused = false;
+        for _ in 0..=MAX_INTERIM_ANSWERS {
+            buf.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
+            match parse_head(&mut buf, &Method::POST, &mut interim) {
+                Ok(None) => {}
+                Ok(Some(_)) => panic!("an interim answer is not the answer"),
+                Err(_) => refused = true,
+            }
+        }
+        assert!(refused);
     }
 
     #[test]

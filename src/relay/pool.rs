@@ -9,9 +9,12 @@
 //! stream costs its socket and little else.
 //!
 //! Idle connections are not polled; one that the upstream closed meanwhile is found out when it
-//! is checked out (it reads as ended) and is thrown away. A request of which not a byte could
-//! be written on a reused connection is sent once more on another one: the upstream never saw
-//! it, so it cannot be billed twice. Nothing else is ever retried.
+//! is checked out (it reads as ended) and is thrown away. A request whose write failed on a
+//! reused connection before the socket took any byte of it is sent once more on another one:
+//! the upstream cannot have received it whole (its length is declared), so it cannot run it or
+//! bill it. (Over TLS, a failed write may have delivered some whole records of a request; never
+//! all of it.) Nothing else is ever retried, and a connection the upstream closes just as it is
+//! reused fails its request (a 502), as with hyper's client.
 //!
 //! HTTP/1.1 only, also over TLS (ALPN offers `http/1.1` alone), as nginx speaks to its
 //! upstreams: one connection per request in flight, and no connection-level flow control
@@ -112,9 +115,10 @@ impl Conn {
 
     /// Reads the answer's head.
     async fn read_head(&mut self, method: &http::Method) -> Result<h1::Head, WireError> {
+        let mut interim = 0;
         poll_fn(|cx| {
             loop {
-                if let Some(head) = h1::parse_head(&mut self.buf, method)? {
+                if let Some(head) = h1::parse_head(&mut self.buf, method, &mut interim)? {
                     self.release();
                     return Poll::Ready(Ok(head));
                 }
@@ -294,8 +298,8 @@ impl Pool {
             let (mut conn, reused) = self.ready_conn().await?;
             match conn.write(&head, request.body()).await {
                 Ok(()) => {}
-                // Not a byte went out on a connection that the upstream had closed: once more,
-                // on another one (each try throws one such connection away, so this ends).
+                // The socket took no byte on a connection that the upstream had closed: once
+                // more, on another one (each try throws one such connection away, so this ends).
                 Err((false, _)) if reused => continue,
                 Err((_, err)) => return Err(SendError::Request(err.into())),
             }
