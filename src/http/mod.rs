@@ -243,11 +243,9 @@ pub fn with_layers<S: Clone + Send + Sync + 'static>(
     config: &Config,
     usage: Option<crate::usage::UsageSink>,
 ) -> Router<S> {
-    routes
-        .fallback(not_found)
-        .layer(DefaultBodyLimit::max(config.server.max_request_bytes))
-        .layer(CatchPanicLayer::custom(panic_response))
-        .layer(cors(&config.server.allowed_origins, config.dev))
+    // One stack, added as one layer: axum boxes each route's service once per `layer` call,
+    // and every request clones each box (and, in `from_fn`, what is below it again).
+    let common = tower::ServiceBuilder::new()
         .layer(axum::middleware::from_fn_with_state(
             middleware::Observe {
                 trust_proxy: config.server.trust_proxy_headers,
@@ -255,4 +253,8 @@ pub fn with_layers<S: Clone + Send + Sync + 'static>(
             },
             middleware::observe,
         ))
+        .layer(cors(&config.server.allowed_origins, config.dev))
+        .layer(CatchPanicLayer::custom(panic_response))
+        .layer(DefaultBodyLimit::max(config.server.max_request_bytes));
+    routes.fallback(not_found).layer(common)
 }
