@@ -94,6 +94,47 @@ fn to_i64(n: u64) -> i64 {
 /// (14 parameters a row: 64 rows stay far below SQLite's and PostgreSQL's limits).
 const INSERT_ROWS: [usize; 7] = [64, 32, 16, 8, 4, 2, 1];
 
+/// The columns of a usage record, in the order they are bound.
+const INSERT_COLUMNS: usize = 14;
+
+/// The `INSERT` of `rows` usage records (one of [`INSERT_ROWS`]), with SQLite's `?` or
+/// PostgreSQL's `$n` parameters (SQLite reads `$n` as a name, which costs a lookup per value).
+/// Made once per size and engine: building it for every batch cost more than binding the batch.
+fn insert_sql(rows: usize, sqlite: bool) -> &'static str {
+    static SQL: std::sync::OnceLock<[Vec<String>; 2]> = std::sync::OnceLock::new();
+    let all = SQL.get_or_init(|| {
+        [false, true].map(|sqlite| {
+            INSERT_ROWS
+                .iter()
+                .map(|&rows| {
+                    let values: Vec<String> = (0..rows)
+                        .map(|row| {
+                            let params: Vec<String> = (1..=INSERT_COLUMNS)
+                                .map(|col| match sqlite {
+                                    true => "?".to_owned(),
+                                    false => format!("${}", row * INSERT_COLUMNS + col),
+                                })
+                                .collect();
+                            format!("({})", params.join(", "))
+                        })
+                        .collect();
+                    format!(
+                        "INSERT INTO usage_records (user_id, api_key_id, endpoint, model, \
+                         prompt_tokens, completion_tokens, status, streamed, cancelled, \
+                         estimated, duration_ms, ttfb_ms, request_id, created_at) VALUES {}",
+                        values.join(", ")
+                    )
+                })
+                .collect()
+        })
+    });
+    let at = INSERT_ROWS
+        .iter()
+        .position(|&n| n == rows)
+        .unwrap_or(INSERT_ROWS.len() - 1);
+    &all[usize::from(sqlite)][at]
+}
+
 impl Store {
     /// Inserts `records` in one transaction, in multi-row statements of a few fixed sizes
     /// ([`INSERT_ROWS`]): each size's statement is prepared once and then taken from the
@@ -103,6 +144,7 @@ impl Store {
         if records.is_empty() {
             return Ok(());
         }
+        let sqlite = matches!(self, Store::Sqlite(_));
         on_pool!(self, pool => {
             let mut tx = pool.begin().await?;
             let mut rest = records;
@@ -113,28 +155,25 @@ impl Store {
                     .unwrap_or(1);
                 let (chunk, tail) = rest.split_at(rows);
                 rest = tail;
-                let mut insert = sqlx::QueryBuilder::new(
-                    "INSERT INTO usage_records (user_id, api_key_id, endpoint, model, \
-                     prompt_tokens, completion_tokens, status, streamed, cancelled, estimated, \
-                     duration_ms, ttfb_ms, request_id, created_at) ",
-                );
-                insert.push_values(chunk, |mut row, r| {
-                    row.push_bind(r.user_id)
-                        .push_bind(r.api_key_id)
-                        .push_bind(r.endpoint)
-                        .push_bind(r.model.as_str())
-                        .push_bind(to_i64(r.prompt_tokens))
-                        .push_bind(to_i64(r.completion_tokens))
-                        .push_bind(i32::from(r.status))
-                        .push_bind(r.streamed)
-                        .push_bind(r.cancelled)
-                        .push_bind(r.estimated)
-                        .push_bind(to_i64(r.duration_ms))
-                        .push_bind(r.ttfb_ms.map(to_i64))
-                        .push_bind(r.request_id.as_str())
-                        .push_bind(r.created_at);
-                });
-                insert.build().persistent(true).execute(&mut *tx).await?;
+                let mut insert = sqlx::query(insert_sql(rows, sqlite));
+                for r in chunk {
+                    insert = insert
+                        .bind(r.user_id)
+                        .bind(r.api_key_id)
+                        .bind(r.endpoint)
+                        .bind(r.model.as_str())
+                        .bind(to_i64(r.prompt_tokens))
+                        .bind(to_i64(r.completion_tokens))
+                        .bind(i32::from(r.status))
+                        .bind(r.streamed)
+                        .bind(r.cancelled)
+                        .bind(r.estimated)
+                        .bind(to_i64(r.duration_ms))
+                        .bind(r.ttfb_ms.map(to_i64))
+                        .bind(r.request_id.as_str())
+                        .bind(r.created_at);
+                }
+                insert.execute(&mut *tx).await?;
             }
             tx.commit().await?;
         });
