@@ -9,7 +9,9 @@
 //! ones, statuses numbers, models the first [`MAX_MODELS`] seen (then `other`). No label ever
 //! holds a user id, an email or a key.
 
-use std::collections::HashSet;
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::AtomicUsize;
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
@@ -59,6 +61,10 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), BUCKETS)?
         .install_recorder()?;
+    GLOBAL_RECORDER.store(
+        metrics::with_recorder(recorder_address),
+        std::sync::atomic::Ordering::Relaxed,
+    );
     *installed = Some(handle.clone());
     drop(installed);
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
@@ -71,6 +77,78 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
         }
     });
     Ok(handle)
+}
+
+/// Where the installed (global) recorder lives; 0 before [`install`]. It is never dropped, so
+/// its address names it for the life of the process.
+static GLOBAL_RECORDER: AtomicUsize = AtomicUsize::new(0);
+
+fn recorder_address(recorder: &dyn metrics::Recorder) -> usize {
+    std::ptr::from_ref(recorder).cast::<()>() as usize
+}
+
+/// The handles of the series a call site records to, kept per thread for the installed
+/// recorder: the `metrics` macros look every series up in the recorder's registry (hashing its
+/// name and labels, allocating the labels' values), which cost about 5 % of a request. Keyed
+/// by the labels that are `'static` (and a number), then by the one that is not (a route or a
+/// model). Bounded: at most [`MAX_KEYS`] keys and [`MAX_NAMES`] names a key; beyond, series
+/// are looked up as without the cache. Under a local recorder (tests), never used.
+struct Handles<V> {
+    by_key: HashMap<SeriesKey, Vec<(Box<str>, V)>>,
+}
+
+/// The `'static` labels of a series, and a number (a status).
+type SeriesKey = (&'static str, &'static str, u16);
+
+const MAX_KEYS: usize = 256;
+const MAX_NAMES: usize = 128;
+
+impl<V> Default for Handles<V> {
+    fn default() -> Self {
+        Handles {
+            by_key: HashMap::new(),
+        }
+    }
+}
+
+/// The cached handles for `key` and `name` in `cache`, made by `make` the first time (and
+/// every time when the recorder in use is not the installed one).
+fn cached<V: Clone>(
+    cache: &'static std::thread::LocalKey<RefCell<Handles<V>>>,
+    key: SeriesKey,
+    name: &str,
+    make: impl FnOnce() -> V,
+) -> V {
+    let global = GLOBAL_RECORDER.load(std::sync::atomic::Ordering::Relaxed);
+    if global == 0 || metrics::with_recorder(recorder_address) != global {
+        return make();
+    }
+    cache.with(|cache| {
+        let mut cache = cache.borrow_mut();
+        if cache.by_key.len() >= MAX_KEYS && !cache.by_key.contains_key(&key) {
+            cache.by_key.clear();
+        }
+        let names = cache.by_key.entry(key).or_default();
+        if let Some((_, handles)) = names.iter().find(|(n, _)| **n == *name) {
+            return handles.clone();
+        }
+        let handles = make();
+        if names.len() < MAX_NAMES {
+            names.push((name.into(), handles.clone()));
+        }
+        handles
+    })
+}
+
+thread_local! {
+    static REQUEST_SERIES: RefCell<Handles<(metrics::Counter, metrics::Histogram)>> =
+        RefCell::default();
+    static UPSTREAM_SERIES: RefCell<Handles<(metrics::Counter, metrics::Histogram)>> =
+        RefCell::default();
+    static TOKEN_SERIES: RefCell<Handles<(metrics::Counter, metrics::Counter)>> =
+        RefCell::default();
+    static DECISION_SERIES: RefCell<Handles<metrics::Counter>> = RefCell::default();
+    static STREAM_GAUGE: RefCell<Handles<metrics::Gauge>> = RefCell::default();
 }
 
 /// The label of a request's method: the standard ones, else `other`.
@@ -89,15 +167,22 @@ fn method_label(method: &http::Method) -> &'static str {
 
 /// Counts one answered request (`route` is its template, `None` when no route matched).
 pub fn count_request(route: Option<&str>, method: &http::Method, status: u16, took: Duration) {
-    let route = route.unwrap_or("unmatched").to_owned();
-    metrics::counter!(
-        HTTP_REQUESTS_TOTAL,
-        "route" => route.clone(),
-        "method" => method_label(method),
-        "status" => status.to_string(),
-    )
-    .increment(1);
-    metrics::histogram!(HTTP_REQUEST_DURATION, "route" => route).record(took.as_secs_f64());
+    let route = route.unwrap_or("unmatched");
+    let method = method_label(method);
+    let (requests, duration) = cached(&REQUEST_SERIES, (method, "", status), route, || {
+        let route = route.to_owned();
+        (
+            metrics::counter!(
+                HTTP_REQUESTS_TOTAL,
+                "route" => route.clone(),
+                "method" => method,
+                "status" => status.to_string(),
+            ),
+            metrics::histogram!(HTTP_REQUEST_DURATION, "route" => route),
+        )
+    });
+    requests.increment(1);
+    duration.record(took.as_secs_f64());
 }
 
 /// Counts one request that reached the upstream, and its time to first byte if it had one.
@@ -107,27 +192,40 @@ pub fn count_upstream(
     outcome: &'static str,
     first_byte: Option<Duration>,
 ) {
-    let model = model_label(model);
+    let (requests, first_byte_seconds) =
+        cached(&UPSTREAM_SERIES, (endpoint, outcome, 0), model, || {
+            let model = model_label(model);
+            (
+                metrics::counter!(
+                    UPSTREAM_REQUESTS_TOTAL,
+                    "endpoint" => endpoint,
+                    "model" => model.clone(),
+                    "outcome" => outcome,
+                ),
+                metrics::histogram!(UPSTREAM_FIRST_BYTE, "model" => model),
+            )
+        });
     if let Some(first_byte) = first_byte {
-        metrics::histogram!(UPSTREAM_FIRST_BYTE, "model" => model.clone())
-            .record(first_byte.as_secs_f64());
+        first_byte_seconds.record(first_byte.as_secs_f64());
     }
-    metrics::counter!(
-        UPSTREAM_REQUESTS_TOTAL,
-        "endpoint" => endpoint,
-        "model" => model,
-        "outcome" => outcome,
-    )
-    .increment(1);
+    requests.increment(1);
 }
 
 /// Counts one rate-limit decision.
 pub fn count_decision(endpoint: &'static str, allowed: bool, backend: &'static str) {
-    metrics::counter!(
-        RATELIMIT_DECISIONS_TOTAL,
-        "endpoint" => endpoint,
-        "outcome" => if allowed { "allowed" } else { "refused" },
-        "backend" => backend,
+    let outcome = if allowed { "allowed" } else { "refused" };
+    cached(
+        &DECISION_SERIES,
+        (endpoint, backend, u16::from(allowed)),
+        "",
+        || {
+            metrics::counter!(
+                RATELIMIT_DECISIONS_TOTAL,
+                "endpoint" => endpoint,
+                "outcome" => outcome,
+                "backend" => backend,
+            )
+        },
     )
     .increment(1);
 }
@@ -144,15 +242,21 @@ pub struct ActiveStream(());
 impl ActiveStream {
     /// Counts a stream in.
     pub fn start() -> Self {
-        metrics::gauge!(ACTIVE_STREAMS).increment(1.0);
+        active_streams().increment(1.0);
         ActiveStream(())
     }
 }
 
 impl Drop for ActiveStream {
     fn drop(&mut self) {
-        metrics::gauge!(ACTIVE_STREAMS).decrement(1.0);
+        active_streams().decrement(1.0);
     }
+}
+
+fn active_streams() -> metrics::Gauge {
+    cached(&STREAM_GAUGE, ("", "", 0), "", || {
+        metrics::gauge!(ACTIVE_STREAMS)
+    })
 }
 
 /// Distinct model labels kept; later models are counted as `other`.
@@ -189,9 +293,15 @@ pub fn count_tokens(model: &str, prompt: u64, completion: u64) {
     if prompt == 0 && completion == 0 {
         return;
     }
-    let model = model_label(model);
-    metrics::counter!(TOKENS_TOTAL, "model" => model.clone(), "kind" => "prompt").increment(prompt);
-    metrics::counter!(TOKENS_TOTAL, "model" => model, "kind" => "completion").increment(completion);
+    let (prompt_tokens, completion_tokens) = cached(&TOKEN_SERIES, ("", "", 0), model, || {
+        let model = model_label(model);
+        (
+            metrics::counter!(TOKENS_TOTAL, "model" => model.clone(), "kind" => "prompt"),
+            metrics::counter!(TOKENS_TOTAL, "model" => model, "kind" => "completion"),
+        )
+    });
+    prompt_tokens.increment(prompt);
+    completion_tokens.increment(completion);
 }
 
 /// Counts `n` usage records dropped in [`USAGE_RECORDS_DROPPED_TOTAL`].
@@ -275,5 +385,42 @@ mod tests {
         );
         assert!(labels.len() <= MAX_MODELS + 1, "{}", labels.len());
         assert!(labels.contains("other"));
+    }
+
+    #[tokio::test]
+    async fn cached_series_count_as_uncached_ones_and_a_local_recorder_gets_its_own() {
+        let handle = install().unwrap();
+        let route = |i: usize| format!("/cache-test/{i}");
+        let get = http::Method::GET;
+        // More routes than a key keeps handles for: the last ones are looked up every time.
+        for i in 0..MAX_NAMES + 10 {
+            count_request(Some(&route(i)), &get, 200, Duration::ZERO);
+        }
+        for i in [0, 0, 0, MAX_NAMES + 5] {
+            count_request(Some(&route(i)), &get, 200, Duration::ZERO);
+        }
+        let count_of = |text: &str, i: usize| {
+            let series = format!(
+                "{HTTP_REQUESTS_TOTAL}{{route=\"{}\",method=\"GET\",status=\"200\"}} ",
+                route(i)
+            );
+            text.lines()
+                .find_map(|l| l.strip_prefix(&series))
+                .map(|n| n.trim().to_owned())
+        };
+        let text = handle.render();
+        assert_eq!(count_of(&text, 0).as_deref(), Some("4"), "{text}");
+        assert_eq!(count_of(&text, MAX_NAMES + 5).as_deref(), Some("2"));
+        assert_eq!(count_of(&text, 1).as_deref(), Some("1"));
+
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        metrics::with_local_recorder(&recorder, || {
+            count_request(Some(&route(0)), &get, 200, Duration::ZERO);
+        });
+        let local = counters(snapshotter.snapshot().into_vec());
+        assert_eq!(local.len(), 1, "{local:?}");
+        assert_eq!(local[0].2, 1);
+        assert_eq!(count_of(&handle.render(), 0).as_deref(), Some("4"));
     }
 }
