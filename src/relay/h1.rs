@@ -339,12 +339,13 @@ impl Decoder {
                     return Ok(Some(buf.split().freeze()));
                 }
                 State::ChunkSize => {
-                    let Some(line) =
-                        take_line(buf, MAX_CHUNK_LINE_BYTES, "a chunk-size line is too long")?
+                    let Some((len, taken)) =
+                        line_at(buf, MAX_CHUNK_LINE_BYTES, "a chunk-size line is too long")?
                     else {
                         return Ok(None);
                     };
-                    let size = chunk_size(&line)?;
+                    let size = chunk_size(&buf[..len])?;
+                    buf.advance(taken);
                     self.state = if size == 0 {
                         State::Trailers(0)
                     } else {
@@ -352,25 +353,28 @@ impl Decoder {
                     };
                 }
                 State::ChunkEnd => {
-                    let Some(line) = take_line(buf, 2, "a chunk is longer than its size")? else {
+                    let Some((len, taken)) = line_at(buf, 2, "a chunk is longer than its size")?
+                    else {
                         return Ok(None);
                     };
-                    if !line.is_empty() {
+                    if len != 0 {
                         return Err(WireError::Invalid("a chunk is longer than its size"));
                     }
+                    buf.advance(taken);
                     self.state = State::ChunkSize;
                 }
                 State::Trailers(seen) => {
                     let room = MAX_TRAILER_BYTES.saturating_sub(seen);
-                    let before = buf.len();
-                    let Some(line) = take_line(buf, room, "the trailer section is too large")?
+                    let Some((len, taken)) =
+                        line_at(buf, room, "the trailer section is too large")?
                     else {
                         return Ok(None);
                     };
-                    self.state = if line.is_empty() {
+                    buf.advance(taken);
+                    self.state = if len == 0 {
                         State::Done
                     } else {
-                        State::Trailers(seen + (before - buf.len()))
+                        State::Trailers(seen + taken)
                     };
                 }
             }
@@ -390,25 +394,34 @@ impl Decoder {
     }
 }
 
-/// Takes one line (ended by LF, with or without CR) from the front of `buf`, without its end;
-/// `None` while it is incomplete. A line longer than `max` bytes is the error `too_long`.
-fn take_line(
-    buf: &mut BytesMut,
+/// The line at the front of `buf` (ended by LF, with or without CR): its length without its
+/// end, and its length with it; `None` while it is incomplete. A line longer than `max` bytes
+/// is the error `too_long`. The bytes stay in `buf`.
+fn line_at(
+    buf: &[u8],
     max: usize,
     too_long: &'static str,
-) -> Result<Option<BytesMut>, WireError> {
-    let Some(at) = memchr::memchr(b'\n', &buf[..buf.len().min(max.saturating_add(1))]) else {
+) -> Result<Option<(usize, usize)>, WireError> {
+    let window = &buf[..buf.len().min(max.saturating_add(1))];
+    // Chunk-size lines and chunk ends are a few bytes: a plain loop finds their end sooner
+    // than `memchr` is set up.
+    let lf = match window.iter().take(16).position(|&b| b == b'\n') {
+        Some(at) => Some(at),
+        None if window.len() > 16 => memchr::memchr(b'\n', &window[16..]).map(|at| at + 16),
+        None => None,
+    };
+    let Some(at) = lf else {
         if buf.len() > max {
             return Err(WireError::Invalid(too_long));
         }
         return Ok(None);
     };
-    let mut line = buf.split_to(at + 1);
-    line.truncate(at);
-    if line.last() == Some(&b'\r') {
-        line.truncate(at - 1);
-    }
-    Ok(Some(line))
+    let len = if at > 0 && buf[at - 1] == b'\r' {
+        at - 1
+    } else {
+        at
+    };
+    Ok(Some((len, at + 1)))
 }
 
 /// A chunk-size line's size (hexadecimal, before any `;` extension).
