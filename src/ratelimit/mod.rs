@@ -44,6 +44,17 @@ pub enum Subject {
 }
 
 impl Subject {
+    /// Appends the subject's part of a bucket key to `key`.
+    fn push_key_part(&self, key: &mut String) {
+        // A user's is built without `format!`: it is made on every request.
+        if let Subject::User(id) = self {
+            key.push_str("user:");
+            key.push_str(id.as_hyphenated().encode_lower(&mut Uuid::encode_buffer()));
+            return;
+        }
+        key.push_str(&self.key_part());
+    }
+
     fn key_part(&self) -> String {
         match self {
             Subject::User(id) => format!("user:{id}"),
@@ -215,13 +226,18 @@ impl RateLimiter {
     pub fn key(&self, endpoint: Endpoint, subject: &Subject) -> String {
         // The account endpoints (me, logout) always have a bucket of their own: a user who
         // spent the shared quota on chat must still be able to log out.
-        let scope =
-            if self.limits.overrides.contains_key(&endpoint) || endpoint == Endpoint::Account {
-                endpoint.name().to_ascii_lowercase()
-            } else {
-                "all".to_owned()
-            };
-        format!("{}:rl:{scope}:{{{}}}", self.prefix, subject.key_part())
+        let mut key = String::with_capacity(self.prefix.len() + 64);
+        key.push_str(&self.prefix);
+        key.push_str(":rl:");
+        if self.limits.overrides.contains_key(&endpoint) || endpoint == Endpoint::Account {
+            key.extend(endpoint.name().chars().map(|c| c.to_ascii_lowercase()));
+        } else {
+            key.push_str("all");
+        }
+        key.push_str(":{");
+        subject.push_key_part(&mut key);
+        key.push('}');
+        key
     }
 
     /// The request-limit step for `subject` at `endpoint`: `op` on its bucket.
@@ -394,4 +410,48 @@ fn start_probe(side: Arc<RedisSide>) {
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn bucket_keys_name_the_scope_and_the_subject() {
+        let limit = Limit {
+            requests: 10,
+            window: Duration::from_secs(60),
+        };
+        let limiter = RateLimiter::new(RateLimits {
+            global: limit,
+            overrides: std::collections::HashMap::from([(Endpoint::Chat, limit)]),
+            redis_budget: Duration::from_millis(50),
+            key_prefix: "pre".into(),
+            redis_url: None,
+            tokens: None,
+            max_output_tokens: 1000,
+        })
+        .await
+        .unwrap();
+        let user = Uuid::parse_str("67E55044-10B1-426F-9247-BB680E5FE0C8").unwrap();
+        assert_eq!(
+            limiter.key(Endpoint::Chat, &Subject::User(user)),
+            "pre:rl:chat:{user:67e55044-10b1-426f-9247-bb680e5fe0c8}"
+        );
+        assert_eq!(
+            limiter.key(Endpoint::Models, &Subject::User(user)),
+            "pre:rl:all:{user:67e55044-10b1-426f-9247-bb680e5fe0c8}"
+        );
+        assert_eq!(
+            limiter.key(Endpoint::Account, &Subject::Ip("10.1.2.3".parse().unwrap())),
+            "pre:rl:account:{ip:10.1.2.3}"
+        );
+        assert_eq!(
+            limiter.key(
+                Endpoint::Register,
+                &Subject::Ip("2001:db8:1:2:3:4:5:6".parse().unwrap())
+            ),
+            "pre:rl:all:{ip6:2001:db8:1:2::/64}"
+        );
+    }
 }
