@@ -1,13 +1,13 @@
 //! Metric series, named in one place, with bounded labels, and the Prometheus exporter.
 //!
-//! Series are recorded through the `metrics` facade (a call site costs a registry lookup);
-//! [`install`] puts the Prometheus recorder of `metrics-exporter-prometheus` behind it (its
+//! Series are recorded through the `metrics` facade; the handles of the series a request
+//! touches are kept per thread (see [`Handles`]). [`install`] puts the Prometheus recorder of `metrics-exporter-prometheus` behind it (its
 //! recorder and text renderer only: relay serves `GET /metrics` itself). Without a recorder
 //! installed (`METRICS_ENABLED=false`), recording costs a check and nothing else.
 //!
 //! Labels are bounded: routes are route templates (never raw paths), methods the standard
-//! ones, statuses numbers, models the first [`MAX_MODELS`] seen (then `other`). No label ever
-//! holds a user id, an email or a key.
+//! ones, statuses numbers, models the first [`MAX_MODELS`] seen (then `other`), cut to
+//! [`MAX_MODEL_LABEL`] bytes. No label ever holds a user id, an email or a key.
 
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
@@ -111,8 +111,29 @@ impl<V> Default for Handles<V> {
     }
 }
 
+impl<V: Clone> Handles<V> {
+    fn find(&self, key: SeriesKey, name: &str) -> Option<V> {
+        let names = self.by_key.get(&key)?;
+        names
+            .iter()
+            .find(|(n, _)| **n == *name)
+            .map(|(_, v)| v.clone())
+    }
+
+    fn keep(&mut self, key: SeriesKey, name: &str, handles: V) {
+        if self.by_key.len() >= MAX_KEYS && !self.by_key.contains_key(&key) {
+            self.by_key.clear();
+        }
+        let names = self.by_key.entry(key).or_default();
+        if names.len() < MAX_NAMES {
+            names.push((name.into(), handles));
+        }
+    }
+}
+
 /// The cached handles for `key` and `name` in `cache`, made by `make` the first time (and
-/// every time when the recorder in use is not the installed one).
+/// every time when the recorder in use is not the installed one, or the thread is ending).
+/// `name` must be short: it is kept.
 fn cached<V: Clone>(
     cache: &'static std::thread::LocalKey<RefCell<Handles<V>>>,
     key: SeriesKey,
@@ -123,28 +144,19 @@ fn cached<V: Clone>(
     if global == 0 || metrics::with_recorder(recorder_address) != global {
         return make();
     }
-    cache.with(|cache| {
-        let mut cache = cache.borrow_mut();
-        if cache.by_key.len() >= MAX_KEYS && !cache.by_key.contains_key(&key) {
-            cache.by_key.clear();
-        }
-        let names = cache.by_key.entry(key).or_default();
-        if let Some((_, handles)) = names.iter().find(|(n, _)| **n == *name) {
-            return handles.clone();
-        }
-        let handles = make();
-        if names.len() < MAX_NAMES {
-            names.push((name.into(), handles.clone()));
-        }
-        handles
-    })
+    if let Ok(Some(handles)) = cache.try_with(|cache| cache.borrow().find(key, name)) {
+        return handles;
+    }
+    let handles = make();
+    let _ = cache.try_with(|cache| cache.borrow_mut().keep(key, name, handles.clone()));
+    handles
 }
 
 thread_local! {
     static REQUEST_SERIES: RefCell<Handles<(metrics::Counter, metrics::Histogram)>> =
         RefCell::default();
-    static UPSTREAM_SERIES: RefCell<Handles<(metrics::Counter, metrics::Histogram)>> =
-        RefCell::default();
+    static UPSTREAM_SERIES: RefCell<Handles<metrics::Counter>> = RefCell::default();
+    static FIRST_BYTE_SERIES: RefCell<Handles<metrics::Histogram>> = RefCell::default();
     static TOKEN_SERIES: RefCell<Handles<(metrics::Counter, metrics::Counter)>> =
         RefCell::default();
     static DECISION_SERIES: RefCell<Handles<metrics::Counter>> = RefCell::default();
@@ -192,23 +204,25 @@ pub fn count_upstream(
     outcome: &'static str,
     first_byte: Option<Duration>,
 ) {
-    let (requests, first_byte_seconds) =
-        cached(&UPSTREAM_SERIES, (endpoint, outcome, 0), model, || {
-            let model = model_label(model);
-            (
-                metrics::counter!(
-                    UPSTREAM_REQUESTS_TOTAL,
-                    "endpoint" => endpoint,
-                    "model" => model.clone(),
-                    "outcome" => outcome,
-                ),
-                metrics::histogram!(UPSTREAM_FIRST_BYTE, "model" => model),
-            )
-        });
+    let model = cut_model(model);
     if let Some(first_byte) = first_byte {
-        first_byte_seconds.record(first_byte.as_secs_f64());
+        cached(
+            &FIRST_BYTE_SERIES,
+            ("", "", 0),
+            model,
+            || metrics::histogram!(UPSTREAM_FIRST_BYTE, "model" => model_label(model)),
+        )
+        .record(first_byte.as_secs_f64());
     }
-    requests.increment(1);
+    cached(&UPSTREAM_SERIES, (endpoint, outcome, 0), model, || {
+        metrics::counter!(
+            UPSTREAM_REQUESTS_TOTAL,
+            "endpoint" => endpoint,
+            "model" => model_label(model),
+            "outcome" => outcome,
+        )
+    })
+    .increment(1);
 }
 
 /// Counts one rate-limit decision.
@@ -262,6 +276,20 @@ fn active_streams() -> metrics::Gauge {
 /// Distinct model labels kept; later models are counted as `other`.
 pub const MAX_MODELS: usize = 100;
 
+/// The longest model label, in bytes: without `ALLOWED_MODELS` clients name any model they
+/// like, up to the request's size, and labels (and the cached handles named by them) are kept
+/// for the life of the process.
+pub const MAX_MODEL_LABEL: usize = 256;
+
+/// `model`, cut to [`MAX_MODEL_LABEL`] bytes (on a character boundary).
+fn cut_model(model: &str) -> &str {
+    let mut end = model.len().min(MAX_MODEL_LABEL);
+    while !model.is_char_boundary(end) {
+        end -= 1;
+    }
+    &model[..end]
+}
+
 /// The models given labels so far (at most [`MAX_MODELS`]).
 #[derive(Default)]
 pub struct ModelLabels(Mutex<HashSet<String>>);
@@ -270,6 +298,7 @@ impl ModelLabels {
     /// The label for `model`: itself while fewer than [`MAX_MODELS`] distinct models have been
     /// labelled (or when it is one of them), else `other`.
     pub fn label(&self, model: &str) -> String {
+        let model = cut_model(model);
         let mut seen = self.0.lock().unwrap_or_else(|e| e.into_inner());
         if seen.contains(model) {
             return model.to_owned();
@@ -293,6 +322,7 @@ pub fn count_tokens(model: &str, prompt: u64, completion: u64) {
     if prompt == 0 && completion == 0 {
         return;
     }
+    let model = cut_model(model);
     let (prompt_tokens, completion_tokens) = cached(&TOKEN_SERIES, ("", "", 0), model, || {
         let model = model_label(model);
         (
@@ -370,6 +400,23 @@ mod tests {
                 (TOKENS_TOTAL.to_owned(), label("gpt-test-a", "prompt"), 13),
             ]
         );
+    }
+
+    #[test]
+    fn model_labels_are_short() {
+        let models = ModelLabels::default();
+        let long = format!(
+            "{}é{}",
+            "m".repeat(MAX_MODEL_LABEL - 1),
+            "x".repeat(1 << 20)
+        );
+        let label = models.label(&long);
+        assert_eq!(
+            label,
+            "m".repeat(MAX_MODEL_LABEL - 1),
+            "cut before the 2-byte é"
+        );
+        assert_eq!(models.label("gpt-4o"), "gpt-4o");
     }
 
     #[test]
