@@ -11,9 +11,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use axum::extract::ConnectInfo;
-use hyper::body::Incoming;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tower::ServiceExt as _;
 
@@ -23,6 +20,7 @@ use crate::config::Config;
 use crate::http::deadline::DeadlineBody;
 use crate::ratelimit::RateLimiter;
 use crate::relay::Upstream;
+use crate::server::RequestBody;
 use crate::state::{AppState, Inner};
 use crate::store::Store;
 
@@ -115,12 +113,12 @@ impl App {
     /// Serves until `shutdown` completes, then lets in-flight requests and streams finish for
     /// at most `SHUTDOWN_GRACE_SECONDS`.
     ///
-    /// The accept loop is hyper's HTTP/1.1 server, configured here rather than through
-    /// `axum::serve`: it bounds how long a client may take to send its request head (slow
-    /// clients cannot hold connections open for free) and how large that head may be, gives
-    /// every request body a deadline (`REQUEST_BODY_TIMEOUT_SECONDS`, see `http::deadline`),
-    /// and serves each connection without protocol sniffing. relay speaks HTTP/1.1; TLS and
-    /// HTTP/2 belong to the proxy or load balancer in front of it.
+    /// Each connection is served by relay's own HTTP/1.1 connection ([`crate::server`]),
+    /// rather than through `axum::serve`: it bounds how long a client may take to send its
+    /// request head (slow clients cannot hold connections open for free) and how large that
+    /// head may be, and every request body gets a deadline (`REQUEST_BODY_TIMEOUT_SECONDS`,
+    /// see `http::deadline`). relay speaks HTTP/1.1; TLS and HTTP/2 belong to the proxy or
+    /// load balancer in front of it.
     ///
     /// At most `MAX_CONNECTIONS` connections are served at once (fewer if the file limit is
     /// lower, see [`connection_cap`]): each holds a permit, and while none is free the loop
@@ -146,11 +144,12 @@ impl App {
             );
         }
         let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
-        let mut http = hyper::server::conn::http1::Builder::new();
-        http.timer(TokioTimer::new())
-            .header_read_timeout(HEADER_READ_TIMEOUT)
-            .max_header_size(MAX_HEAD_BYTES);
-        let graceful = GracefulShutdown::new();
+        let limits = crate::server::Limits {
+            head_timeout: HEADER_READ_TIMEOUT,
+            max_head_bytes: MAX_HEAD_BYTES,
+        };
+        // Turned true at shutdown: idle connections close, busy ones after their answer.
+        let (stopping, stop_watch) = tokio::sync::watch::channel(false);
         // Every connection's task, so that those still open when the grace period ends can be
         // ended (and their requests' usage records queued) before the records are flushed.
         let mut connections = tokio::task::JoinSet::new();
@@ -186,18 +185,16 @@ impl App {
             // Small writes (SSE chunks) must leave at once, not wait for Nagle's algorithm.
             let _ = tcp.set_nodelay(true);
             let router = self.router.clone();
-            let service = hyper::service::service_fn(move |req: http::Request<Incoming>| {
+            let service = move |req: http::Request<RequestBody>| {
                 // Counted from the moment the head has arrived, for the whole body.
                 let deadline = tokio::time::Instant::now() + body_timeout;
                 let mut req = req.map(|body| DeadlineBody::new(body, deadline));
                 req.extensions_mut().insert(ConnectInfo(remote));
                 router.clone().oneshot(req)
-            });
-            let connection = graceful.watch(http.serve_connection(TokioIo::new(tcp), service));
+            };
+            let connection = crate::server::serve(tcp, limits, stop_watch.clone(), service);
             connections.spawn(async move {
-                if let Err(err) = connection.await {
-                    tracing::debug!(error = %err, "connection ended with an error");
-                }
+                connection.await;
                 drop(permit);
             });
         }
@@ -206,11 +203,10 @@ impl App {
             grace_seconds = grace.as_secs(),
             "shutting down: draining requests"
         );
-        tokio::select! {
-            () = graceful.shutdown() => {}
-            () = tokio::time::sleep(grace) => {
-                tracing::warn!("grace period over: closing remaining connections");
-            }
+        let _ = stopping.send(true);
+        let drained = async { while connections.join_next().await.is_some() {} };
+        if tokio::time::timeout(grace, drained).await.is_err() {
+            tracing::warn!("grace period over: closing remaining connections");
         }
         // Close what is still open: dropping a connection's task drops its requests, whose
         // guards log them and queue their usage records.
@@ -226,12 +222,12 @@ impl App {
     }
 }
 
-/// How long a client may take to send a request's line and headers; hyper counts the idle time
-/// of a keep-alive connection waiting for its next request in it too. Longer than the idle
+/// How long a client may take to send a request's line and headers, counting the idle time of
+/// a keep-alive connection waiting for its next request. Longer than the idle
 /// timeouts of common proxies and load balancers (60 s), so that they close idle connections
 /// first: a connection closed by relay just as a proxy reuses it would fail that request.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(75);
-/// The largest request head (line and headers) accepted; hyper answers 431 above it.
+/// The largest request head (line and headers) accepted; larger ones are answered 431.
 const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// Pause after an accept error that is not about one connection (out of file descriptors).
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);

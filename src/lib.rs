@@ -12,6 +12,7 @@ pub mod mock;
 pub mod probe;
 pub mod ratelimit;
 pub mod relay;
+pub mod server;
 pub mod state;
 pub mod store;
 pub mod telemetry;

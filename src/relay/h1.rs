@@ -290,12 +290,18 @@ impl Decoder {
         Decoder { state }
     }
 
-    fn length(n: u64) -> Self {
+    /// A body of `n` bytes (`Content-Length`).
+    pub fn length(n: u64) -> Self {
         Decoder::new(if n == 0 {
             State::Done
         } else {
             State::Length(n)
         })
+    }
+
+    /// A chunked body (`Transfer-Encoding: chunked`).
+    pub fn chunked() -> Self {
+        Decoder::new(State::ChunkSize)
     }
 
     /// Whether the body has ended.
