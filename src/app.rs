@@ -193,10 +193,11 @@ impl App {
                 router.clone().oneshot(req)
             };
             let connection = crate::server::serve(tcp, limits, stop_watch.clone(), service);
-            connections.spawn(async move {
-                connection.await;
+            // `map` rather than an `async` block: a block that awaits the connection it moved in
+            // keeps room for it twice, in every connection's task.
+            connections.spawn(futures_util::FutureExt::map(connection, move |()| {
                 drop(permit);
-            });
+            }));
         }
         drop(self.listener);
         tracing::info!(

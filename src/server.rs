@@ -30,7 +30,6 @@ use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
-use tokio::io::AsyncReadExt as _;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
@@ -77,6 +76,26 @@ struct ReadSide {
     body: Decoder,
     /// Bytes of the `100 Continue` answer still to be sent before the body is read.
     continue_owed: usize,
+}
+
+impl ReadSide {
+    /// Lets go of the read buffer's memory when all it held was handed over (the handed-over
+    /// bytes keep their own part alive), so that a connection waiting on its answer, or on
+    /// its stream's next chunk, holds no buffer.
+    fn release(&mut self) {
+        if self.buf.is_empty() {
+            self.buf = BytesMut::new();
+        }
+    }
+
+    /// After a piece of the body: reads past the framing that follows it (a chunk's end, the
+    /// last chunk), so that the buffer can be let go as soon as the body has ended.
+    fn skip_framing(&mut self) {
+        let _ = self.body.skip_framing(&mut self.buf); // an error shows at the next read
+        if self.body.is_done() {
+            self.release();
+        }
+    }
 }
 
 impl Shared {
@@ -135,6 +154,7 @@ impl Shared {
                 Err(_) => return false,
             }
         }
+        side.release();
         side.body.is_done()
     }
 
@@ -197,8 +217,14 @@ impl Body for RequestBody {
         }
         loop {
             match side.body.decode(&mut side.buf) {
-                Ok(Some(bytes)) => return Poll::Ready(Some(Ok(Frame::data(bytes)))),
-                Ok(None) if side.body.is_done() => return Poll::Ready(None),
+                Ok(Some(bytes)) => {
+                    side.skip_framing();
+                    return Poll::Ready(Some(Ok(Frame::data(bytes))));
+                }
+                Ok(None) if side.body.is_done() => {
+                    side.release();
+                    return Poll::Ready(None);
+                }
                 Ok(None) => {}
                 Err(e) => return Poll::Ready(Some(Err(invalid(e.to_string())))),
             }
@@ -459,7 +485,15 @@ fn parse(buf: &mut BytesMut, max_head_bytes: usize) -> Result<Option<Parsed>, Re
         };
         (len, method, target, version, parsed.headers.len())
     };
-    let head = buf.split_to(len).freeze();
+    // Copied out at its size, so that a header value kept by a handler (for a stream's whole
+    // life) holds a few hundred bytes rather than the read buffer; an emptied read buffer
+    // is let go, so that a connection waiting on its answer holds none.
+    let head = Bytes::copy_from_slice(&buf[..len]);
+    if len == buf.len() {
+        *buf = BytesMut::new();
+    } else {
+        bytes::Buf::advance(buf, len);
+    }
     let uri = Uri::from_maybe_shared(head.slice(target.0..target.0 + target.1))
         .map_err(|_| Refusal::Bad("invalid request target"))?;
     let mut headers = HeaderMap::with_capacity(count);
@@ -847,16 +881,26 @@ async fn close(shared: Arc<Shared>, unread: bool) {
         return;
     }
     let _ = tokio::io::AsyncWriteExt::shutdown(&mut tcp).await;
-    let _ = tokio::time::timeout(LINGER, async {
-        let mut sink = [0u8; 4096];
-        let mut drained = 0;
-        while drained < LINGER_BYTES {
-            match tcp.read(&mut sink).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => drained += n,
+    let mut drained = 0;
+    // The scratch buffer lives on the stack of each poll, not in every connection's task.
+    let _ = tokio::time::timeout(
+        LINGER,
+        poll_fn(|cx| {
+            let mut sink = [0u8; 4096];
+            while drained < LINGER_BYTES {
+                if ready!(tcp.poll_read_ready(cx)).is_err() {
+                    return Poll::Ready(());
+                }
+                match tcp.try_read(&mut sink) {
+                    Ok(0) => return Poll::Ready(()),
+                    Ok(n) => drained += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => return Poll::Ready(()),
+                }
             }
-        }
-    })
+            Poll::Ready(())
+        }),
+    )
     .await;
 }
 

@@ -344,47 +344,70 @@ impl Decoder {
                     }
                     return Ok(Some(buf.split().freeze()));
                 }
-                State::ChunkSize => {
-                    let Some((len, taken)) =
-                        line_at(buf, MAX_CHUNK_LINE_BYTES, "a chunk-size line is too long")?
-                    else {
+                State::ChunkSize | State::ChunkEnd | State::Trailers(_) => {
+                    if !self.step_framing(buf)? {
                         return Ok(None);
-                    };
-                    let size = chunk_size(&buf[..len])?;
-                    buf.advance(taken);
-                    self.state = if size == 0 {
-                        State::Trailers(0)
-                    } else {
-                        State::ChunkData(size)
-                    };
-                }
-                State::ChunkEnd => {
-                    let Some((len, taken)) = line_at(buf, 2, "a chunk is longer than its size")?
-                    else {
-                        return Ok(None);
-                    };
-                    if len != 0 {
-                        return Err(WireError::Invalid("a chunk is longer than its size"));
                     }
-                    buf.advance(taken);
-                    self.state = State::ChunkSize;
-                }
-                State::Trailers(seen) => {
-                    let room = MAX_TRAILER_BYTES.saturating_sub(seen);
-                    let Some((len, taken)) =
-                        line_at(buf, room, "the trailer section is too large")?
-                    else {
-                        return Ok(None);
-                    };
-                    buf.advance(taken);
-                    self.state = if len == 0 {
-                        State::Done
-                    } else {
-                        State::Trailers(seen + taken)
-                    };
                 }
             }
         }
+    }
+
+    /// Reads past the framing at the front of `buf` (a chunk's end, chunk-size lines, the
+    /// trailer section) up to the next bytes of the body, handing none over: so that a
+    /// buffer holding only framing can be emptied, and the end of a body seen, at once.
+    pub fn skip_framing(&mut self, buf: &mut BytesMut) -> Result<(), WireError> {
+        while matches!(
+            self.state,
+            State::ChunkSize | State::ChunkEnd | State::Trailers(_)
+        ) && self.step_framing(buf)?
+        {}
+        Ok(())
+    }
+
+    /// One step through chunked framing; whether it was taken (`false`: more bytes needed).
+    fn step_framing(&mut self, buf: &mut BytesMut) -> Result<bool, WireError> {
+        match self.state {
+            State::ChunkSize => {
+                let Some((len, taken)) =
+                    line_at(buf, MAX_CHUNK_LINE_BYTES, "a chunk-size line is too long")?
+                else {
+                    return Ok(false);
+                };
+                let size = chunk_size(&buf[..len])?;
+                buf.advance(taken);
+                self.state = if size == 0 {
+                    State::Trailers(0)
+                } else {
+                    State::ChunkData(size)
+                };
+            }
+            State::ChunkEnd => {
+                let Some((len, taken)) = line_at(buf, 2, "a chunk is longer than its size")? else {
+                    return Ok(false);
+                };
+                if len != 0 {
+                    return Err(WireError::Invalid("a chunk is longer than its size"));
+                }
+                buf.advance(taken);
+                self.state = State::ChunkSize;
+            }
+            State::Trailers(seen) => {
+                let room = MAX_TRAILER_BYTES.saturating_sub(seen);
+                let Some((len, taken)) = line_at(buf, room, "the trailer section is too large")?
+                else {
+                    return Ok(false);
+                };
+                buf.advance(taken);
+                self.state = if len == 0 {
+                    State::Done
+                } else {
+                    State::Trailers(seen + taken)
+                };
+            }
+            _ => return Ok(false),
+        }
+        Ok(true)
     }
 
     /// The connection closed: fine if that ends the body.
@@ -652,6 +675,32 @@ mod tests {
             head(&many, &Method::POST),
             Err(WireError::Invalid("too many headers"))
         ));
+    }
+
+    #[test]
+    fn framing_after_a_piece_is_skipped_so_the_buffer_empties() {
+        let mut decoder = Decoder::chunked();
+        let mut buf = BytesMut::from(&b"5\r\nhello\r\n"[..]);
+        assert_eq!(&decoder.decode(&mut buf).unwrap().unwrap()[..], b"hello");
+        assert_eq!(&buf[..], b"\r\n", "decode stops after the data");
+        decoder.skip_framing(&mut buf).unwrap();
+        assert!(buf.is_empty() && !decoder.is_done());
+        // The last chunk and an empty trailer section: the body ends without another read.
+        let mut buf = BytesMut::from(&b"3\r\nabc\r\n0\r\nx-t: 1\r\n\r\n"[..]);
+        assert_eq!(&decoder.decode(&mut buf).unwrap().unwrap()[..], b"abc");
+        decoder.skip_framing(&mut buf).unwrap();
+        assert!(buf.is_empty() && decoder.is_done());
+        // Framing that is not all there yet stays for the next read; bad framing is an error
+        // (here, or at the next decode).
+        let mut decoder = Decoder::chunked();
+        let mut buf = BytesMut::from(&b"1\r\nx\r"[..]);
+        decoder.decode(&mut buf).unwrap();
+        decoder.skip_framing(&mut buf).unwrap();
+        assert_eq!(&buf[..], b"\r");
+        let mut buf = BytesMut::from(&b"1\r\nxyz\r\n"[..]);
+        let mut decoder = Decoder::chunked();
+        decoder.decode(&mut buf).unwrap();
+        assert!(decoder.skip_framing(&mut buf).is_err());
     }
 
     #[test]

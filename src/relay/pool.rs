@@ -424,6 +424,9 @@ impl UpstreamBody {
             };
             match self.decoder.decode(&mut conn.buf) {
                 Ok(Some(bytes)) => {
+                    // Past a chunk's end too, so that a stream's buffer empties (and is let go)
+                    // with each event rather than holding the CRLF that follows it.
+                    let _ = self.decoder.skip_framing(&mut conn.buf); // errors show next time
                     conn.release();
                     if self.decoder.is_done() {
                         self.finish();
