@@ -714,9 +714,10 @@ where
                 let Ok(mut data) = frame.into_data() else {
                     continue; // trailers: not sent
                 };
-                if data.is_empty() {
-                    continue;
-                }
+                // A body that says it has ended is not polled again: its end goes out with
+                // its last bytes (the last chunk with a stream's last event).
+                let last = body.is_end_stream();
+                let mut tail: &[u8] = b"";
                 match &mut framing {
                     Framing::Length(left) => {
                         let room = usize::try_from(*left).unwrap_or(usize::MAX);
@@ -726,30 +727,26 @@ where
                             *keep_alive = false;
                         }
                         *left -= data.len() as u64;
-                        shared
-                            .write_all(&mut [IoSlice::new(out), IoSlice::new(&data)])
-                            .await
-                            .map_err(drop)?;
                     }
-                    Framing::Chunked => {
+                    Framing::Chunked if !data.is_empty() => {
                         push_chunk_size(out, data.len());
-                        shared
-                            .write_all(&mut [
-                                IoSlice::new(out),
-                                IoSlice::new(&data),
-                                IoSlice::new(b"\r\n"),
-                            ])
-                            .await
-                            .map_err(drop)?;
+                        tail = if last { b"\r\n0\r\n\r\n" } else { b"\r\n" };
                     }
-                    Framing::Close | Framing::None => {
-                        shared
-                            .write_all(&mut [IoSlice::new(out), IoSlice::new(&data)])
-                            .await
-                            .map_err(drop)?;
-                    }
+                    Framing::Chunked if last => tail = b"0\r\n\r\n",
+                    Framing::Chunked | Framing::Close | Framing::None => {}
                 }
+                shared
+                    .write_all(&mut [IoSlice::new(out), IoSlice::new(&data), IoSlice::new(tail)])
+                    .await
+                    .map_err(drop)?;
                 out.clear();
+                if last {
+                    // Shorter than it said: the client must not wait for the rest.
+                    return match framing {
+                        Framing::Length(left) if left > 0 => Err(()),
+                        _ => Ok(()),
+                    };
+                }
             }
             Some(Err(err)) => {
                 // The answer cannot be finished: the connection ends without its end, so

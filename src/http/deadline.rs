@@ -5,7 +5,8 @@
 //! not for each read: a client trickling one byte every few seconds is cut at the same moment
 //! as one that sends nothing. Once it has passed, reading the body fails with
 //! [`BodyTimedOut`], which `extract::read_body` answers with `408` and `Connection: close`;
-//! hyper then closes the connection, since the body was not read to its end.
+//! the server (`crate::server`) then closes the connection, since the body was not read to its
+//! end.
 //!
 //! Only the request body has a deadline: responses (streams of any length) are not touched,
 //! and a keep-alive connection's next request gets a deadline of its own.

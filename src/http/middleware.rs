@@ -181,7 +181,7 @@ pub async fn observe(State(observe): State<Observe>, mut req: Request, next: Nex
 
     log.status = status;
     if http_body::Body::is_end_stream(response.body()) {
-        // Nothing to send (a 204, a redirect): hyper will not poll the body, so log now.
+        // Nothing to send (a 204, a redirect): the server will not poll the body, so log now.
         log.emit(true);
         return response;
     }
@@ -336,7 +336,7 @@ fn record_usage(sink: &UsageSink, ctx: &RequestContext, status: StatusCode, comp
         Some(StreamEnd::Failed(code)) => code,
         _ => status.as_u16(),
     };
-    // Cancelled: the client left before the answer ended (not merely before hyper saw the
+    // Cancelled: the client left before the answer ended (not merely before the server saw the
     // body's end after the stream's last event).
     let cancelled = !completed && end != Some(StreamEnd::Done);
     let (usage, pending) = match ctx.usage() {
@@ -404,7 +404,7 @@ impl http_body::Body for LoggedBody {
         let polled = inner.as_mut().poll_frame(cx);
         let finished = match &polled {
             Poll::Ready(None) => true,
-            // hyper stops polling a body that says it has ended, so check after each frame.
+            // The server stops polling a body that says it has ended, so check after each frame.
             Poll::Ready(Some(Ok(_))) => inner.is_end_stream(),
             Poll::Ready(Some(Err(_))) | Poll::Pending => false,
         };

@@ -393,3 +393,51 @@ async fn oversized_request_heads_are_refused_and_the_server_keeps_serving() {
         .unwrap();
     assert_eq!(resp.status(), 200);
 }
+
+#[tokio::test]
+async fn request_framing_is_never_guessed_at_and_pipelining_works() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let app = spawn_app(Db::Sqlite).await;
+    let exchange = |raw: String| async move {
+        let mut tcp = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+        tcp.write_all(raw.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            tcp.read_to_end(&mut answer),
+        )
+        .await
+        .expect("the connection is closed after its last answer");
+        String::from_utf8_lossy(&answer).into_owned()
+    };
+    // A smuggling attempt: a length for one reader, chunked for another, and a second request
+    // hidden in the body. Refused whole; the hidden request is never served.
+    let hidden = "GET /api/v1/health/detailed HTTP/1.1\r\nhost: x\r\n\r\n";
+    let answer = exchange(format!(
+        "POST /api/v1/auth/login HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+         content-length: 4\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n{hidden}"
+    ))
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+    assert_eq!(answer.matches("HTTP/1.1 ").count(), 1, "{answer}");
+    assert!(answer.contains("\"code\":\"bad_request\""), "{answer}");
+    // Pipelined requests, one of them with a chunked body, answered in order on one connection.
+    let body = r#"{"email":"chunked@example.com","password":"a long enough password"}"#;
+    let answer = exchange(format!(
+        "GET /api/v1/health HTTP/1.1\r\nhost: x\r\n\r\n\
+         POST /api/v1/auth/register HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+         transfer-encoding: chunked\r\n\r\n{:x}\r\n{}\r\n{:x}\r\n{}\r\n0\r\n\r\n\
+         GET /api/v1/nowhere HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+        10,
+        &body[..10],
+        body.len() - 10,
+        &body[10..]
+    ))
+    .await;
+    let statuses: Vec<&str> = answer
+        .match_indices("HTTP/1.1 ")
+        .map(|(at, _)| &answer[at + 9..at + 12])
+        .collect();
+    assert_eq!(statuses, ["200", "201", "404"], "{answer}");
+    assert!(answer.contains("chunked@example.com"), "{answer}");
+}
