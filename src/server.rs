@@ -440,9 +440,7 @@ async fn read_head(
 
 /// Takes a request head from the front of `buf`: `Ok(None)` while it is incomplete.
 fn parse(buf: &mut BytesMut, max_head_bytes: usize) -> Result<Option<Parsed>, Refusal> {
-    // Where each piece lies in `buf`, so that it can be cut out of the frozen head.
-    let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
-    let (len, method, target, version, count) = {
+    let (len, method, target, version, fields) = {
         let mut slots =
             [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
         let mut parsed = httparse::Request::new(&mut []);
@@ -469,21 +467,22 @@ fn parse(buf: &mut BytesMut, max_head_bytes: usize) -> Result<Option<Parsed>, Re
             .map_err(|_| Refusal::Bad("invalid method"))?;
         let path = parsed.path.unwrap_or_default().as_bytes();
         let target = (offset(path), path.len());
-        for (span, header) in spans.iter_mut().zip(parsed.headers.iter()) {
-            let name = header.name.as_bytes();
-            *span = (
-                offset(name),
-                name.len(),
-                offset(header.value),
-                header.value.len(),
-            );
+        // Each header's name, and where its value lies in `buf`, so that the value can be cut
+        // out of the head's copy. (Sized to the headers there are: an array for the most
+        // allowed was zeroed, 3 KiB, for every request.)
+        let mut fields = Vec::with_capacity(parsed.headers.len());
+        for header in parsed.headers.iter() {
+            let name = HeaderName::from_bytes(header.name.as_bytes())
+                .map_err(|_| Refusal::Bad("invalid header name"))?;
+            let at = offset(header.value);
+            fields.push((name, at, at + header.value.len()));
         }
         let version = if parsed.version == Some(0) {
             Version::HTTP_10
         } else {
             Version::HTTP_11
         };
-        (len, method, target, version, parsed.headers.len())
+        (len, method, target, version, fields)
     };
     // Copied out at its size, so that a header value kept by a handler (for a stream's whole
     // life) holds a few hundred bytes rather than the read buffer; an emptied read buffer
@@ -496,11 +495,9 @@ fn parse(buf: &mut BytesMut, max_head_bytes: usize) -> Result<Option<Parsed>, Re
     }
     let uri = Uri::from_maybe_shared(head.slice(target.0..target.0 + target.1))
         .map_err(|_| Refusal::Bad("invalid request target"))?;
-    let mut headers = HeaderMap::with_capacity(count);
-    for &(name_at, name_len, value_at, value_len) in &spans[..count] {
-        let name = HeaderName::from_bytes(&head[name_at..name_at + name_len])
-            .map_err(|_| Refusal::Bad("invalid header name"))?;
-        let value = HeaderValue::from_maybe_shared(head.slice(value_at..value_at + value_len))
+    let mut headers = HeaderMap::with_capacity(fields.len());
+    for (name, from, to) in fields {
+        let value = HeaderValue::from_maybe_shared(head.slice(from..to))
             .map_err(|_| Refusal::Bad("invalid header value"))?;
         headers.append(name, value);
     }
