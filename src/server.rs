@@ -17,6 +17,9 @@
 //! are RFC 9112's, section 6, with a request that gives both `Content-Length` and
 //! `Transfer-Encoding` refused rather than guessed at (request smuggling). No HTTP/2, no
 //! upgrades: TLS and HTTP/2 belong to the proxy in front of relay.
+//!
+//! (Over 400 lines: a connection's reading, framing and writing share its socket and read
+//! buffer, and are kept together; about a third of the file is their tests.)
 
 use std::cell::RefCell;
 use std::future::{Future, poll_fn};
