@@ -94,7 +94,8 @@ fn recorder_address(recorder: &dyn metrics::Recorder) -> usize {
 /// model). Bounded: at most [`MAX_KEYS`] keys and [`MAX_NAMES`] names a key; beyond, series
 /// are looked up as without the cache. Under a local recorder (tests), never used.
 struct Handles<V> {
-    by_key: HashMap<SeriesKey, Vec<(Box<str>, V)>>,
+    /// foldhash: the keys are `'static` labels, not a client's.
+    by_key: HashMap<SeriesKey, Vec<(Box<str>, V)>, foldhash::fast::RandomState>,
 }
 
 /// The `'static` labels of a series, and a number (a status).
@@ -106,7 +107,7 @@ const MAX_NAMES: usize = 128;
 impl<V> Default for Handles<V> {
     fn default() -> Self {
         Handles {
-            by_key: HashMap::new(),
+            by_key: HashMap::default(),
         }
     }
 }

@@ -9,10 +9,13 @@
 //! full, entries past their time are dropped, and if that is not enough, the whole shard.
 
 use std::collections::HashMap;
-use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher as _, Hash};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+/// foldhash, seeded per process: the keys are user ids and SHA-256 digests, which a client
+/// cannot pick to collide, and SipHash cost twice per lookup (the shard, then the map).
+type RandomState = foldhash::fast::RandomState;
 
 const SHARDS: usize = 16;
 
@@ -26,7 +29,7 @@ pub(crate) enum Cached<V> {
     Unknown,
 }
 
-type Shard<K, V> = Mutex<HashMap<K, (Instant, V)>>;
+type Shard<K, V> = Mutex<HashMap<K, (Instant, V), RandomState>>;
 
 /// A sharded map of values, each with the time it was read.
 pub(crate) struct TtlCache<K, V> {
@@ -42,8 +45,10 @@ impl<K: Hash + Eq + Clone, V: Clone> TtlCache<K, V> {
         TtlCache {
             ttl,
             per_shard: (max / SHARDS).max(1),
-            hasher: RandomState::new(),
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            hasher: RandomState::default(),
+            shards: (0..SHARDS)
+                .map(|_| Mutex::new(HashMap::default()))
+                .collect(),
         }
     }
 
