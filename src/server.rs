@@ -640,12 +640,7 @@ where
             Framing::Close
         }
     };
-    out.clear();
-    out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(status.as_str().as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
-    out.extend_from_slice(b"\r\n");
+    start_head(out, status);
     for (name, value) in &parts.headers {
         // Framing is said below, from the body itself; an answer to HEAD keeps the length
         // its GET would have had.
@@ -795,6 +790,16 @@ fn push_chunk_size(out: &mut Vec<u8>, n: usize) {
     out.extend_from_slice(b"\r\n");
 }
 
+/// Empties `out` and starts an answer's head in it: the status line.
+fn start_head(out: &mut Vec<u8>, status: StatusCode) {
+    out.clear();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
 fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(name);
     out.extend_from_slice(b": ");
@@ -845,12 +850,7 @@ async fn refuse(shared: &Shared, refusal: Refusal, out: &mut Vec<u8>) {
     };
     let body =
         ErrorEnvelope::new(error_type_for(status), message, Some(code.to_owned()), None).to_bytes();
-    out.clear();
-    out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(status.as_str().as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
-    out.extend_from_slice(b"\r\n");
+    start_head(out, status);
     push_header(out, b"content-type", b"application/json");
     push_header(out, b"x-content-type-options", b"nosniff");
     push_header(
