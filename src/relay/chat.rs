@@ -10,7 +10,6 @@ use std::sync::Arc;
 use super::pool::UpstreamBody;
 use bytes::Bytes;
 use http_body_util::BodyDataStream;
-use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::Upstream;
@@ -263,12 +262,14 @@ pub enum Completion {
     Json(Bytes),
 }
 
-#[derive(Deserialize)]
-struct CompletionView {
-    #[allow(dead_code)] // required, so that an answer without it is not taken for a completion
-    choices: Vec<serde::de::IgnoredAny>,
-    #[serde(default)]
-    usage: Option<Usage>,
+/// A chat completion's `usage` object: both counts must be there, as whole numbers.
+fn read_usage(usage: &[u8]) -> Option<Usage> {
+    let [prompt, completion] =
+        super::scan::leading_members(usage, ["prompt_tokens", "completion_tokens"])?;
+    Some(Usage {
+        prompt_tokens: super::scan::whole(prompt?)?,
+        completion_tokens: super::scan::whole(completion?)?,
+    })
 }
 
 /// Sends a prepared request upstream: the one way a chat completion leaves relay.
@@ -299,11 +300,21 @@ pub async fn complete(
     }
     // A whole JSON answer (also when an upstream ignored `stream`).
     let body = upstream.read_completion(response).await?;
-    let view: CompletionView = serde_json::from_slice(&body).map_err(|_| {
+    // A completion has `choices`; its `usage` is read, the rest only stepped over.
+    let usage = match super::scan::members(&body, ["choices", "usage"]) {
+        Some([Some(choices), usage]) if choices.starts_with(b"[") => match usage {
+            None | Some(b"null") => Some(None),
+            Some(usage) => read_usage(usage).map(Some),
+        },
+        _ => None,
+    };
+    let Some(usage) = usage else {
         tracing::warn!(model = %chat.model, "upstream answer is not a chat completion");
-        ApiError::BadGateway("the upstream's answer is not in the OpenAI format".into())
-    })?;
-    if let Some(usage) = view.usage {
+        return Err(ApiError::BadGateway(
+            "the upstream's answer is not in the OpenAI format".into(),
+        ));
+    };
+    if let Some(usage) = usage {
         ctx.set_usage(usage);
     }
     Ok(Completion::Json(body))

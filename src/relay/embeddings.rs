@@ -5,7 +5,6 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use serde::Deserialize;
-use serde::de::IgnoredAny;
 
 use super::Upstream;
 use super::body::{self, Scalar};
@@ -17,15 +16,8 @@ use crate::error::ApiError;
 /// forwarded as it came.
 const FIELDS: &[&str] = &["model", "input"];
 
-/// An embeddings answer, as far as relay reads it (the vectors are skipped, never built).
-#[derive(Deserialize)]
-struct EmbeddingsView {
-    #[allow(dead_code)] // required, so that an answer without it is not taken for embeddings
-    data: IgnoredAny,
-    #[serde(default)]
-    usage: Option<EmbeddingsUsage>,
-}
-
+/// An embeddings answer's usage, as far as relay reads it (the vectors are stepped over,
+/// never built: see `relay::scan`).
 #[derive(Deserialize)]
 struct EmbeddingsUsage {
     #[serde(default)]
@@ -68,11 +60,20 @@ pub async fn create(
         .post_for(&ctx, Api::Embeddings, &model, body, false)
         .await?;
     let answer = upstream.read_completion(response).await?;
-    let view: EmbeddingsView = serde_json::from_slice(&answer).map_err(|_| {
+    let usage = match super::scan::members(&answer, ["data", "usage"]) {
+        Some([Some(_), usage]) => match usage {
+            None => Some(None),
+            Some(usage) => serde_json::from_slice::<Option<EmbeddingsUsage>>(usage).ok(),
+        },
+        _ => None,
+    };
+    let Some(usage) = usage else {
         tracing::warn!(model = %model, "upstream answer is not an embeddings list");
-        ApiError::BadGateway("the upstream's answer is not in the OpenAI format".into())
-    })?;
-    if let Some(prompt_tokens) = view.usage.and_then(|u| u.prompt_tokens) {
+        return Err(ApiError::BadGateway(
+            "the upstream's answer is not in the OpenAI format".into(),
+        ));
+    };
+    if let Some(prompt_tokens) = usage.and_then(|u| u.prompt_tokens) {
         ctx.set_usage(Usage {
             prompt_tokens,
             completion_tokens: 0,

@@ -15,6 +15,7 @@ pub mod models;
 pub mod pool;
 pub mod response_view;
 pub mod responses;
+pub mod scan;
 pub mod sse;
 
 pub use client::Upstream;

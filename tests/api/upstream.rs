@@ -377,3 +377,59 @@ async fn broken_answers_are_502s_and_their_connections_are_dropped() {
         "no connection that carried a broken answer is used again"
     );
 }
+
+#[tokio::test]
+async fn answers_that_are_not_completions_are_502s_and_only_top_level_usage_counts() {
+    let answers = [
+        // An error object with a 200.
+        r#"{"error":{"message":"overloaded"}}"#.to_owned(),
+        // Two objects.
+        r#"{"choices":[]} {"choices":[]}"#.to_owned(),
+        // Cut short.
+        r#"{"choices":[{"message":{"content":"hi"}}"#.to_owned(),
+        // `choices` that is not a list, or given twice.
+        r#"{"choices":{}}"#.to_owned(),
+        r#"{"choices":[],"choices":[]}"#.to_owned(),
+        // A count that is not a whole number.
+        r#"{"choices":[],"usage":{"prompt_tokens":"3","completion_tokens":1}}"#.to_owned(),
+        // A completion whose text and extension members mention usage; only the top-level
+        // member is the answer's.
+        r#"{ "id" : "x", "choices" : [{"message":{"content":"\"usage\":{\"prompt_tokens\":999}"}}],
+            "meta":{"usage":{"prompt_tokens":555,"completion_tokens":555}},
+            "usage" : { "prompt_tokens" : 7 , "completion_tokens" : 2, "total_tokens": 9,
+                        "completion_tokens_details": {"reasoning_tokens": 100} } }"#
+            .to_owned(),
+    ];
+    let last = answers.len() - 1;
+    let upstream = start_scripted(move |n| (with_length(&answers[n.min(last)], ""), false)).await;
+    let app = support::spawn_app_with(Db::Sqlite, &[("OPENAI_BASE_URL", &upstream.base)]).await;
+    let (token, _) = app.user_tokens("shapes@example.com").await;
+    for n in 0..last {
+        let resp = app.chat(&token, &ask(false)).await;
+        assert_eq!(resp.status(), 502, "answer {n}");
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(
+            body["error"]["message"], "the upstream's answer is not in the OpenAI format",
+            "answer {n}"
+        );
+    }
+    let resp = app.chat(&token, &ask(false)).await;
+    assert_eq!(resp.status(), 200);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(
+        body["meta"]["usage"]["prompt_tokens"], 555,
+        "forwarded as it came"
+    );
+    // Every request reached the upstream and is recorded; only the completion has tokens.
+    let start = std::time::Instant::now();
+    loop {
+        let usage: Value = app.get_authed("/usage", &token).await.json().await.unwrap();
+        if usage["total"]["requests"] == u64::try_from(last + 1).unwrap() {
+            assert_eq!(usage["total"]["prompt_tokens"], 7, "{usage}");
+            assert_eq!(usage["total"]["completion_tokens"], 2, "{usage}");
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "{usage}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
