@@ -423,7 +423,12 @@ struct OwnRedis {
 
 impl OwnRedis {
     fn start(port: u16) -> OwnRedis {
+        OwnRedis::start_with(port, &[])
+    }
+
+    fn start_with(port: u16, extra: &[&str]) -> OwnRedis {
         let child = Command::new("redis-server")
+            .args(extra)
             .args([
                 "--port",
                 &port.to_string(),
@@ -559,6 +564,70 @@ async fn a_redis_outage_falls_back_to_memory_and_recovers() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(app.chat(&token, &hello()).await.status(), 200);
+}
+
+async fn redis_command(url: &str, command: &[&str]) -> ::redis::RedisResult<::redis::Value> {
+    let client = ::redis::Client::open(url)?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let mut cmd = ::redis::cmd(command[0]);
+    for arg in &command[1..] {
+        cmd.arg(*arg);
+    }
+    cmd.query_async(&mut conn).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_with_a_password_and_a_database_keeps_deciding_after_a_script_flush() {
+    let port = free_port();
+    let socket = std::env::temp_dir().join(format!("relay-test-redis-{port}.sock"));
+    let socket = socket.to_str().unwrap();
+    let _redis = OwnRedis::start_with(
+        port,
+        &["--requirepass", "s3cret pass", "--unixsocket", socket],
+    );
+    let url = format!("redis://:s3cret%20pass@127.0.0.1:{port}/5");
+    let app = app(
+        Backend::Redis,
+        &[
+            ("REDIS_URL", url.as_str()),
+            ("RATE_LIMIT_CHAT_REQUESTS", "3"),
+        ],
+    )
+    .await;
+    let (token, _) = app.user_tokens("flush@example.com").await;
+    assert_eq!(backend_of(&app).await, "redis");
+    assert_eq!(app.chat(&token, &hello()).await.status(), 200);
+    // The buckets are in database 5, none in 0.
+    let keys = |db: u8| {
+        let url = format!("redis://:s3cret%20pass@127.0.0.1:{port}/{db}");
+        async move { redis_command(&url, &["DBSIZE"]).await.unwrap() }
+    };
+    assert_ne!(keys(5).await, ::redis::Value::Int(0));
+    assert_eq!(keys(0).await, ::redis::Value::Int(0));
+    // Redis forgets the script (as after a restart): the next decision loads it again and
+    // the count goes on where it was.
+    redis_command(&url, &["SCRIPT", "FLUSH"]).await.unwrap();
+    assert_eq!(app.chat(&token, &hello()).await.status(), 200);
+    assert_eq!(app.chat(&token, &hello()).await.status(), 200);
+    assert_eq!(app.chat(&token, &hello()).await.status(), 429);
+    assert_eq!(backend_of(&app).await, "redis");
+
+    // The wrong password is no connection: relay decides in memory, and says so.
+    let wrong = format!("redis://:wrong@127.0.0.1:{port}/5");
+    let refused = app_with_redis(&wrong).await;
+    assert_eq!(backend_of(&refused).await, "memory");
+    assert!(redis_command(&wrong, &["PING"]).await.is_err());
+
+    // A Unix socket works too.
+    let unix = format!("redis+unix://{socket}?db=5&pass=s3cret%20pass");
+    let local = app_with_redis(&unix).await;
+    assert_eq!(backend_of(&local).await, "redis");
+    let (token, _) = local.user_tokens("unix@example.com").await;
+    assert_eq!(local.chat(&token, &hello()).await.status(), 200);
+}
+
+async fn app_with_redis(url: &str) -> TestApp {
+    app(Backend::Redis, &[("REDIS_URL", url)]).await
 }
 
 /// A chat that the mock answers with 40 tokens of usage (20 words in, echoed).
