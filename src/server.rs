@@ -417,10 +417,16 @@ async fn read_head(
             if side.buf.capacity() - side.buf.len() < 512 {
                 side.buf.reserve(READ_BYTES);
             }
+            let room = side.buf.capacity() - side.buf.len();
             match shared.tcp.try_read_buf(&mut side.buf) {
                 // Closed (between requests, or in the middle of a head: nobody to answer).
                 Ok(0) => return Poll::Ready(Ok(None)),
-                Ok(_) => continue,
+                Ok(n) => {
+                    if n < room {
+                        drained(&shared.tcp);
+                    }
+                    continue;
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                 Err(_) => return Poll::Ready(Ok(None)),
             }
@@ -439,6 +445,17 @@ async fn read_head(
         }
     })
     .await
+}
+
+/// Tells tokio that `tcp` has nothing more to read, after a read that did not fill the room it
+/// had. The next wait for the client (for it to leave while the handler works, or for its next
+/// request) then goes to epoll without first a read that finds nothing (`EAGAIN`): one system
+/// call a request. Bytes that arrive later raise readiness again (epoll reports every arrival
+/// in edge-triggered mode), and a close still shows: tokio keeps a socket's closed state when
+/// its readiness is cleared.
+fn drained(tcp: &TcpStream) {
+    let nothing = || Err::<(), _>(std::io::Error::from(std::io::ErrorKind::WouldBlock));
+    let _ = tcp.try_io(tokio::io::Interest::READABLE, nothing);
 }
 
 /// Takes a request head from the front of `buf`: `Ok(None)` while it is incomplete.

@@ -15,7 +15,8 @@
 //! A connection is taken from the pool for one call and given back only when the call ended
 //! with a whole answer: a call cut short (the decision's budget, a client gone) drops its
 //! connection with it, so no connection ever holds half an answer. The pool is bounded
-//! ([`MAX_OPEN`] connections, of which [`MAX_IDLE`] are kept), and so is every answer
+//! ([`MAX_OPEN`] connections, idle or not: there are as many as decisions were in flight at
+//! once, and a busy replica keeps them rather than dialling again), and so is every answer
 //! ([`MAX_ANSWER`] bytes); dialling is bounded by [`CONNECT_TIMEOUT`]. A broken connection is
 //! an error to the caller, which falls back to memory and lets its probe build a new pool.
 
@@ -36,8 +37,6 @@ pub const SCRIPT: &str = include_str!("bucket.lua");
 
 /// Connections open at most; a decision beyond them waits for one (within its budget).
 pub const MAX_OPEN: usize = 256;
-/// Connections kept open while idle.
-pub const MAX_IDLE: usize = 64;
 /// The most bytes an answer may take (a decision's is under 100).
 pub const MAX_ANSWER: usize = 64 * 1024;
 /// How long dialling and the handshake (`AUTH`, `SELECT`) may take.
@@ -270,15 +269,13 @@ impl RedisLimiter {
         Ok(conn)
     }
 
+    /// Keeps `conn` for the next call (its permit bounds how many there are).
     fn give_back(&self, conn: Conn) {
-        let mut idle = self
-            .shared
+        self.shared
             .idle
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if idle.len() < MAX_IDLE {
-            idle.push(conn);
-        }
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(conn);
     }
 }
 
@@ -337,6 +334,9 @@ impl Conn {
         loop {
             if let Some((answer, used)) = parse(&self.buf)? {
                 self.buf.advance(used);
+                if self.buf.is_empty() {
+                    self.stream.drained();
+                }
                 return Ok(answer);
             }
             if self.buf.len() >= MAX_ANSWER {
@@ -351,6 +351,19 @@ impl Conn {
 }
 
 impl Stream {
+    /// Tells the runtime that nothing more is there to read: an answer was read whole, and
+    /// Redis sends nothing unasked. The next answer is then awaited without first a read that
+    /// finds nothing (`EAGAIN`), one system call a decision. A close still shows: tokio keeps
+    /// a socket's closed state when its readiness is cleared.
+    fn drained(&self) {
+        let nothing = || Err::<(), _>(std::io::Error::from(std::io::ErrorKind::WouldBlock));
+        let _ = match self {
+            Stream::Tcp(s) => s.try_io(tokio::io::Interest::READABLE, nothing),
+            #[cfg(unix)]
+            Stream::Unix(s) => s.try_io(tokio::io::Interest::READABLE, nothing),
+        };
+    }
+
     async fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         match self {
             Stream::Tcp(s) => s.write_all(bytes).await,
