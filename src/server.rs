@@ -818,11 +818,11 @@ fn push_chunk_size(out: &mut Vec<u8>, n: usize) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// Empties `out` and starts an answer's head in it: the status line.
 /// Room in an answer's head beyond its headers: the status line, framing, `Connection`, `Date`
 /// and the blank line, with room for a stream's first chunk size.
 const HEAD_SLACK: usize = 160;
 
+/// Empties `out` and starts an answer's head in it: the status line.
 fn start_head(out: &mut Vec<u8>, status: StatusCode) {
     out.clear();
     out.extend_from_slice(b"HTTP/1.1 ");
