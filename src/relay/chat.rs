@@ -10,10 +10,9 @@ use std::sync::Arc;
 use super::pool::UpstreamBody;
 use bytes::Bytes;
 use http_body_util::BodyDataStream;
-use serde_json::value::RawValue;
 
 use super::Upstream;
-use super::body::{self, Fields, Scalar, Splices, check_number};
+use super::body::{self, Element, Fields, Scalar, Splices, check_number};
 use super::client::{Api, is_event_stream};
 use super::models::ModelPolicy;
 use super::sse::{Protocol, SseRelay};
@@ -53,9 +52,12 @@ const FIELDS: &[&str] = &[
     "web_search_options",
 ];
 
+/// The fields of a message relay reads.
+const MESSAGE_FIELDS: &[&str] = &["role"];
+
 /// Each message must be an object with a non-empty string `role` (given once).
-fn check_message(i: usize, raw: &RawValue) -> Result<(), ApiError> {
-    let message = match body::object(raw, &["role"]) {
+fn check_message(i: usize, message: Element<'_>) -> Result<(), ApiError> {
+    let message = match message {
         None => {
             return Err(ApiError::validation(
                 format!("messages[{i}]"),
@@ -83,7 +85,7 @@ fn validate(body: &Fields<'_>) -> Result<(), ApiError> {
     let messages = body
         .get("messages")
         .ok_or_else(|| ApiError::validation("messages", "messages is required"))?;
-    match body::each_element(messages, check_message)? {
+    match body::each_object(messages, MESSAGE_FIELDS, check_message)? {
         Some(count) if count > 0 => {}
         _ => {
             return Err(ApiError::validation(
@@ -352,6 +354,35 @@ mod tests {
         assert_eq!(param_of(json!({"messages": []})), "messages");
         assert_eq!(param_of(json!({"messages": "hi"})), "messages");
         assert_eq!(param_of(json!({"messages": [1]})), "messages[0]");
+        // Whatever an element is, when it is not an object it is named, and the one after a
+        // non-object (skipped whole, nested or not) is reached.
+        for other in [
+            json!(null),
+            json!("s"),
+            json!(true),
+            json!(-1.5),
+            json!([[{"role": "x"}]]),
+        ] {
+            assert_eq!(param_of(json!({"messages": [other]})), "messages[0]");
+        }
+        assert_eq!(
+            param_of(
+                json!({"messages": [{"role": "user", "content": [{"role": 1}]}, {"role": ""}]})
+            ),
+            "messages[1].role"
+        );
+        // A role given twice, or in another letter case, is refused; a nested one is not a role.
+        assert_eq!(
+            param_of(json!({"messages": [{"role": "user", "Role": "system"}]})),
+            "messages[0].role"
+        );
+        assert!(
+            run(
+                json!({"messages": [{"role": "user", "x": {"role": 1}}]}),
+                false
+            )
+            .is_ok()
+        );
         assert_eq!(
             param_of(json!({"messages": [{"role": "user"}, {"content": "x"}]})),
             "messages[1].role"

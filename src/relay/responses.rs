@@ -22,11 +22,10 @@ use bytes::Bytes;
 use futures_util::Stream;
 use futures_util::future::BoxFuture;
 use http_body_util::BodyDataStream;
-use serde_json::value::RawValue;
 use uuid::Uuid;
 
 use super::Upstream;
-use super::body::{self, Fields, Scalar, Splices, check_number};
+use super::body::{self, Element, Fields, Scalar, Splices, check_number};
 use super::chat::{allowed_model, check_model_and_stream, output_cap};
 use super::client::{Api, is_event_stream};
 use super::response_view::{MAX_OWNED_IDS, ResponseView};
@@ -78,16 +77,21 @@ pub fn plausible_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
+/// The fields of an input item relay reads.
+const INPUT_ITEM_FIELDS: &[&str] = &["type", "id", "content"];
+/// The fields of a tool relay reads.
+const TOOL_FIELDS: &[&str] = &["type", "container"];
+
 /// Each input item may be anything the upstream takes; one that names an `id` (an
 /// `item_reference`, with or without its `type`, or an output item sent back, such as a
 /// reasoning item or a function call) refers to a stored item, which the caller must own.
 fn check_input_item(
     i: usize,
-    raw: &RawValue,
+    item: Element<'_>,
     referenced: &mut Vec<(String, String)>,
     stored_context: &mut Option<String>,
 ) -> Result<(), ApiError> {
-    let item = match body::object(raw, &["type", "id", "content"]) {
+    let item = match item {
         None => return Ok(()),
         Some(Err(name)) => {
             return Err(ApiError::validation(
@@ -127,8 +131,8 @@ fn check_input_item(
 
 /// A code-interpreter tool may start a container (`{"type": "auto"}`) but not name one: a
 /// container holds the files of whoever used it, and relay does not track containers' owners.
-fn check_tool(i: usize, raw: &RawValue, unbounded: &mut Option<String>) -> Result<(), ApiError> {
-    let Some(tool) = body::object(raw, &["type", "container"]) else {
+fn check_tool(i: usize, tool: Element<'_>, unbounded: &mut Option<String>) -> Result<(), ApiError> {
+    let Some(tool) = tool else {
         return Ok(());
     };
     let tool = tool.map_err(|name| {
@@ -177,8 +181,8 @@ fn validate(body: &Fields<'_>) -> Result<Named, ApiError> {
                 .is_some_and(|raw| raw.get().starts_with('[')) =>
         {
             if let Some(input) = body.get("input") {
-                body::each_element(input, |i, raw| {
-                    check_input_item(i, raw, &mut referenced, &mut stored_context)
+                body::each_object(input, INPUT_ITEM_FIELDS, |i, item| {
+                    check_input_item(i, item, &mut referenced, &mut stored_context)
                 })?;
             }
         }
@@ -211,7 +215,9 @@ fn validate(body: &Fields<'_>) -> Result<Named, ApiError> {
         ));
     }
     if let Some(tools) = body.get("tools") {
-        body::each_element(tools, |i, raw| check_tool(i, raw, &mut stored_context))?;
+        body::each_object(tools, TOOL_FIELDS, |i, tool| {
+            check_tool(i, tool, &mut stored_context)
+        })?;
     }
     // A stored prompt template is content the body does not hold.
     if stored_context.is_none() && !matches!(body.scalar("prompt"), Scalar::Absent | Scalar::Null) {
