@@ -103,10 +103,40 @@ static CLASS: [u8; 256] = {
     class
 };
 
+/// `byte` in each of a word's eight bytes.
+const fn splat(byte: u8) -> u64 {
+    u64::from_ne_bytes([byte; 8])
+}
+
+/// A word with the high bit of each byte of `word` that equals `byte` set. Bits may also be
+/// set above a byte that matches (a borrow runs upwards), never below: the lowest one set is
+/// always the first match.
+fn matches(word: u64, byte: u8) -> u64 {
+    let x = word ^ splat(byte);
+    x.wrapping_sub(splat(0x01)) & !x & splat(0x80)
+}
+
 /// The first byte at or after `at` whose class is in `mask`, or the end.
 fn next_of(bytes: &[u8], mut at: usize, mask: u8) -> usize {
-    // A table lookup a byte: the strings of an answer are mostly short, where `memchr`'s
-    // set-up costs more than it saves.
+    // Eight bytes at a time (a word's bit tricks, not a byte's table lookup): about three
+    // instructions a byte fewer over an answer's outline (callgrind, issue 14).
+    while let Some(chunk) = bytes.get(at..at + 8) {
+        let Ok(chunk) = <[u8; 8]>::try_from(chunk) else {
+            break;
+        };
+        let word = u64::from_le_bytes(chunk);
+        let mut hits = matches(word, b'"') | matches(word, b'\\');
+        if mask & BRACKET != 0 {
+            // `[` and `]` are `{` and `}` with the 0x20 bit clear; no other byte is.
+            let folded = word | splat(0x20);
+            hits |= matches(folded, b'{') | matches(folded, b'}');
+        }
+        if hits != 0 {
+            // Little-endian: the lowest set bit is in the first matching byte.
+            return at + (hits.trailing_zeros() / 8) as usize;
+        }
+        at += 8;
+    }
     while let Some(&b) = bytes.get(at) {
         if CLASS[usize::from(b)] & mask != 0 {
             break;
@@ -252,6 +282,61 @@ mod tests {
             r#"{"usage":1,"usage":2}"#,
         ] {
             assert_eq!(pick(json), None, "{json}");
+        }
+    }
+
+    /// The byte-at-a-time answer `next_of` must give.
+    fn next_of_slowly(bytes: &[u8], at: usize, mask: u8) -> usize {
+        (at..bytes.len())
+            .find(|&i| CLASS[usize::from(bytes[i])] & mask != 0)
+            .unwrap_or(bytes.len())
+    }
+
+    #[test]
+    fn the_word_at_a_time_search_finds_the_first_byte_that_matters() {
+        // Every byte that matters, and its neighbours in value (a borrow or the 0x20 fold
+        // must not make one of them match), at every place of one and two words and a tail.
+        let near = [
+            b'"',
+            b'\\',
+            b'{',
+            b'}',
+            b'[',
+            b']',
+            b'!',
+            b'#',
+            b'[' - 1,
+            b'{' + 1,
+            b'|',
+            0x7b | 0x80,
+            0x00,
+            0x01,
+            0x80,
+            0xff,
+            b';',
+            b'=',
+        ];
+        for len in [0, 1, 7, 8, 9, 16, 19] {
+            for first in near {
+                for second in near {
+                    for i in 0..len {
+                        for j in i..len {
+                            let mut bytes = vec![b'a'; len];
+                            bytes[i] = first;
+                            bytes[j] = second;
+                            for mask in [QUOTE, QUOTE | BRACKET] {
+                                for at in [0, 1.min(len)] {
+                                    assert_eq!(
+                                        next_of(&bytes, at, mask),
+                                        next_of_slowly(&bytes, at, mask),
+                                        "{bytes:?} from {at}, mask {mask}"
+                                    );
+                                }
+                            }
+                        }
+                    }
+                }
+            }
         }
     }
 }
