@@ -175,6 +175,9 @@ pub async fn observe(State(observe): State<Observe>, mut req: Request, next: Nex
         http::header::REFERRER_POLICY,
         HeaderValue::from_static("no-referrer"),
     );
+    // What the CORS layer's answers depend on, on every answer (as tower-http's default did),
+    // so that a cache never serves one origin's answer to another.
+    headers.append(http::header::VARY, HeaderValue::from_static(CORS_VARY));
     if !headers.contains_key(CONTENT_SECURITY_POLICY) {
         headers.insert(CONTENT_SECURITY_POLICY, HeaderValue::from_static(API_CSP));
     }
@@ -192,6 +195,9 @@ pub async fn observe(State(observe): State<Observe>, mut req: Request, next: Nex
         })
     })
 }
+
+/// The request headers CORS answers vary by.
+const CORS_VARY: &str = "origin, access-control-request-method, access-control-request-headers";
 
 /// The status logged for a request whose client left before the answer (nginx's 499).
 const CLIENT_CLOSED_REQUEST: StatusCode = match StatusCode::from_u16(499) {

@@ -183,13 +183,11 @@ fn cors(origins: &Origins, dev: bool) -> CorsLayer {
                 .iter()
                 .filter_map(|o| HeaderValue::from_str(o).ok())
                 .collect();
-            if dev {
-                AllowOrigin::predicate(move |origin, _| {
-                    list.contains(origin) || is_local_dev_origin(origin.as_bytes())
-                })
-            } else {
-                AllowOrigin::list(list)
-            }
+            // A predicate rather than `AllowOrigin::list`: the layer is cloned for every
+            // request (axum clones a route's stack), and a predicate's list is behind an `Arc`.
+            AllowOrigin::predicate(move |origin, _| {
+                list.contains(origin) || (dev && is_local_dev_origin(origin.as_bytes()))
+            })
         }
     };
     // The request headers are mirrored: the official SDKs send `X-Stainless-*` (their
@@ -208,6 +206,9 @@ fn cors(origins: &Origins, dev: bool) -> CorsLayer {
         .allow_headers(tower_http::cors::AllowHeaders::mirror_request())
         .expose_headers(EXPOSED_HEADERS.map(HeaderName::from_static))
         .max_age(std::time::Duration::from_secs(600))
+        // `Vary` is `middleware::observe`'s, one static value: tower-http's default joined
+        // the same three names anew for every answer, and cloned their list for every request.
+        .vary([] as [HeaderName; 0])
 }
 
 fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {

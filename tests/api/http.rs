@@ -140,8 +140,17 @@ async fn cors_allows_only_configured_origins() {
     for h in ["x-request-id", "retry-after", "x-ratelimit-remaining"] {
         assert!(exposed.contains(h), "{exposed}");
     }
+    // What the answer depends on is said once, on every answer, CORS or not.
+    const VARY: &str = "origin, access-control-request-method, access-control-request-headers";
+    let vary = |resp: &reqwest::Response| {
+        let values: Vec<_> = resp.headers().get_all("vary").iter().collect();
+        assert_eq!(values, [VARY], "{:?}", resp.headers());
+    };
+    vary(&resp);
     let resp = get_from("https://evil.example.com").await;
     assert!(resp.headers().get("access-control-allow-origin").is_none());
+    vary(&resp);
+    vary(&app.get("/nowhere").await);
 
     let preflight = |origin: &'static str| {
         app.client
@@ -153,6 +162,7 @@ async fn cors_allows_only_configured_origins() {
     };
     let resp = preflight("https://app.example.com").await.unwrap();
     assert!(resp.status().is_success(), "{}", resp.status());
+    vary(&resp);
     let h = resp.headers();
     assert_eq!(h["access-control-allow-origin"], "https://app.example.com");
     let methods = h["access-control-allow-methods"].to_str().unwrap();
