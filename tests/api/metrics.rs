@@ -10,12 +10,16 @@ use serde_json::{Value, json};
 
 use crate::support::{Db, TestApp, spawn_app, spawn_app_with};
 
-/// The value of the series `name{labels}` (labels as Prometheus prints them, in any order
-/// given), or 0 when absent.
-fn value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+/// The values of every series `name{labels…}` (labels as Prometheus prints them, in any
+/// order given, among any others).
+fn series<'a>(
+    text: &'a str,
+    name: &'a str,
+    labels: &'a [(&str, &str)],
+) -> impl Iterator<Item = f64> + 'a {
     text.lines()
         .filter(|line| !line.starts_with('#'))
-        .filter_map(|line| {
+        .filter_map(move |line| {
             let (series, value) = line.rsplit_once(' ')?;
             let (series_name, rest) = series.split_once('{').unwrap_or((series, "}"));
             if series_name != name {
@@ -26,23 +30,16 @@ fn value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
                 .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
             all.then(|| value.parse::<f64>().ok()).flatten()
         })
-        .next()
-        .unwrap_or(0.0)
 }
 
-/// The sum of every series of `name` with `labels` (and any others).
+/// The value of the first series `name{labels}`, or 0 when absent.
+fn value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    series(text, name, labels).next().unwrap_or(0.0)
+}
+
+/// The sum of every series `name{labels}`.
 fn sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter(|line| !line.starts_with('#'))
-        .filter_map(|line| {
-            let (series, value) = line.rsplit_once(' ')?;
-            let (series_name, rest) = series.split_once('{')?;
-            let all = labels
-                .iter()
-                .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
-            (series_name == name && all).then(|| value.parse::<f64>().ok())?
-        })
-        .sum()
+    series(text, name, labels).sum()
 }
 
 async fn scrape(app: &TestApp) -> String {
