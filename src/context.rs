@@ -2,7 +2,7 @@
 //! handled (the caller, the token usage). Below every layer that fills it in, so that `relay`,
 //! `auth` and `http` all reach it without importing from each other.
 //!
-//! The outer middleware (`http::middleware::observe`) creates one `Arc<RequestContext>` per
+//! The outer middleware (`http::middleware::ObserveLayer`) creates one `Arc<RequestContext>` per
 //! request and puts it in the request's extensions; the authentication extractor records the
 //! user, the relay records usage (also from inside a stream, after the handler returned), and
 //! the middleware reads both for the request's log line when the response body ends.

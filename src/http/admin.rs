@@ -117,7 +117,7 @@ fn page_query(query: Option<&str>) -> Result<(Option<String>, Option<Uuid>, u32)
 
 /// List users (search by email or name), a page at a time.
 #[utoipa::path(
-    get, path = "/admin/users", tag = "admin",
+    get, path = "/api/v1/admin/users", tag = "admin",
     security(("bearer" = []), ("oauth2" = [])),
     params(
         ("q" = Option<String>, Query, description = "Part of the email or name, any case"),
@@ -152,7 +152,7 @@ pub async fn list_users(
 
 /// One user.
 #[utoipa::path(
-    get, path = "/admin/users/{id}", tag = "admin",
+    get, path = "/api/v1/admin/users/{id}", tag = "admin",
     security(("bearer" = []), ("oauth2" = [])),
     params(("id" = Uuid, Path, description = "The user's id")),
     responses(
@@ -177,7 +177,7 @@ pub async fn get_user(
 /// Change a user: active, admin, name, own token limit. Takes effect within seconds on every
 /// replica. Refused when it would leave no active admin.
 #[utoipa::path(
-    patch, path = "/admin/users/{id}", tag = "admin",
+    patch, path = "/api/v1/admin/users/{id}", tag = "admin",
     security(("bearer" = []), ("oauth2" = [])),
     params(("id" = Uuid, Path, description = "The user's id")),
     request_body = UserPatchRequest,
@@ -248,7 +248,7 @@ pub async fn patch_user(
 /// End every session and API key of a user: their access tokens, refresh tokens and keys stop
 /// working within seconds on every replica (a stream already running may finish).
 #[utoipa::path(
-    post, path = "/admin/users/{id}/revoke", tag = "admin",
+    post, path = "/api/v1/admin/users/{id}/revoke", tag = "admin",
     security(("bearer" = []), ("oauth2" = [])),
     params(("id" = Uuid, Path, description = "The user's id")),
     responses(
@@ -275,7 +275,7 @@ pub async fn revoke_user(
 /// Delete a user, with their sessions and API keys (their usage records stay until the
 /// retention purge). Refused for the last active admin.
 #[utoipa::path(
-    delete, path = "/admin/users/{id}", tag = "admin",
+    delete, path = "/api/v1/admin/users/{id}", tag = "admin",
     security(("bearer" = []), ("oauth2" = [])),
     params(("id" = Uuid, Path, description = "The user's id")),
     responses(
@@ -303,7 +303,7 @@ pub async fn delete_user(
 
 /// Usage of any user, or of everyone grouped by user.
 #[utoipa::path(
-    get, path = "/admin/usage", tag = "admin",
+    get, path = "/api/v1/admin/usage", tag = "admin",
     security(("bearer" = []), ("oauth2" = [])),
     params(
         ("user_id" = Option<Uuid>, Query, description = "One user's records; default: everyone's"),

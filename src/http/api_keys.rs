@@ -90,7 +90,7 @@ pub struct ApiKeyList {
 /// Make an API key for servers. The key is a Bearer credential for chat, responses,
 /// embeddings, models and usage, charged to your limits; it is shown once.
 #[utoipa::path(
-    post, path = "/auth/api-keys", tag = "api-keys",
+    post, path = "/api/v1/auth/api-keys", tag = "api-keys",
     security(("bearer" = []), ("oauth2" = [])),
     request_body = CreateApiKeyRequest,
     responses(
@@ -175,7 +175,7 @@ pub async fn create_api_key(
 
 /// Your API keys, without their secrets.
 #[utoipa::path(
-    get, path = "/auth/api-keys", tag = "api-keys",
+    get, path = "/api/v1/auth/api-keys", tag = "api-keys",
     security(("bearer" = []), ("oauth2" = [])),
     responses(
         (status = 200, description = "The caller's keys", body = ApiKeyList),
@@ -196,7 +196,7 @@ pub async fn list_api_keys(
 
 /// Delete one of your API keys: it stops working within seconds on every replica.
 #[utoipa::path(
-    delete, path = "/auth/api-keys/{id}", tag = "api-keys",
+    delete, path = "/api/v1/auth/api-keys/{id}", tag = "api-keys",
     security(("bearer" = []), ("oauth2" = [])),
     params(("id" = Uuid, Path, description = "The key's id")),
     responses(

@@ -82,7 +82,7 @@ pub struct RefreshRequest {
 
 /// Create an account.
 #[utoipa::path(
-    post, path = "/auth/register", tag = "auth",
+    post, path = "/api/v1/auth/register", tag = "auth",
     request_body = RegisterRequest,
     responses(
         (status = 201, description = "Created", body = User),
@@ -135,7 +135,7 @@ pub async fn register_user(
 
 /// Log in with email and password (JSON), or `username`/`password` as an OAuth2 form.
 #[utoipa::path(
-    post, path = "/auth/login", tag = "auth",
+    post, path = "/api/v1/auth/login", tag = "auth",
     request_body = LoginRequest,
     responses(
         (status = 200, description = "Tokens", body = TokenPair),
@@ -183,7 +183,7 @@ pub async fn login_user(
 
 /// The authenticated user.
 #[utoipa::path(
-    get, path = "/auth/me", tag = "auth",
+    get, path = "/api/v1/auth/me", tag = "auth",
     security(("bearer" = []), ("oauth2" = [])),
     responses(
         (status = 200, description = "The user", body = User),
@@ -201,7 +201,7 @@ pub async fn get_me(
 /// Exchange a refresh token for a new pair. The old one is spent; presenting it again revokes
 /// every token of its family.
 #[utoipa::path(
-    post, path = "/auth/refresh", tag = "auth",
+    post, path = "/api/v1/auth/refresh", tag = "auth",
     request_body = RefreshRequest,
     responses(
         (status = 200, description = "New tokens", body = TokenPair),
@@ -221,7 +221,7 @@ pub async fn refresh_token(
 
 /// Revoke a refresh token (and the session it belongs to).
 #[utoipa::path(
-    post, path = "/auth/logout", tag = "auth",
+    post, path = "/api/v1/auth/logout", tag = "auth",
     security(("bearer" = []), ("oauth2" = [])),
     request_body = RefreshRequest,
     responses(

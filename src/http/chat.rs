@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::State;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use bytes::Bytes;
 use http::{HeaderValue, header};
 use serde::Deserialize;
@@ -45,7 +45,7 @@ pub struct ChatCompletionRequest {
 
 /// Create a chat completion; streamed as server-sent events when `"stream": true`.
 #[utoipa::path(
-    post, path = "/chat/completions", tag = "chat",
+    post, path = "/api/v1/chat/completions", tag = "chat",
     security(("bearer" = []), ("oauth2" = [])),
     request_body = ChatCompletionRequest,
     responses(
@@ -69,7 +69,7 @@ pub async fn create_chat_completion(
 
 /// Create a chat completion, always streamed.
 #[utoipa::path(
-    post, path = "/chat/completions/stream", tag = "chat",
+    post, path = "/api/v1/chat/completions/stream", tag = "chat",
     security(("bearer" = []), ("oauth2" = [])),
     request_body = ChatCompletionRequest,
     responses(
@@ -137,7 +137,8 @@ async fn relay_chat(
 
 /// A `text/event-stream` answer, marked so that no cache or proxy (nginx) holds it back.
 pub fn event_stream_response(events: Body) -> Response {
-    (
+    crate::http::extract::answer(
+        events,
         [
             (
                 header::CONTENT_TYPE,
@@ -149,7 +150,5 @@ pub fn event_stream_response(events: Body) -> Response {
                 HeaderValue::from_static("no"),
             ),
         ],
-        events,
     )
-        .into_response()
 }

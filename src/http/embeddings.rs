@@ -25,7 +25,7 @@ pub struct EmbeddingRequest {
 
 /// Create embeddings.
 #[utoipa::path(
-    post, path = "/embeddings", tag = "embeddings",
+    post, path = "/api/v1/embeddings", tag = "embeddings",
     security(("bearer" = []), ("oauth2" = [])),
     request_body = EmbeddingRequest,
     responses(

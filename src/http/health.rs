@@ -70,7 +70,7 @@ pub struct DetailedHealth {
 }
 
 /// Liveness: the process answers.
-#[utoipa::path(get, path = "/health", tag = "health",
+#[utoipa::path(get, path = "/api/v1/health", tag = "health",
     responses((status = 200, description = "Alive", body = Health)))]
 pub async fn get_health() -> Json<Health> {
     Json(Health {
@@ -92,7 +92,7 @@ where
 }
 
 /// Readiness: every dependency checked, in parallel.
-#[utoipa::path(get, path = "/health/detailed", tag = "health",
+#[utoipa::path(get, path = "/api/v1/health/detailed", tag = "health",
     responses(
         (status = 200, description = "Ok or degraded", body = DetailedHealth),
         (status = 503, description = "The database is down", body = DetailedHealth),

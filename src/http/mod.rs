@@ -4,7 +4,7 @@
 //!
 //! Layer order, outermost first (a request passes them top to bottom, a response bottom to top):
 //!
-//! 1. `observe` — request id, security headers, error envelope for non-JSON errors, the
+//! 1. `middleware::ObserveLayer` — request id, security headers, error envelope for non-JSON errors, the
 //!    request's one log line. Outermost, so that even a panic's 500 gets all four.
 //! 2. `CorsLayer` — answers preflights; adds `Access-Control-Allow-Origin` for allowed origins
 //!    (to every response below it, so that a browser can read errors too).
@@ -27,7 +27,7 @@
 //! | extension | inserted by | read by |
 //! |---|---|---|
 //! | `ConnectInfo<SocketAddr>` (request) | the accept loop (`app.rs`) | `ratelimit::client_ip` |
-//! | `Arc<RequestContext>` (request) | `middleware::observe` | `extract::authenticate` (sets the user), `extract::Ctx` → `relay` (sets the usage), `observe` again for the log line |
+//! | `Arc<RequestContext>` (request) | `middleware::ObserveLayer` | `extract::authenticate` (sets the user), `extract::Ctx` → `relay` (sets the usage), `observe` again for the log line |
 //! | `MatchedPath` (request) | axum's router | `observe` (the route on the log line) |
 //! | `AuthUser` (request) | `ratelimit::limit` on per-user groups, after verifying the token | the `AuthUser` extractor (so the token is verified once) |
 //! | `ratelimit::Deferred` (request) | `ratelimit::limit` on metered routes (chat, responses, embeddings) for a user a token limit applies to | the `Admission` extractor → `ratelimit::admit`, which makes the request check with the token reservation; `limit` again when the handler answered without it |
@@ -150,8 +150,10 @@ fn routes(state: Option<&AppState>) -> OpenApiRouter<AppState> {
     let health = OpenApiRouter::new()
         .routes(routes!(health::get_health))
         .routes(routes!(health::get_health_detailed));
-    OpenApiRouter::with_openapi(docs::ApiDoc::openapi()).nest(
-        "/api/v1",
+    // Every path is written out whole (`/api/v1/…` in each handler's `utoipa::path`) rather
+    // than nested under `/api/v1`: axum gives each nested route a layer that strips the prefix,
+    // rebuilding the request's URI on every request (about 2,500 instructions, issue 14).
+    OpenApiRouter::with_openapi(docs::ApiDoc::openapi()).merge(
         auth.merge(limited(metered, Endpoint::Chat, KeyBy::User, true))
             .merge(limited(stored, Endpoint::Chat, KeyBy::User, false))
             .merge(limited(usage, Endpoint::Account, KeyBy::User, false))
@@ -206,7 +208,7 @@ fn cors(origins: &Origins, dev: bool) -> CorsLayer {
         .allow_headers(tower_http::cors::AllowHeaders::mirror_request())
         .expose_headers(EXPOSED_HEADERS.map(HeaderName::from_static))
         .max_age(std::time::Duration::from_secs(600))
-        // `Vary` is `middleware::observe`'s, one static value: tower-http's default joined
+        // `Vary` is `middleware::ObserveLayer`'s, one static value: tower-http's default joined
         // the same three names anew for every answer, and cloned their list for every request.
         .vary([] as [HeaderName; 0])
 }
@@ -247,13 +249,10 @@ pub fn with_layers<S: Clone + Send + Sync + 'static>(
     // One stack, added as one layer: axum boxes each route's service once per `layer` call,
     // and every request clones each box (and, in `from_fn`, what is below it again).
     let common = tower::ServiceBuilder::new()
-        .layer(axum::middleware::from_fn_with_state(
-            middleware::Observe {
-                trust_proxy: config.server.trust_proxy_headers,
-                usage,
-            },
-            middleware::observe,
-        ))
+        .layer(middleware::ObserveLayer(middleware::Observe {
+            trust_proxy: config.server.trust_proxy_headers,
+            usage,
+        }))
         .layer(cors(&config.server.allowed_origins, config.dev))
         .layer(CatchPanicLayer::custom(panic_response))
         .layer(DefaultBodyLimit::max(config.server.max_request_bytes));

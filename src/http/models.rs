@@ -28,7 +28,7 @@ async fn allowed_models(state: &AppState) -> Result<Json<ModelList>, ApiError> {
 
 /// The models clients may use: the upstream's list (cached), filtered by `ALLOWED_MODELS`.
 #[utoipa::path(
-    get, path = "/chat/models", tag = "chat",
+    get, path = "/api/v1/chat/models", tag = "chat",
     security(("bearer" = []), ("oauth2" = [])),
     responses((status = 200, description = "Models", body = ModelList))
 )]
@@ -41,7 +41,7 @@ pub async fn list_chat_models(
 
 /// Same as `/chat/models`, at the path the official SDKs use.
 #[utoipa::path(
-    get, path = "/models", tag = "chat",
+    get, path = "/api/v1/models", tag = "chat",
     security(("bearer" = []), ("oauth2" = [])),
     responses((status = 200, description = "Models", body = ModelList))
 )]
@@ -54,7 +54,7 @@ pub async fn list_models(
 
 /// One model the server offers, by id.
 #[utoipa::path(
-    get, path = "/models/{model}", tag = "chat",
+    get, path = "/api/v1/models/{model}", tag = "chat",
     security(("bearer" = []), ("oauth2" = [])),
     params(("model" = String, Path, description = "Model id")),
     responses(

@@ -178,40 +178,39 @@ fn seconds(ms: u64) -> HeaderValue {
     HeaderValue::from(ms.div_ceil(1000))
 }
 
+/// `X-RateLimit-Limit`, `-Remaining` and `-Reset`. Built once: `HeaderName::from_static` checks
+/// a custom name byte by byte each time it runs (about 150 instructions a name, issue 14).
+static REQUEST_HEADERS: [HeaderName; 3] = [
+    HeaderName::from_static("x-ratelimit-limit"),
+    HeaderName::from_static("x-ratelimit-remaining"),
+    HeaderName::from_static("x-ratelimit-reset"),
+];
+
+/// The same for a token-limit decision.
+static TOKEN_HEADERS: [HeaderName; 3] = [
+    HeaderName::from_static("x-ratelimit-limit-tokens"),
+    HeaderName::from_static("x-ratelimit-remaining-tokens"),
+    HeaderName::from_static("x-ratelimit-reset-tokens"),
+];
+
 /// Adds `X-RateLimit-Limit`, `-Remaining` and `-Reset` (seconds until the bucket is full).
 pub fn set_headers(response: &mut Response, decision: &Decision) {
-    stamp(
-        response,
-        decision,
-        [
-            "x-ratelimit-limit",
-            "x-ratelimit-remaining",
-            "x-ratelimit-reset",
-        ],
-    );
+    stamp(response, decision, &REQUEST_HEADERS);
 }
 
 /// Adds `X-RateLimit-Limit-Tokens`, `-Remaining-Tokens` and `-Reset-Tokens` (a token-limit
 /// decision).
 pub fn set_token_headers(response: &mut Response, decision: &Decision) {
-    stamp(
-        response,
-        decision,
-        [
-            "x-ratelimit-limit-tokens",
-            "x-ratelimit-remaining-tokens",
-            "x-ratelimit-reset-tokens",
-        ],
-    );
+    stamp(response, decision, &TOKEN_HEADERS);
 }
 
 /// Sets the limit, remaining and reset (seconds) of `decision` under `names`.
-fn stamp(response: &mut Response, decision: &Decision, names: [&'static str; 3]) {
+fn stamp(response: &mut Response, decision: &Decision, names: &'static [HeaderName; 3]) {
     let headers = response.headers_mut();
-    let [limit, remaining, reset] = names.map(HeaderName::from_static);
-    headers.insert(limit, HeaderValue::from(decision.limit));
-    headers.insert(remaining, HeaderValue::from(decision.remaining));
-    headers.insert(reset, seconds(decision.reset_ms));
+    let [limit, remaining, reset] = names;
+    headers.insert(limit.clone(), HeaderValue::from(decision.limit));
+    headers.insert(remaining.clone(), HeaderValue::from(decision.remaining));
+    headers.insert(reset.clone(), seconds(decision.reset_ms));
 }
 
 /// Admits a metered request before it goes upstream: makes the request-limit check that

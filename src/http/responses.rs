@@ -44,7 +44,7 @@ fn owners<'a>(state: &'a AppState, user: &AuthUser) -> Owners<'a> {
 
 /// Create a response; streamed as typed server-sent events when `"stream": true`.
 #[utoipa::path(
-    post, path = "/responses", tag = "responses",
+    post, path = "/api/v1/responses", tag = "responses",
     security(("bearer" = []), ("oauth2" = [])),
     request_body = CreateResponseRequest,
     responses(
@@ -118,7 +118,7 @@ async fn stored(
 
 /// Get one of the caller's stored responses.
 #[utoipa::path(
-    get, path = "/responses/{id}", tag = "responses",
+    get, path = "/api/v1/responses/{id}", tag = "responses",
     security(("bearer" = []), ("oauth2" = [])),
     params(("id" = String, Path, description = "The response id")),
     responses(
@@ -137,7 +137,7 @@ pub async fn get_response(
 
 /// Delete one of the caller's stored responses.
 #[utoipa::path(
-    delete, path = "/responses/{id}", tag = "responses",
+    delete, path = "/api/v1/responses/{id}", tag = "responses",
     security(("bearer" = []), ("oauth2" = [])),
     params(("id" = String, Path, description = "The response id")),
     responses(
@@ -155,7 +155,7 @@ pub async fn delete_response(
 
 /// Cancel one of the caller's background responses.
 #[utoipa::path(
-    post, path = "/responses/{id}/cancel", tag = "responses",
+    post, path = "/api/v1/responses/{id}/cancel", tag = "responses",
     security(("bearer" = []), ("oauth2" = [])),
     params(("id" = String, Path, description = "The response id")),
     responses(
@@ -173,7 +173,7 @@ pub async fn cancel_response(
 
 /// List the input items of one of the caller's stored responses.
 #[utoipa::path(
-    get, path = "/responses/{id}/input_items", tag = "responses",
+    get, path = "/api/v1/responses/{id}/input_items", tag = "responses",
     security(("bearer" = []), ("oauth2" = [])),
     params(("id" = String, Path, description = "The response id")),
     responses(

@@ -189,7 +189,7 @@ pub async fn report(state: &AppState, query: UsageQuery) -> Result<UsageReport, 
 
 /// The caller's usage: totals and groups over a time range.
 #[utoipa::path(
-    get, path = "/usage", tag = "usage",
+    get, path = "/api/v1/usage", tag = "usage",
     security(("bearer" = []), ("oauth2" = [])),
     params(
         ("from" = Option<String>, Query, description = "RFC 3339; default: 30 days before `to`"),
