@@ -417,16 +417,10 @@ async fn read_head(
             if side.buf.capacity() - side.buf.len() < 512 {
                 side.buf.reserve(READ_BYTES);
             }
-            let room = side.buf.capacity() - side.buf.len();
-            match shared.tcp.try_read_buf(&mut side.buf) {
+            match read_some(&shared.tcp, &mut side.buf) {
                 // Closed (between requests, or in the middle of a head: nobody to answer).
                 Ok(0) => return Poll::Ready(Ok(None)),
-                Ok(n) => {
-                    if n < room {
-                        drained(&shared.tcp);
-                    }
-                    continue;
-                }
+                Ok(_) => continue,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                 Err(_) => return Poll::Ready(Ok(None)),
             }
@@ -447,15 +441,32 @@ async fn read_head(
     .await
 }
 
-/// Tells tokio that `tcp` has nothing more to read, after a read that did not fill the room it
-/// had. The next wait for the client (for it to leave while the handler works, or for its next
-/// request) then goes to epoll without first a read that finds nothing (`EAGAIN`): one system
-/// call a request. Bytes that arrive later raise readiness again (epoll reports every arrival
-/// in edge-triggered mode), and a close still shows: tokio keeps a socket's closed state when
-/// its readiness is cleared.
-fn drained(tcp: &TcpStream) {
-    let nothing = || Err::<(), _>(std::io::Error::from(std::io::ErrorKind::WouldBlock));
-    let _ = tcp.try_io(tokio::io::Interest::READABLE, nothing);
+/// Reads what `tcp` holds into `buf`. A read that does not fill the room it had has taken
+/// all there was, and tokio is told so: the next wait for the client (for it to leave while
+/// the handler works, or for its next request, or the rest of its body) then goes to epoll
+/// without first a read that finds nothing (`EAGAIN`), one system call a request.
+///
+/// The readiness cleared is the one seen *before* the read (tokio clears it only if no event
+/// came since): bytes that arrive during or just after the read raise it again and are read.
+/// Clearing what is seen after the read would wipe out their event, and a body that follows
+/// its head by a few microseconds would wait for the body timeout. A close still shows: tokio
+/// keeps a socket's closed state when its readiness is cleared.
+fn read_some(tcp: &TcpStream, buf: &mut BytesMut) -> std::io::Result<usize> {
+    let would_block = || std::io::Error::from(std::io::ErrorKind::WouldBlock);
+    let room = buf.capacity() - buf.len();
+    let mut read = 0;
+    let outcome = tcp.try_io(tokio::io::Interest::READABLE, || {
+        read = tcp.try_read_buf(buf)?;
+        if read > 0 && read < room {
+            Err(would_block()) // clears the readiness seen before the read
+        } else {
+            Ok(read)
+        }
+    });
+    match outcome {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && read > 0 => Ok(read),
+        other => other,
+    }
 }
 
 /// Takes a request head from the front of `buf`: `Ok(None)` while it is incomplete.
@@ -1231,6 +1242,47 @@ mod tests {
             2,
             "the stream was dropped mid-way"
         );
+    }
+
+    /// A body sent just after its head (two writes, as HTTP clients do) may arrive while the
+    /// connection tells the runtime it has read all there was: it must still be read. The
+    /// clients are threads of their own, so that the bodies follow their heads by a few
+    /// microseconds, a spread of delays around the time the server takes to read a head.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_body_that_follows_its_head_closely_is_never_missed() {
+        use std::io::{Read as _, Write as _};
+        let (addr, _stop, _) = spawn().await;
+        let clients: Vec<_> = (0..4)
+            .map(|client| {
+                std::thread::spawn(move || {
+                    let mut tcp = std::net::TcpStream::connect(addr).unwrap();
+                    tcp.set_nodelay(true).unwrap();
+                    tcp.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                    let mut answer = vec![0u8; 512];
+                    for i in 0..400u64 {
+                        tcp.write_all(b"POST /echo HTTP/1.1\r\ncontent-length: 5\r\n\r\n")
+                            .unwrap();
+                        std::thread::sleep(Duration::from_micros((i * 7 + client * 3) % 120));
+                        tcp.write_all(b"hello").unwrap();
+                        let mut seen = 0;
+                        while !answer[..seen].ends_with(b"\r\n\r\nhello") {
+                            let n = tcp
+                                .read(&mut answer[seen..])
+                                .expect("the body was read and answered within 2 s");
+                            assert!(n > 0, "closed");
+                            seen += n;
+                        }
+                    }
+                })
+            })
+            .collect();
+        tokio::task::spawn_blocking(move || {
+            for client in clients {
+                client.join().unwrap();
+            }
+        })
+        .await
+        .unwrap();
     }
 
     #[tokio::test]
