@@ -40,6 +40,9 @@ pub struct UpstreamCall {
 /// every stream keeps it and it is almost never needed.
 pub const MAX_DELIVERED_TEXT: usize = 16 * 1024;
 
+/// The room made for a stream's delivered text at its first delta.
+const FIRST_DELIVERED_BYTES: usize = 128;
+
 /// What a stream delivered, for an estimate when the upstream's usage never arrives.
 #[derive(Debug, Default)]
 pub struct Delivered {
@@ -163,6 +166,11 @@ impl RequestContext {
                 let mut end = text.len().min(room);
                 while !text.is_char_boundary(end) {
                     end -= 1;
+                }
+                if delivered.text.capacity() == 0 {
+                    // Room for a short answer's deltas at once: grown from nothing, a 100-byte
+                    // answer took five allocations (issue 14).
+                    delivered.text.reserve(FIRST_DELIVERED_BYTES.max(end));
                 }
                 delivered.text.push_str(&text[..end]);
             }

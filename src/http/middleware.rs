@@ -399,7 +399,12 @@ const MAX_RECORDED_MODEL: usize = 256;
 /// the whole batch) replaced, cut to [`MAX_RECORDED_MODEL`] bytes. Without `ALLOWED_MODELS`,
 /// clients name any model they like.
 fn recorded_model(model: &str) -> String {
-    shorten(model, MAX_RECORDED_MODEL)
+    let model = shorten(model, MAX_RECORDED_MODEL);
+    // The usual name (printable ASCII) is copied as it is, not rebuilt a character at a time.
+    if model.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
+        return model.to_owned();
+    }
+    model
         .chars()
         .map(|c| if c.is_control() { '\u{fffd}' } else { c })
         .collect()
@@ -513,6 +518,9 @@ mod tests {
         assert_eq!(recorded_model("gpt-4o"), "gpt-4o");
         assert_eq!(recorded_model("a\u{0}b\nc"), "a\u{fffd}b\u{fffd}c");
         assert_eq!(recorded_model(&"é".repeat(200)).len(), 256);
+        assert_eq!(recorded_model("gpt-4o mini@x+y"), "gpt-4o mini@x+y");
+        assert_eq!(recorded_model("a\u{7f}b\u{85}c"), "a\u{fffd}b\u{fffd}c");
+        assert_eq!(recorded_model(&"m".repeat(300)), "m".repeat(256));
     }
 
     #[test]

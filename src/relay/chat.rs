@@ -265,7 +265,7 @@ pub enum Completion {
 }
 
 /// A chat completion's `usage` object: both counts must be there, as whole numbers.
-fn read_usage(usage: &[u8]) -> Option<Usage> {
+pub(super) fn read_usage(usage: &[u8]) -> Option<Usage> {
     let [prompt, completion] =
         super::scan::leading_members(usage, ["prompt_tokens", "completion_tokens"])?;
     Some(Usage {
