@@ -194,9 +194,12 @@ pin_project_lite::pin_project! {
     pub struct SseRelay<S> {
         #[pin]
         upstream: S,
+        // Fires at the earliest moment the stream may have stalled; see `poll_idle`.
         #[pin]
         idle: tokio::time::Sleep,
         timeout: Duration,
+        // When the last bytes came (or the stream began).
+        last_bytes: tokio::time::Instant,
         buf: BytesMut,
         protocol: Protocol,
         ctx: Arc<RequestContext>,
@@ -223,6 +226,7 @@ impl<S> SseRelay<S> {
             upstream,
             idle: tokio::time::sleep(timeout),
             timeout,
+            last_bytes: tokio::time::Instant::now(),
             buf: BytesMut::new(),
             protocol,
             ctx,
@@ -292,6 +296,23 @@ enum Verdict {
     Drop,
     /// Forward this instead (an upstream error event with a key masked).
     Replace(Bytes),
+}
+
+/// Ready once `deadline` (the last bytes' time plus the idle timeout) has passed. Bytes move
+/// the deadline without touching the timer, which is set again only when it fires before the
+/// deadline: a timer reset for every chunk cost about 200 instructions a paced event (issue 14).
+fn poll_idle(
+    mut idle: Pin<&mut tokio::time::Sleep>,
+    deadline: tokio::time::Instant,
+    cx: &mut Context<'_>,
+) -> Poll<()> {
+    loop {
+        std::task::ready!(idle.as_mut().poll(cx));
+        if idle.deadline() >= deadline {
+            return Poll::Ready(());
+        }
+        idle.as_mut().reset(deadline);
+    }
 }
 
 /// Looks at one complete event.
@@ -511,8 +532,7 @@ where
             }
             match this.upstream.as_mut().poll_next(cx) {
                 Poll::Ready(Some(Ok(chunk))) => {
-                    let deadline = tokio::time::Instant::now() + *this.timeout;
-                    this.idle.as_mut().reset(deadline);
+                    *this.last_bytes = tokio::time::Instant::now();
                     // With no part of an event waiting, the new bytes are read where they are
                     // (and go on uncopied); else they join the waiting part.
                     let in_place = this.buf.is_empty();
@@ -591,7 +611,8 @@ where
                     *this.phase = Phase::Finished;
                     tracing::warn!(error = %err, "upstream stream failed");
                     let (protocol, sequence) = (*this.protocol, this.seen.events);
-                    let timed_out = err.is_timeout() || this.idle.is_elapsed();
+                    let timed_out = err.is_timeout()
+                        || tokio::time::Instant::now() >= *this.last_bytes + *this.timeout;
                     this.ctx
                         .set_stream_end(StreamEnd::Failed(if timed_out { 504 } else { 502 }));
                     let event = if timed_out {
@@ -641,7 +662,9 @@ where
                         // the client in one write (one TCP segment), not one write per event.
                         return Poll::Ready(Some(Ok(this.held.take())));
                     }
-                    if this.idle.as_mut().poll(cx).is_ready() {
+                    if poll_idle(this.idle.as_mut(), *this.last_bytes + *this.timeout, cx)
+                        .is_ready()
+                    {
                         *this.phase = Phase::Finished;
                         this.ctx.set_stream_end(StreamEnd::Failed(504));
                         tracing::warn!(
@@ -988,6 +1011,38 @@ mod tests {
         .await;
         assert_eq!(out.len(), 2);
         assert!(String::from_utf8_lossy(out[1].as_ref().unwrap()).contains("upstream_timeout"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_idle_timeout_counts_from_the_last_bytes() {
+        // Four events 1.5 s apart, then nothing: with a 2 s timeout the stream times out 2 s
+        // after the last event (at 8 s), not 2 s after the start, nor later.
+        let start = tokio::time::Instant::now();
+        let upstream = futures_util::stream::unfold(0, |n| async move {
+            if n == 4 {
+                std::future::pending::<()>().await;
+            }
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            Some((Ok::<_, &str>(Bytes::from_static(b"data: {}\n\n")), n + 1))
+        });
+        let ctx = ctx();
+        let mut stream = Box::pin(SseRelay::new(
+            upstream,
+            Duration::from_secs(2),
+            Protocol::Chat {
+                forward_usage: false,
+            },
+            ctx.clone(),
+            mask(),
+        ));
+        for _ in 0..4 {
+            assert_eq!(&stream.next().await.unwrap().unwrap()[..], b"data: {}\n\n");
+        }
+        let last = stream.next().await.unwrap().unwrap();
+        assert!(String::from_utf8_lossy(&last).contains("upstream_timeout"));
+        assert_eq!(start.elapsed(), Duration::from_secs(8));
+        assert_eq!(ctx.stream_end(), Some(StreamEnd::Failed(504)));
+        assert!(stream.next().await.is_none());
     }
 
     const CREATED: &str = "event: response.created\ndata: {\"type\":\"response.created\",\"sequence_number\":0,\"response\":{\"id\":\"resp_1\",\"usage\":null,\"error\":null}}\n\n";
