@@ -135,7 +135,15 @@ def test_made_up_keys_raise_authentication_error_and_keys_are_never_logged(relay
         with pytest.raises(openai.AuthenticationError):
             sdk(relay_url, guess).models.list()
     sdk(relay_url, key).models.list()
-    log = DATABASE["log"].read_text()
+
+    # The log is written by a background thread: wait for the key's creation line and the
+    # lines of the five requests since (the creation's own, three guesses, one list).
+    def written():
+        log = DATABASE["log"].read_text()
+        after = log.split(made["id"], 1)
+        return len(after) == 2 and after[1].count('"target":"relay::request"') >= 5 and log
+
+    log = until(written)
     assert "API key created" in log, "the log is being written"
     assert made["id"] in log, "keys are known in the log by their id"
     assert key[12:] not in log
