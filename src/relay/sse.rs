@@ -855,6 +855,24 @@ mod tests {
         Arc::new(RequestContext::new(http::HeaderValue::from_static("t")))
     }
 
+    /// A chat relay of `upstream` (usage not asked for by the client), and its context.
+    fn chat_relay<S>(
+        upstream: S,
+        timeout: Duration,
+    ) -> (Pin<Box<SseRelay<S>>>, Arc<RequestContext>) {
+        let ctx = ctx();
+        let relay = SseRelay::new(
+            upstream,
+            timeout,
+            Protocol::Chat {
+                forward_usage: false,
+            },
+            ctx.clone(),
+            mask(),
+        );
+        (Box::pin(relay), ctx)
+    }
+
     async fn relay(
         chunks: Vec<Result<&'static str, &'static str>>,
         forward_usage: bool,
@@ -910,16 +928,7 @@ mod tests {
             };
             Some((Ok::<_, &'static str>(Bytes::from_static(chunk)), step + 1))
         });
-        let ctx = ctx();
-        let mut stream = Box::pin(SseRelay::new(
-            upstream,
-            Duration::from_secs(5),
-            Protocol::Chat {
-                forward_usage: false,
-            },
-            ctx.clone(),
-            mask(),
-        ));
+        let (mut stream, ctx) = chat_relay(upstream, Duration::from_secs(5));
         for sent in [first, done] {
             let got = stream.next().await.unwrap().unwrap();
             assert_eq!(&got[..], sent);
@@ -1082,16 +1091,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(1500)).await;
             Some((Ok::<_, &str>(Bytes::from_static(b"data: {}\n\n")), n + 1))
         });
-        let ctx = ctx();
-        let mut stream = Box::pin(SseRelay::new(
-            upstream,
-            Duration::from_secs(2),
-            Protocol::Chat {
-                forward_usage: false,
-            },
-            ctx.clone(),
-            mask(),
-        ));
+        let (mut stream, ctx) = chat_relay(upstream, Duration::from_secs(2));
         for _ in 0..4 {
             assert_eq!(&stream.next().await.unwrap().unwrap()[..], b"data: {}\n\n");
         }
