@@ -6,28 +6,36 @@
 //! (`EVAL`, which also caches it).
 //!
 //! The decision is the one Redis command on the request path, so it is spoken here directly,
-//! over a small pool of connections: the request's own task writes the command and reads the
-//! answer, with no driver task, no channel and no general RESP value in between. The `redis`
-//! crate's multiplexed `ConnectionManager` cost about 14,000 instructions a decision (its
-//! channel hop, its combine parser, its command builder); this costs a few thousand (callgrind,
-//! issue 14). The `redis` crate still reads `REDIS_URL`.
+//! with no general RESP value in between: the `redis` crate's multiplexed `ConnectionManager`
+//! cost about 14,000 instructions a decision (its combine parser, its command builder, its
+//! sink and stream machinery). The `redis` crate still reads `REDIS_URL`.
 //!
-//! A connection is taken from the pool for one call and given back only when the call ended
-//! with a whole answer: a call cut short (the decision's budget, a client gone) drops its
-//! connection with it, so no connection ever holds half an answer. The pool is bounded
-//! ([`MAX_OPEN`] connections, idle or not: there are as many as decisions were in flight at
-//! once, and a busy replica keeps them rather than dialling again), and so is every answer
-//! ([`MAX_ANSWER`] bytes); dialling is bounded by [`CONNECT_TIMEOUT`]. A broken connection is
-//! an error to the caller, which falls back to memory and lets its probe build a new pool.
+//! Every decision goes over one connection, pipelined: a driver task owns it, takes the calls
+//! queued since it last looked, writes them in one system call and hands each answer, in
+//! order, to the call that asked. Decisions made at the same moment (many requests arriving in
+//! one turn of the runtime) then cost one write and one read together, where a connection a
+//! call made a write and a read each: the system calls, not the parsing, were most of what a
+//! Redis decision cost relay (issue 14). When the driver wakes for a new call it yields once
+//! first, so that the other requests ready in the same turn queue theirs: tokio runs a task
+//! woken by another right after it, which would otherwise make every batch a single call.
+//!
+//! A call cut short (the decision's budget, a client gone) leaves its answer to be read and
+//! dropped by the driver, so the connection never loses its place. Everything is bounded: calls
+//! queued ([`MAX_QUEUED`]; beyond, a decision waits within its budget), calls written and not
+//! yet answered ([`MAX_IN_FLIGHT`]), an answer ([`MAX_ANSWER`] bytes), dialling
+//! ([`CONNECT_TIMEOUT`]). A broken connection is an error to every call waiting on it and to
+//! every later one; the caller falls back to memory and lets its probe connect again. The
+//! driver ends with the last handle to the limiter.
 
+use std::collections::VecDeque;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use redis::{ConnectionAddr, ErrorKind, RedisError, RedisResult};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot};
 
 use super::Step;
 use super::bucket::Decision;
@@ -35,29 +43,40 @@ use super::bucket::Decision;
 /// The script (see `bucket.lua`); public so that tests can run it with their own clock.
 pub const SCRIPT: &str = include_str!("bucket.lua");
 
-/// Connections open at most; a decision beyond them waits for one (within its budget).
-pub const MAX_OPEN: usize = 256;
+/// Calls queued for the driver at most; a decision beyond them waits (within its budget).
+pub const MAX_QUEUED: usize = 1024;
+/// Calls written and not yet answered at most; the driver takes no more until answers come.
+pub const MAX_IN_FLIGHT: usize = 1024;
 /// The most bytes an answer may take (a decision's is under 100).
 pub const MAX_ANSWER: usize = 64 * 1024;
 /// How long dialling and the handshake (`AUTH`, `SELECT`) may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 
-/// The Redis backend. Cheap to clone: clones share the pool.
+/// The Redis backend. Cheap to clone: clones share the connection.
 #[derive(Clone)]
 pub struct RedisLimiter {
     shared: Arc<Shared>,
 }
 
 struct Shared {
-    addr: Addr,
-    /// `AUTH` and `SELECT`, sent on every new connection (empty when neither is needed).
-    handshake: Vec<u8>,
-    /// How many answers the handshake gets.
-    handshake_answers: usize,
     /// The script's SHA-1, hex.
     sha: String,
-    idle: Mutex<Vec<Conn>>,
-    open: Arc<Semaphore>,
+    calls: mpsc::Sender<Call>,
+    driver: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Shared {
+    /// The last handle gone, nobody can wait for an answer: the driver ends, even if Redis
+    /// hangs with answers owed.
+    fn drop(&mut self) {
+        self.driver.abort();
+    }
+}
+
+/// One command for the driver and where its answer goes.
+struct Call {
+    command: Vec<u8>,
+    answer: oneshot::Sender<RedisResult<Answer>>,
 }
 
 enum Addr {
@@ -74,7 +93,6 @@ enum Stream {
 struct Conn {
     stream: Stream,
     buf: BytesMut,
-    _permit: OwnedSemaphorePermit,
 }
 
 /// One RESP2 answer, as far as relay reads them.
@@ -100,6 +118,10 @@ fn io_error(what: &'static str) -> RedisError {
 
 fn protocol_error(what: &'static str) -> RedisError {
     RedisError::from((ErrorKind::ResponseError, what))
+}
+
+fn closed() -> RedisError {
+    io_error("the connection to Redis is closed")
 }
 
 impl RedisLimiter {
@@ -135,14 +157,19 @@ impl RedisLimiter {
             );
             handshake_answers += 1;
         }
+        let conn =
+            match tokio::time::timeout(CONNECT_TIMEOUT, dial(&addr, &handshake, handshake_answers))
+                .await
+            {
+                Ok(conn) => conn?,
+                Err(_) => return Err(io_error("Redis did not answer in time")),
+            };
+        let (calls, queued) = mpsc::channel(MAX_QUEUED);
         let limiter = RedisLimiter {
             shared: Arc::new(Shared {
-                addr,
-                handshake,
-                handshake_answers,
                 sha: redis::Script::new(SCRIPT).get_hash().to_owned(),
-                idle: Mutex::new(Vec::new()),
-                open: Arc::new(Semaphore::new(MAX_OPEN)),
+                calls,
+                driver: tokio::spawn(drive(conn, queued)),
             }),
         };
         limiter.ping().await?;
@@ -152,17 +179,15 @@ impl RedisLimiter {
     /// Applies `steps` in order, in one round trip (one script call), stopping after a `take`
     /// that is refused: the decisions of the steps applied.
     pub async fn run(&self, steps: &[Step<'_>]) -> RedisResult<Vec<Decision>> {
-        let mut conn = self.checkout().await?;
-        let answer = match conn
-            .call(&script_call(b"EVALSHA", &self.shared.sha, steps))
+        let answer = match self
+            .call(script_call(b"EVALSHA", &self.shared.sha, steps))
             .await?
         {
             Answer::Error(e) if e.starts_with("NOSCRIPT") => {
-                conn.call(&script_call(b"EVAL", SCRIPT, steps)).await?
+                self.call(script_call(b"EVAL", SCRIPT, steps)).await?
             }
             answer => answer,
         };
-        self.give_back(conn);
         let answer = match answer {
             Answer::Ints(Some(answer)) => answer,
             Answer::Error(e) => {
@@ -196,14 +221,10 @@ impl RedisLimiter {
 
     /// `PING`, for health checks and the recovery probe.
     pub async fn ping(&self) -> RedisResult<()> {
-        let mut conn = self.checkout().await?;
         let mut ping = Vec::new();
         encode(&[b"PING"], &mut ping);
-        match conn.call(&ping).await? {
-            Answer::Status => {
-                self.give_back(conn);
-                Ok(())
-            }
+        match self.call(ping).await? {
+            Answer::Status => Ok(()),
             Answer::Error(e) => Err(RedisError::from((
                 ErrorKind::ResponseError,
                 "PING failed",
@@ -213,69 +234,100 @@ impl RedisLimiter {
         }
     }
 
-    /// An idle connection, or a new one.
-    async fn checkout(&self) -> RedisResult<Conn> {
-        let idle = self
-            .shared
-            .idle
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .pop();
-        if let Some(conn) = idle {
-            return Ok(conn);
-        }
-        let permit = self
-            .shared
-            .open
-            .clone()
-            .acquire_owned()
+    /// Queues `command` for the driver and waits for its answer.
+    async fn call(&self, command: Vec<u8>) -> RedisResult<Answer> {
+        let (answer, answered) = oneshot::channel();
+        self.shared
+            .calls
+            .send(Call { command, answer })
             .await
-            .map_err(|_| io_error("the connection pool is closed"))?;
-        match tokio::time::timeout(CONNECT_TIMEOUT, self.dial(permit)).await {
-            Ok(conn) => conn,
-            Err(_) => Err(io_error("Redis did not answer in time")),
+            .map_err(|_| closed())?;
+        answered.await.map_err(|_| closed())?
+    }
+}
+
+/// A new connection to `addr`, after the handshake (`AUTH`, `SELECT`) if there is one.
+async fn dial(addr: &Addr, handshake: &[u8], handshake_answers: usize) -> RedisResult<Conn> {
+    let stream = match addr {
+        Addr::Tcp(host, port) => {
+            let tcp = tokio::net::TcpStream::connect((host.as_str(), *port)).await?;
+            tcp.set_nodelay(true)?;
+            Stream::Tcp(tcp)
+        }
+        #[cfg(unix)]
+        Addr::Unix(path) => Stream::Unix(tokio::net::UnixStream::connect(path).await?),
+        #[cfg(not(unix))]
+        Addr::Unix(_) => return Err(io_error("unix sockets are not supported here")),
+    };
+    let mut conn = Conn {
+        stream,
+        buf: BytesMut::with_capacity(READ_ROOM),
+    };
+    if !handshake.is_empty() {
+        conn.stream.write_all(handshake).await?;
+        for _ in 0..handshake_answers {
+            if let Answer::Error(e) = conn.answer().await? {
+                return Err(RedisError::from((
+                    ErrorKind::AuthenticationFailed,
+                    "Redis refused the handshake (AUTH or SELECT)",
+                    e,
+                )));
+            }
         }
     }
+    Ok(conn)
+}
 
-    async fn dial(&self, permit: OwnedSemaphorePermit) -> RedisResult<Conn> {
-        let stream = match &self.shared.addr {
-            Addr::Tcp(host, port) => {
-                let tcp = tokio::net::TcpStream::connect((host.as_str(), *port)).await?;
-                tcp.set_nodelay(true)?;
-                Stream::Tcp(tcp)
+/// The room a read is given at least.
+const READ_ROOM: usize = 4096;
+
+/// The driver: writes the calls queued, in batches, and hands the answers back in order (see
+/// the module documentation). Ends when the connection fails (every call waiting gets the
+/// error) or when no handle to the limiter is left.
+async fn drive(mut conn: Conn, mut queued: mpsc::Receiver<Call>) {
+    let mut waiting: VecDeque<oneshot::Sender<RedisResult<Answer>>> = VecDeque::new();
+    let mut batch: Vec<Call> = Vec::new();
+    let mut out: Vec<u8> = Vec::new();
+    let failed = loop {
+        let room = MAX_IN_FLIGHT - waiting.len();
+        tokio::select! {
+            biased;
+            read = conn.fill(), if !waiting.is_empty() => {
+                if let Err(e) = read {
+                    break e;
+                }
+                match conn.deliver(&mut waiting) {
+                    Ok(()) => {}
+                    Err(e) => break e,
+                }
             }
-            #[cfg(unix)]
-            Addr::Unix(path) => Stream::Unix(tokio::net::UnixStream::connect(path).await?),
-            #[cfg(not(unix))]
-            Addr::Unix(_) => return Err(io_error("unix sockets are not supported here")),
-        };
-        let mut conn = Conn {
-            stream,
-            buf: BytesMut::with_capacity(256),
-            _permit: permit,
-        };
-        if !self.shared.handshake.is_empty() {
-            conn.stream.write_all(&self.shared.handshake).await?;
-            for _ in 0..self.shared.handshake_answers {
-                if let Answer::Error(e) = conn.answer().await? {
-                    return Err(RedisError::from((
-                        ErrorKind::AuthenticationFailed,
-                        "Redis refused the handshake (AUTH or SELECT)",
-                        e,
-                    )));
+            taken = queued.recv_many(&mut batch, room), if room > 0 => {
+                if taken == 0 {
+                    return; // every handle is gone
+                }
+                // Let the other requests of this turn queue their calls (see the module
+                // documentation), then take them all.
+                tokio::task::yield_now().await;
+                while batch.len() < room {
+                    match queued.try_recv() {
+                        Ok(call) => batch.push(call),
+                        Err(_) => break,
+                    }
+                }
+                out.clear();
+                for call in batch.drain(..) {
+                    out.extend_from_slice(&call.command);
+                    waiting.push_back(call.answer);
+                }
+                if let Err(e) = conn.stream.write_all(&out).await {
+                    break e.into();
                 }
             }
         }
-        Ok(conn)
-    }
-
-    /// Keeps `conn` for the next call (its permit bounds how many there are).
-    fn give_back(&self, conn: Conn) {
-        self.shared
-            .idle
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .push(conn);
+    };
+    tracing::debug!(error = %failed, "the connection to Redis failed");
+    for answer in waiting {
+        let _ = answer.send(Err(closed()));
     }
 }
 
@@ -323,20 +375,11 @@ fn bulk(out: &mut Vec<u8>, arg: &[u8]) {
 }
 
 impl Conn {
-    /// Sends `command` and reads its answer.
-    async fn call(&mut self, command: &[u8]) -> RedisResult<Answer> {
-        self.stream.write_all(command).await?;
-        self.answer().await
-    }
-
-    /// Reads one whole answer.
+    /// Reads one whole answer (the handshake's, before the driver takes the connection).
     async fn answer(&mut self) -> RedisResult<Answer> {
         loop {
             if let Some((answer, used)) = parse(&self.buf)? {
                 self.buf.advance(used);
-                if self.buf.is_empty() {
-                    self.stream.drained();
-                }
                 return Ok(answer);
             }
             if self.buf.len() >= MAX_ANSWER {
@@ -348,20 +391,74 @@ impl Conn {
             }
         }
     }
+
+    /// Waits for bytes and reads what is there (cancel-safe: nothing is read until the read
+    /// that returns).
+    async fn fill(&mut self) -> RedisResult<()> {
+        if self.buf.len() >= MAX_ANSWER {
+            return Err(protocol_error("Redis's answer is too large"));
+        }
+        self.buf.reserve(READ_ROOM);
+        loop {
+            self.stream.readable().await?;
+            match self.stream.read_some(&mut self.buf) {
+                Ok(0) => return Err(io_error("Redis closed the connection")),
+                Ok(_) => return Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Hands every whole answer read so far to the call waiting for it, first come first
+    /// served. An answer with no call waiting is an error: Redis sends nothing unasked.
+    fn deliver(
+        &mut self,
+        waiting: &mut VecDeque<oneshot::Sender<RedisResult<Answer>>>,
+    ) -> RedisResult<()> {
+        while let Some((answer, used)) = parse(&self.buf)? {
+            self.buf.advance(used);
+            let Some(call) = waiting.pop_front() else {
+                return Err(protocol_error("Redis answered what was not asked"));
+            };
+            // A call cut short no longer listens; its answer is dropped here.
+            let _ = call.send(Ok(answer));
+        }
+        Ok(())
+    }
 }
 
 impl Stream {
-    /// Tells the runtime that nothing more is there to read: an answer was read whole, and
-    /// Redis sends nothing unasked. The next answer is then awaited without first a read that
-    /// finds nothing (`EAGAIN`), one system call a decision. A close still shows: tokio keeps
-    /// a socket's closed state when its readiness is cleared.
-    fn drained(&self) {
-        let nothing = || Err::<(), _>(std::io::Error::from(std::io::ErrorKind::WouldBlock));
-        let _ = match self {
-            Stream::Tcp(s) => s.try_io(tokio::io::Interest::READABLE, nothing),
+    async fn readable(&self) -> std::io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.readable().await,
             #[cfg(unix)]
-            Stream::Unix(s) => s.try_io(tokio::io::Interest::READABLE, nothing),
+            Stream::Unix(s) => s.readable().await,
+        }
+    }
+
+    /// One read into `buf`'s spare room without waiting. A read that does not fill the room
+    /// has emptied the socket: the readiness seen before it is cleared then (tokio keeps it if
+    /// an event came since), so that the next wait needs no read that finds nothing
+    /// (`EAGAIN`) to learn it. `WouldBlock` when there was nothing after all.
+    fn read_some(&self, buf: &mut BytesMut) -> std::io::Result<usize> {
+        let room = buf.capacity() - buf.len();
+        let mut read = 0;
+        let outcome = match self {
+            Stream::Tcp(s) => s.try_io(tokio::io::Interest::READABLE, || {
+                read = s.try_read_buf(buf)?;
+                short(read, room)
+            }),
+            #[cfg(unix)]
+            Stream::Unix(s) => s.try_io(tokio::io::Interest::READABLE, || {
+                read = s.try_read_buf(buf)?;
+                short(read, room)
+            }),
         };
+        match outcome {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && read > 0 => Ok(read),
+            other => other,
+        }
     }
 
     async fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
@@ -378,6 +475,16 @@ impl Stream {
             #[cfg(unix)]
             Stream::Unix(s) => s.read_buf(buf).await,
         }
+    }
+}
+
+/// `read` bytes out of `room`: a short read (the socket emptied) answers `WouldBlock`, which
+/// makes `try_io` clear the readiness seen before the read.
+fn short(read: usize, room: usize) -> std::io::Result<usize> {
+    if read > 0 && read < room {
+        Err(std::io::Error::from(std::io::ErrorKind::WouldBlock))
+    } else {
+        Ok(read)
     }
 }
 

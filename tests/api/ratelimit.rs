@@ -791,6 +791,112 @@ async fn two_relay_processes_sharing_redis_let_the_capacity_through_in_total() {
     assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 65);
 }
 
+/// One Redis `INFO stats` field of the Redis on `port`.
+async fn redis_stat(port: u16, field: &str) -> u64 {
+    let client = ::redis::Client::open(format!("redis://127.0.0.1:{port}/0")).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let info: String = ::redis::cmd("INFO")
+        .arg("stats")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|l| {
+            l.strip_prefix(field)?
+                .strip_prefix(':')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no {field} in INFO stats"))
+}
+
+/// A bucket of `capacity` under `key`, one token taken.
+fn take_one(key: &str, capacity: u64) -> relay::ratelimit::Step<'_> {
+    relay::ratelimit::Step {
+        key,
+        shape: relay::ratelimit::Shape {
+            capacity,
+            window_ms: 60_000,
+        },
+        op: relay::ratelimit::Op::Take(1),
+        pool: relay::ratelimit::Pool::Requests,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decisions_made_at_once_share_writes_and_each_gets_its_own_answer() {
+    use relay::ratelimit::redis::RedisLimiter;
+    let port = free_port();
+    let _redis = OwnRedis::start(port);
+    let client = ::redis::Client::open(format!("redis://127.0.0.1:{port}/0")).unwrap();
+    let limiter = RedisLimiter::connect(client).await.unwrap();
+    // Each call its own bucket with its own capacity, so each answer says whose it is.
+    let keys: Vec<String> = (0..300).map(|i| format!("t:rl:all:{{batch{i}}}")).collect();
+    // The script loaded first, so that each call below is one `EVALSHA`.
+    limiter.run(&[take_one("t:{warm}", 10)]).await.unwrap();
+    let reads_before = redis_stat(port, "total_reads_processed").await;
+    let calls = keys.iter().enumerate().map(|(i, key)| {
+        let limiter = limiter.clone();
+        async move {
+            let steps = [take_one(key, i as u64 + 2)];
+            (i, limiter.run(&steps).await.unwrap())
+        }
+    });
+    for (i, decisions) in futures_util::future::join_all(calls).await {
+        assert_eq!(decisions.len(), 1);
+        let decision = decisions[0];
+        assert!(decision.allowed, "call {i}");
+        assert_eq!(
+            decision.limit,
+            i as u64 + 2,
+            "call {i} got another's answer"
+        );
+        assert_eq!(
+            decision.remaining,
+            i as u64 + 1,
+            "call {i} got another's answer"
+        );
+    }
+    // A connection a call made Redis read 300 times; pipelined, the calls share a few writes
+    // (about 40 KiB: Redis reads up to 16 KiB at once). The INFO connection counts a read or two.
+    let reads = redis_stat(port, "total_reads_processed").await - reads_before;
+    assert!(reads <= 20, "300 decisions took {reads} reads");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_cut_short_leaves_no_answer_for_the_next_one() {
+    use relay::ratelimit::redis::RedisLimiter;
+    let port = free_port();
+    let redis = OwnRedis::start(port);
+    let client = ::redis::Client::open(format!("redis://127.0.0.1:{port}/0")).unwrap();
+    let limiter = RedisLimiter::connect(client).await.unwrap();
+    // The script loaded, so the calls below are one `EVALSHA` each.
+    limiter.run(&[take_one("t:{warm}", 10)]).await.unwrap();
+    support::send_signal(redis.child.id(), "STOP");
+    // Cut short while Redis sleeps: their commands are written, their answers owed.
+    for _ in 0..3 {
+        let steps = [take_one("t:{first}", 100)];
+        let call = limiter.run(&steps);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), call)
+                .await
+                .is_err()
+        );
+    }
+    support::send_signal(redis.child.id(), "CONT");
+    // The owed answers arrive first and go nowhere; each next call gets its own.
+    for expected in [6, 5, 4] {
+        let decision = limiter.run(&[take_one("t:{second}", 7)]).await.unwrap()[0];
+        assert_eq!((decision.limit, decision.remaining), (7, expected));
+    }
+    let decision = limiter.run(&[take_one("t:{first}", 100)]).await.unwrap()[0];
+    assert_eq!(
+        decision.remaining, 96,
+        "the three calls cut short were applied"
+    );
+}
+
 #[tokio::test]
 async fn the_lua_script_and_the_rust_bucket_agree_step_by_step() {
     use relay::ratelimit::bucket::{self, Shape};
