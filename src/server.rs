@@ -649,6 +649,9 @@ where
     B: Body<Data = Bytes>,
     B::Error: std::fmt::Display,
 {
+    // As before a request goes upstream (`relay::pool`): the answers ready in this turn of
+    // the runtime go out back to back, so that the client wakes once for them all.
+    tokio::task::yield_now().await;
     let (parts, body) = response.into_parts();
     let status = parts.status;
     if has_token(&parts.headers, &header::CONNECTION, "close") {
