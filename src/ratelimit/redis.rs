@@ -11,16 +11,19 @@
 //! sink and stream machinery). The `redis` crate still reads `REDIS_URL`.
 //!
 //! Every decision goes over one connection, pipelined: a driver task owns it, takes the calls
-//! queued since it last looked, writes them in one system call and hands each answer, in
-//! order, to the call that asked. Decisions made at the same moment (many requests arriving in
+//! queued since it last looked, writes them together (one system call, unless the socket takes
+//! less) and hands each answer, in order, to the call that asked. Decisions made at the same moment (many requests arriving in
 //! one turn of the runtime) then cost one write and one read together, where a connection a
 //! call made a write and a read each: the system calls, not the parsing, were most of what a
 //! Redis decision cost relay (issue 14). When the driver wakes for a new call it yields once
 //! first, so that the other requests ready in the same turn queue theirs: tokio runs a task
 //! woken by another right after it, which would otherwise make every batch a single call.
 //!
-//! A call cut short (the decision's budget, a client gone) leaves its answer to be read and
-//! dropped by the driver, so the connection never loses its place. Everything is bounded: calls
+//! A call cut short (the decision's budget, a client gone) before the driver took it is never
+//! sent (the request was decided in memory meanwhile: it must not be charged twice); one cut
+//! short after leaves its answer to be read and dropped by the driver, so the connection never
+//! loses its place. Bytes that arrive while no call waits end the connection: an answer is
+//! never handed to a call that did not ask for it. Everything is bounded: calls
 //! queued ([`MAX_QUEUED`]; beyond, a decision waits within its budget), calls written and not
 //! yet answered ([`MAX_IN_FLIGHT`]), an answer ([`MAX_ANSWER`] bytes), dialling
 //! ([`CONNECT_TIMEOUT`]). A broken connection is an error to every call waiting on it and to
@@ -30,6 +33,7 @@
 use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
@@ -63,6 +67,8 @@ struct Shared {
     sha: String,
     calls: mpsc::Sender<Call>,
     driver: tokio::task::JoinHandle<()>,
+    /// Batches written so far.
+    batches: Arc<AtomicU64>,
 }
 
 impl Drop for Shared {
@@ -165,11 +171,13 @@ impl RedisLimiter {
                 Err(_) => return Err(io_error("Redis did not answer in time")),
             };
         let (calls, queued) = mpsc::channel(MAX_QUEUED);
+        let batches = Arc::new(AtomicU64::new(0));
         let limiter = RedisLimiter {
             shared: Arc::new(Shared {
                 sha: redis::Script::new(SCRIPT).get_hash().to_owned(),
                 calls,
-                driver: tokio::spawn(drive(conn, queued)),
+                driver: tokio::spawn(drive(conn, queued, batches.clone())),
+                batches,
             }),
         };
         limiter.ping().await?;
@@ -234,6 +242,13 @@ impl RedisLimiter {
         }
     }
 
+    /// How many batches of calls have been written to Redis (each one write of the calls
+    /// queued at that moment): for tests of the pipelining.
+    #[doc(hidden)]
+    pub fn batches(&self) -> u64 {
+        self.shared.batches.load(Ordering::Relaxed)
+    }
+
     /// Queues `command` for the driver and waits for its answer.
     async fn call(&self, command: Vec<u8>) -> RedisResult<Answer> {
         let (answer, answered) = oneshot::channel();
@@ -274,17 +289,22 @@ async fn dial(addr: &Addr, handshake: &[u8], handshake_answers: usize) -> RedisR
                 )));
             }
         }
+        if !conn.buf.is_empty() {
+            return Err(protocol_error("Redis answered what was not asked"));
+        }
     }
     Ok(conn)
 }
 
 /// The room a read is given at least.
 const READ_ROOM: usize = 4096;
+/// The write buffer the driver keeps between batches, at most.
+const KEPT_OUT: usize = 64 * 1024;
 
 /// The driver: writes the calls queued, in batches, and hands the answers back in order (see
 /// the module documentation). Ends when the connection fails (every call waiting gets the
 /// error) or when no handle to the limiter is left.
-async fn drive(mut conn: Conn, mut queued: mpsc::Receiver<Call>) {
+async fn drive(mut conn: Conn, mut queued: mpsc::Receiver<Call>, batches: Arc<AtomicU64>) {
     let mut waiting: VecDeque<oneshot::Sender<RedisResult<Answer>>> = VecDeque::new();
     let mut batch: Vec<Call> = Vec::new();
     let mut out: Vec<u8> = Vec::new();
@@ -292,7 +312,9 @@ async fn drive(mut conn: Conn, mut queued: mpsc::Receiver<Call>) {
         let room = MAX_IN_FLIGHT - waiting.len();
         tokio::select! {
             biased;
-            read = conn.fill(), if !waiting.is_empty() => {
+            // Read even while no call waits: what comes then was not asked for, and ends the
+            // connection (`deliver`) rather than being taken for the next call's answer.
+            read = conn.fill() => {
                 if let Err(e) = read {
                     break e;
                 }
@@ -316,12 +338,23 @@ async fn drive(mut conn: Conn, mut queued: mpsc::Receiver<Call>) {
                 }
                 out.clear();
                 for call in batch.drain(..) {
+                    // Cut short before it was sent: its request was decided without it.
+                    if call.answer.is_closed() {
+                        continue;
+                    }
                     out.extend_from_slice(&call.command);
                     waiting.push_back(call.answer);
                 }
+                if out.is_empty() {
+                    continue;
+                }
+                batches.fetch_add(1, Ordering::Relaxed);
                 if let Err(e) = conn.stream.write_all(&out).await {
                     break e.into();
                 }
+                // A batch of `EVAL`s (a script not yet loaded) can be megabytes: not kept.
+                out.truncate(0);
+                out.shrink_to(KEPT_OUT);
             }
         }
     };

@@ -791,26 +791,6 @@ async fn two_relay_processes_sharing_redis_let_the_capacity_through_in_total() {
     assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 65);
 }
 
-/// One Redis `INFO stats` field of the Redis on `port`.
-async fn redis_stat(port: u16, field: &str) -> u64 {
-    let client = ::redis::Client::open(format!("redis://127.0.0.1:{port}/0")).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let info: String = ::redis::cmd("INFO")
-        .arg("stats")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    info.lines()
-        .find_map(|l| {
-            l.strip_prefix(field)?
-                .strip_prefix(':')?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap_or_else(|| panic!("no {field} in INFO stats"))
-}
-
 /// A bucket of `capacity` under `key`, one token taken.
 fn take_one(key: &str, capacity: u64) -> relay::ratelimit::Step<'_> {
     relay::ratelimit::Step {
@@ -824,27 +804,40 @@ fn take_one(key: &str, capacity: u64) -> relay::ratelimit::Step<'_> {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+// One worker, as relay has on one core: a task woken by another runs right after it, which is
+// what the driver's yield is for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
 async fn decisions_made_at_once_share_writes_and_each_gets_its_own_answer() {
     use relay::ratelimit::redis::RedisLimiter;
     let port = free_port();
     let _redis = OwnRedis::start(port);
     let client = ::redis::Client::open(format!("redis://127.0.0.1:{port}/0")).unwrap();
     let limiter = RedisLimiter::connect(client).await.unwrap();
-    // Each call its own bucket with its own capacity, so each answer says whose it is.
-    let keys: Vec<String> = (0..300).map(|i| format!("t:rl:all:{{batch{i}}}")).collect();
     // The script loaded first, so that each call below is one `EVALSHA`.
     limiter.run(&[take_one("t:{warm}", 10)]).await.unwrap();
-    let reads_before = redis_stat(port, "total_reads_processed").await;
-    let calls = keys.iter().enumerate().map(|(i, key)| {
-        let limiter = limiter.clone();
-        async move {
-            let steps = [take_one(key, i as u64 + 2)];
-            (i, limiter.run(&steps).await.unwrap())
+    let before = limiter.batches();
+    // 300 requests' tasks, each deciding on its own bucket with its own capacity (so that each
+    // answer says whose it is), all ready in the same turn of the runtime, as under load.
+    let spawner = limiter.clone();
+    let decisions = tokio::spawn(async move {
+        let calls: Vec<_> = (0..300u64)
+            .map(|i| {
+                let limiter = spawner.clone();
+                tokio::spawn(async move {
+                    let key = format!("t:rl:all:{{batch{i}}}");
+                    limiter.run(&[take_one(&key, i + 2)]).await.unwrap()
+                })
+            })
+            .collect();
+        let mut decisions = Vec::new();
+        for call in calls {
+            decisions.push(call.await.unwrap());
         }
-    });
-    for (i, decisions) in futures_util::future::join_all(calls).await {
-        assert_eq!(decisions.len(), 1);
+        decisions
+    })
+    .await
+    .unwrap();
+    for (i, decisions) in decisions.iter().enumerate() {
         let decision = decisions[0];
         assert!(decision.allowed, "call {i}");
         assert_eq!(
@@ -858,10 +851,124 @@ async fn decisions_made_at_once_share_writes_and_each_gets_its_own_answer() {
             "call {i} got another's answer"
         );
     }
-    // A connection a call made Redis read 300 times; pipelined, the calls share a few writes
-    // (about 40 KiB: Redis reads up to 16 KiB at once). The INFO connection counts a read or two.
-    let reads = redis_stat(port, "total_reads_processed").await - reads_before;
-    assert!(reads <= 20, "300 decisions took {reads} reads");
+    // Written one by one, they would be about 300 batches; together, a batch is what the
+    // worker ran before it next looked at its sockets (tokio looks every 61 polls).
+    let batches = limiter.batches() - before;
+    assert!(batches <= 10, "300 decisions took {batches} writes");
+}
+
+#[tokio::test]
+async fn an_answer_nobody_asked_for_is_never_taken_for_the_next_one() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // A "Redis" that answers PING, then sends a decision nobody asked for (allowed, 5 left),
+    // then answers the next call with a refusal.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        let _ = socket.read(&mut buf).await.unwrap(); // PING
+        socket.write_all(b"+PONG\r\n").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        socket.write_all(b"*2\r\n:1\r\n$1\r\n5\r\n").await.unwrap();
+        if socket.read(&mut buf).await.unwrap_or(0) > 0 {
+            let _ = socket.write_all(b"*2\r\n:0\r\n$1\r\n0\r\n").await;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    });
+    let client = ::redis::Client::open(format!("redis://127.0.0.1:{port}/0")).unwrap();
+    let limiter = relay::ratelimit::redis::RedisLimiter::connect(client)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let decided = limiter.run(&[take_one("t:{unasked}", 10)]).await;
+    assert!(
+        decided.is_err(),
+        "the unasked answer was taken for the call's: {decided:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_cut_short_before_it_was_sent_is_never_sent() {
+    use relay::ratelimit::redis::{MAX_IN_FLIGHT, RedisLimiter};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // A "Redis" that counts the script calls it receives and answers none until told to.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let received = Arc::new(AtomicUsize::new(0));
+    let (answer_now, mut answer) = tokio::sync::mpsc::channel::<usize>(4);
+    let seen = received.clone();
+    tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await.unwrap();
+        let mut buf = vec![0u8; 64 * 1024];
+        let n = socket.read(&mut buf).await.unwrap();
+        assert!(buf[..n].windows(4).any(|w| w == b"PING"));
+        socket.write_all(b"+PONG\r\n").await.unwrap();
+        let mut carry = Vec::new();
+        loop {
+            tokio::select! {
+                n = socket.read(&mut buf) => {
+                    let n = n.unwrap();
+                    if n == 0 {
+                        return;
+                    }
+                    carry.extend_from_slice(&buf[..n]);
+                    let calls = carry.windows(7).filter(|w| *w == b"EVALSHA").count();
+                    seen.fetch_add(calls, Ordering::SeqCst);
+                    // Keep a tail that may hold the start of a cut name.
+                    let keep = carry.len().saturating_sub(6);
+                    carry.drain(..keep);
+                }
+                Some(count) = answer.recv() => {
+                    let answers = b"*2\r\n:1\r\n:0\r\n".repeat(count);
+                    socket.write_all(&answers).await.unwrap();
+                }
+            }
+        }
+    });
+    let client = ::redis::Client::open(format!("redis://127.0.0.1:{port}/0")).unwrap();
+    let limiter = RedisLimiter::connect(client).await.unwrap();
+    // As many calls in flight as the driver allows, all waiting for their answers.
+    let waiting: Vec<_> = (0..MAX_IN_FLIGHT)
+        .map(|_| {
+            let limiter = limiter.clone();
+            tokio::spawn(async move { limiter.run(&[take_one("t:{stall}", 5000)]).await })
+        })
+        .collect();
+    let start = Instant::now();
+    while received.load(Ordering::SeqCst) < MAX_IN_FLIGHT {
+        assert!(start.elapsed() < Duration::from_secs(10), "calls not sent");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // One more is queued, not sent; it gives up (its request is decided in memory).
+    let steps = [take_one("t:{stall}", 5000)];
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), limiter.run(&steps))
+            .await
+            .is_err()
+    );
+    // Redis wakes: the calls in flight get their answers, and the one that gave up is dropped.
+    answer_now.send(MAX_IN_FLIGHT).await.unwrap();
+    for call in waiting {
+        assert!(call.await.unwrap().is_ok());
+    }
+    // The next call is the next one Redis receives.
+    let next = tokio::spawn(async move { limiter.run(&[take_one("t:{stall}", 5000)]).await });
+    let start = Instant::now();
+    while received.load(Ordering::SeqCst) <= MAX_IN_FLIGHT {
+        assert!(start.elapsed() < Duration::from_secs(10), "call not sent");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        received.load(Ordering::SeqCst),
+        MAX_IN_FLIGHT + 1,
+        "the call that gave up before it was sent was sent all the same"
+    );
+    answer_now.send(1).await.unwrap();
+    assert!(next.await.unwrap().is_ok());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
