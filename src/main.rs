@@ -17,7 +17,68 @@ use relay::store::{AdminChange, Store, UserPatch, UserRecord};
 // A faster allocator than glibc's for many small, short-lived allocations across threads,
 // which is what a proxy does all day.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: Mimalloc = Mimalloc;
+
+/// mimalloc, asked as `malloc` is whenever that gives the alignment wanted. The `mimalloc`
+/// crate calls `mi_malloc_aligned` for every allocation, whose fast path serves only blocks
+/// under 1 KiB that happen to be aligned: every larger one (a connection's 4-8 KiB read
+/// buffer, an answer's body) went through the over-allocating path (issue 14).
+struct Mimalloc;
+
+/// What `mi_malloc` guarantees: every block of more than 8 bytes is aligned to 16 (mimalloc
+/// rounds block sizes to two words), one of 8 bytes or less to 8 — `malloc`'s own contract,
+/// the one `std::alloc::System` relies on with glibc.
+const MALLOC_ALIGN: usize = 16;
+
+fn malloc_aligns(layout: std::alloc::Layout) -> bool {
+    layout.align() <= MALLOC_ALIGN && layout.align() <= layout.size()
+}
+
+// SAFETY: every pointer comes from mimalloc and goes back to it; `mi_malloc` and friends are
+// used only for layouts whose alignment they guarantee (`malloc_aligns`), the aligned calls
+// for all others, as the `mimalloc` crate does.
+unsafe impl std::alloc::GlobalAlloc for Mimalloc {
+    #[inline]
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        if malloc_aligns(layout) {
+            // SAFETY: see the impl.
+            unsafe { libmimalloc_sys::mi_malloc(layout.size()).cast() }
+        } else {
+            // SAFETY: see the impl.
+            unsafe { libmimalloc_sys::mi_malloc_aligned(layout.size(), layout.align()).cast() }
+        }
+    }
+
+    #[inline]
+    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+        if malloc_aligns(layout) {
+            // SAFETY: see the impl.
+            unsafe { libmimalloc_sys::mi_zalloc(layout.size()).cast() }
+        } else {
+            // SAFETY: see the impl.
+            unsafe { libmimalloc_sys::mi_zalloc_aligned(layout.size(), layout.align()).cast() }
+        }
+    }
+
+    #[inline]
+    unsafe fn dealloc(&self, ptr: *mut u8, _layout: std::alloc::Layout) {
+        // SAFETY: see the impl.
+        unsafe { libmimalloc_sys::mi_free(ptr.cast()) }
+    }
+
+    #[inline]
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
+        if layout.align() <= MALLOC_ALIGN && layout.align() <= new_size {
+            // SAFETY: see the impl.
+            unsafe { libmimalloc_sys::mi_realloc(ptr.cast(), new_size).cast() }
+        } else {
+            // SAFETY: see the impl.
+            unsafe {
+                libmimalloc_sys::mi_realloc_aligned(ptr.cast(), new_size, layout.align()).cast()
+            }
+        }
+    }
+}
 
 /// mimalloc's `mi_option_arena_eager_commit`, `_purge_delay`, `_arena_purge_mult` and
 /// `_allow_thp`: their positions in `mi_option_e` (mimalloc v3, the version `libmimalloc-sys`
@@ -334,6 +395,75 @@ fn run_health(args: HealthArgs) -> ExitCode {
         Err(err) => {
             eprintln!("relay health: {url}: {err:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::alloc::{GlobalAlloc, Layout};
+
+    use super::Mimalloc;
+
+    /// A block of `layout` from `Mimalloc`, checked for its alignment (and zeroes), filled
+    /// with a pattern.
+    ///
+    /// # Safety
+    /// `layout` has a non-zero size; the block is to be freed with it.
+    unsafe fn filled(layout: Layout, zeroed: bool) -> *mut u8 {
+        // SAFETY: the caller's.
+        unsafe {
+            let ptr = if zeroed {
+                Mimalloc.alloc_zeroed(layout)
+            } else {
+                Mimalloc.alloc(layout)
+            };
+            assert!(!ptr.is_null());
+            assert_eq!(ptr as usize % layout.align(), 0, "{layout:?}");
+            if zeroed {
+                assert!((0..layout.size()).all(|i| *ptr.add(i) == 0), "{layout:?}");
+            }
+            for i in 0..layout.size() {
+                *ptr.add(i) = i as u8;
+            }
+            ptr
+        }
+    }
+
+    /// Every layout gets a pointer with its alignment, whichever of mimalloc's calls serves
+    /// it, and keeps its bytes through a `realloc` that grows or shrinks it.
+    #[test]
+    fn every_layout_gets_its_alignment_and_keeps_its_bytes() {
+        let sizes = [
+            1, 3, 7, 8, 9, 15, 16, 17, 24, 40, 100, 1000, 1025, 4096, 8000, 70_000,
+        ];
+        for align in [1, 2, 4, 8, 16, 32, 64, 4096] {
+            for size in sizes {
+                let layout = Layout::from_size_align(size, align).unwrap();
+                for zeroed in [false, true] {
+                    // SAFETY: non-zero sizes; each block is used within its size and freed
+                    // with the layout it has then.
+                    unsafe {
+                        Mimalloc.dealloc(filled(layout, zeroed), layout);
+                        for new_size in [size / 2 + 1, size * 3] {
+                            let ptr = filled(layout, zeroed);
+                            let moved = Mimalloc.realloc(ptr, layout, new_size);
+                            assert_eq!(
+                                moved as usize % align,
+                                0,
+                                "{size} -> {new_size} at {align}"
+                            );
+                            let kept = size.min(new_size);
+                            assert!((0..kept).all(|i| *moved.add(i) == i as u8));
+                            let new = Layout::from_size_align(new_size, align).unwrap();
+                            let back = Mimalloc.realloc(moved, new, size);
+                            assert_eq!(back as usize % align, 0, "{new_size} -> {size} at {align}");
+                            assert!((0..kept).all(|i| *back.add(i) == i as u8));
+                            Mimalloc.dealloc(back, layout);
+                        }
+                    }
+                }
+            }
         }
     }
 }
