@@ -340,6 +340,7 @@ pub async fn serve<S, F, B, E>(
             };
             side.body = body;
         }
+        let _serving = crate::turn::Serving::start();
         let is_head = request.method() == Method::HEAD;
         let version = request.version();
         let request = request.map(|()| RequestBody {
@@ -649,9 +650,9 @@ where
     B: Body<Data = Bytes>,
     B::Error: std::fmt::Display,
 {
-    // As before a request goes upstream (`relay::pool`): the answers ready in this turn of
-    // the runtime go out back to back, so that the client wakes once for them all.
-    tokio::task::yield_now().await;
+    // The answers ready in this turn of the runtime go out back to back, so that the client
+    // wakes once for them all (`crate::turn`).
+    crate::turn::before_write().await;
     let (parts, body) = response.into_parts();
     let status = parts.status;
     if has_token(&parts.headers, &header::CONNECTION, "close") {

@@ -363,11 +363,9 @@ impl Pool {
         h1::encode_head(&request, &mut head);
         loop {
             let (mut conn, reused) = self.ready_conn().await?;
-            // The other requests ready in this turn of the runtime write theirs first: the
-            // upstream then gets them back to back and wakes once for them all. A write that
-            // wakes a peer asleep on another core is the dearest part of it, and a proxy at
-            // full load finds its peers asleep at every write (issue 14, bench/README.md).
-            tokio::task::yield_now().await;
+            // The other requests ready in this turn of the runtime write theirs first, so that
+            // the upstream wakes once for them all (`crate::turn`).
+            crate::turn::before_write().await;
             match conn.write(&head, request.body()).await {
                 Ok(()) => {}
                 // The socket took no byte on a connection that the upstream had closed: once
