@@ -6,26 +6,11 @@
 # Needs ../shared/bench/setup.sh (the mock, oha); `redis` needs Redis on 127.0.0.1:6379.
 set -euo pipefail
 bin=$(realpath "$1"); what=${2:-memory}; n=${3:-40000}
-bh=${BENCH_HOME:-$HOME/.cache/relay-bench}/target/release
-work=$(mktemp -d)
-pids=()
-trap 'kill "${pids[@]}" 2>/dev/null || true; rm -rf "$work"' EXIT
-taskset -c 0 "$bh/mock-upstream" --port 18000 --threads 1 >/dev/null 2>&1 & pids+=($!)
-export SECRET_KEY=$(python3 -c 'import secrets; print(secrets.token_hex(32))')
-export OPENAI_API_KEY=sk-bench DATABASE_URL=sqlite://$work/relay.db REDIS_URL=
-export RATE_LIMIT_REQUESTS=1000000000 RATE_LIMIT_WINDOW=1 ACCESS_TOKEN_EXPIRE_MINUTES=600
-export HOST=127.0.0.1 PORT=18300 LOG_LEVEL=warn OPENAI_BASE_URL=http://127.0.0.1:18000/v1
-[ "$what" = redis ] && export REDIS_URL=redis://127.0.0.1:6379/13 RATE_LIMIT_KEY_PREFIX=cpu$RANDOM
-(cd "$work" && exec taskset -c 1 "$bin" serve >"$work/log" 2>&1) & rel=$!; pids+=($rel)
-for _ in $(seq 300); do curl -sf http://127.0.0.1:18300/api/v1/health >/dev/null && break; sleep 0.05; done
-curl -sf -X POST http://127.0.0.1:18300/api/v1/auth/register -H 'Content-Type: application/json' \
-  -d '{"email":"bench@example.com","password":"bench-password-1"}' >/dev/null
-token=$(curl -sf -X POST http://127.0.0.1:18300/api/v1/auth/login -H 'Content-Type: application/json' \
-  -d '{"email":"bench@example.com","password":"bench-password-1"}' | python3 -c 'import sys,json; print(json.load(sys.stdin)["access_token"])')
-body='{"model":"gpt-4o-mini","messages":[{"role":"system","content":"You are a helpful assistant."},{"role":"user","content":"Say hello and introduce yourself in one sentence."}],"temperature":0.7,"max_tokens":64}'
+# shellcheck source=bench/alone.sh
+source "$(dirname "$0")/alone.sh" "$bin" serve
 oha_run() {
   taskset -c 0 oha --no-tui -n "$1" -c 64 -m POST -H "Authorization: Bearer $token" \
-    -H 'Content-Type: application/json' -d "$body" http://127.0.0.1:18300/api/v1/chat/completions
+    -H 'Content-Type: application/json' -d "$body" "$url"
 }
 oha_run 2000 >/dev/null
 sleep 0.5

@@ -7,25 +7,9 @@
 # on 127.0.0.1:6379. Prints the instructions per request (or stream).
 set -euo pipefail
 bin=$(realpath "$1"); what=$2
-bh=${BENCH_HOME:-$HOME/.cache/relay-bench}/target/release
 work=$(mktemp -d)
-pids=()
-trap 'kill "${pids[@]}" 2>/dev/null || true; rm -rf "$work"' EXIT
-taskset -c 0 "$bh/mock-upstream" --port 18000 --threads 1 >/dev/null 2>&1 & pids+=($!)
-export SECRET_KEY=$(python3 -c 'import secrets; print(secrets.token_hex(32))')
-export OPENAI_API_KEY=sk-bench DATABASE_URL=sqlite://$work/relay.db REDIS_URL=
-export RATE_LIMIT_REQUESTS=1000000000 RATE_LIMIT_WINDOW=1 ACCESS_TOKEN_EXPIRE_MINUTES=600
-export HOST=127.0.0.1 PORT=18300 LOG_LEVEL=warn OPENAI_BASE_URL=http://127.0.0.1:18000/v1
-[ "$what" = redis ] && export REDIS_URL=redis://127.0.0.1:6379/13 RATE_LIMIT_KEY_PREFIX=ins$RANDOM
-(cd "$work" && exec taskset -c 1 valgrind --tool=callgrind --callgrind-out-file="$work/cg.out" "$bin" serve >"$work/log" 2>&1) & rel=$!; pids+=($rel)
-for _ in $(seq 300); do curl -sf http://127.0.0.1:18300/api/v1/health >/dev/null && break; sleep 0.1; done
-curl -sf -X POST http://127.0.0.1:18300/api/v1/auth/register -H 'Content-Type: application/json' \
-  -d '{"email":"bench@example.com","password":"bench-password-1"}' >/dev/null
-token=$(curl -sf -X POST http://127.0.0.1:18300/api/v1/auth/login -H 'Content-Type: application/json' \
-  -d '{"email":"bench@example.com","password":"bench-password-1"}' | python3 -c 'import sys,json; print(json.load(sys.stdin)["access_token"])')
-url=http://127.0.0.1:18300/api/v1/chat/completions
-# The shared harness's request.
-body='{"model":"gpt-4o-mini","messages":[{"role":"system","content":"You are a helpful assistant."},{"role":"user","content":"Say hello and introduce yourself in one sentence."}],"temperature":0.7,"max_tokens":64}'
+# shellcheck source=bench/alone.sh
+source "$(dirname "$0")/alone.sh" valgrind --tool=callgrind --callgrind-out-file="$work/cg.out" "$bin" serve
 load() {
   case $what in
     requests|redis) taskset -c 0 oha --no-tui -n "$1" -c 16 -m POST -H "Authorization: Bearer $token" \
