@@ -12,20 +12,21 @@
 //!
 //! Every decision goes over one connection, pipelined: a driver task owns it, takes the calls
 //! queued since it last looked, writes them together (one system call, unless the socket takes
-//! less) and hands each answer, in order, to the call that asked. Decisions made at the same moment (many requests arriving in
-//! one turn of the runtime) then cost one write and one read together, where a connection a
-//! call made a write and a read each: the system calls, not the parsing, were most of what a
-//! Redis decision cost relay (issue 14). When the driver wakes for a new call it yields once
-//! first, so that the other requests ready in the same turn queue theirs: tokio runs a task
-//! woken by another right after it, which would otherwise make every batch a single call.
+//! less) and hands each answer, in order, to the call that asked. Decisions made at the same
+//! moment (many requests arriving in one turn of the runtime) then share a write and a read,
+//! where a connection a call made a write and a read each: the system calls, not the parsing,
+//! were most of what a Redis decision cost relay (issue 14: about eight decisions a write at
+//! 64 connections). When the driver wakes for a new call it yields once first, so that the
+//! other requests ready in the same turn queue theirs: tokio runs a task woken by another right
+//! after it, which would otherwise make every batch a single call.
 //!
 //! A call cut short (the decision's budget, a client gone) before the driver took it is never
 //! sent (the request was decided in memory meanwhile: it must not be charged twice); one cut
 //! short after leaves its answer to be read and dropped by the driver, so the connection never
 //! loses its place. Bytes that arrive while no call waits end the connection: an answer is
-//! never handed to a call that did not ask for it. Everything is bounded: calls
-//! queued ([`MAX_QUEUED`]; beyond, a decision waits within its budget), calls written and not
-//! yet answered ([`MAX_IN_FLIGHT`]), an answer ([`MAX_ANSWER`] bytes), dialling
+//! never handed to a call that did not ask for it. Everything is bounded: calls queued
+//! ([`MAX_QUEUED`]; beyond, a decision waits within its budget), calls written and not yet
+//! answered ([`MAX_IN_FLIGHT`]), an answer ([`MAX_ANSWER`] bytes), dialling
 //! ([`CONNECT_TIMEOUT`]). A broken connection is an error to every call waiting on it and to
 //! every later one; the caller falls back to memory and lets its probe connect again. The
 //! driver ends with the last handle to the limiter.
