@@ -151,6 +151,28 @@ async fn cors_allows_only_configured_origins() {
     assert!(resp.headers().get("access-control-allow-origin").is_none());
     vary(&resp);
     vary(&app.get("/nowhere").await);
+    // A request without `Origin` is no browser's cross-origin request: no CORS header at all.
+    let plain = app.get("/health").await;
+    assert!(
+        plain
+            .headers()
+            .keys()
+            .all(|name| !name.as_str().starts_with("access-control-")),
+        "{:?}",
+        plain.headers()
+    );
+    vary(&plain);
+    // Nor is an OPTIONS without `Origin` a preflight: the route answers it (405, as any method
+    // it does not serve), not the CORS layer.
+    let options = app
+        .client
+        .request(reqwest::Method::OPTIONS, app.api("/auth/login"))
+        .header("access-control-request-method", "POST")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(options.status(), 405);
+    assert!(options.headers().get("access-control-allow-methods").is_none());
 
     let preflight = |origin: &'static str| {
         app.client
