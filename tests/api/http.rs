@@ -172,7 +172,12 @@ async fn cors_allows_only_configured_origins() {
         .await
         .unwrap();
     assert_eq!(options.status(), 405);
-    assert!(options.headers().get("access-control-allow-methods").is_none());
+    assert!(
+        options
+            .headers()
+            .get("access-control-allow-methods")
+            .is_none()
+    );
 
     let preflight = |origin: &'static str| {
         app.client
