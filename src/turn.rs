@@ -6,9 +6,10 @@
 //! `sock_def_readable` under `writev`). A request about to write a request upstream or an
 //! answer to its client therefore yields once first: the other tasks ready in the same turn
 //! reach their writes, and the peer gets them back to back and wakes once for several. Alone
-//! on one core, 40,000 requests at 64 connections: 45.5 → 38–39.5 µs of CPU a request (issue
-//! 14). A request served alone has nobody to wait for and does not yield (a yield costs it an
-//! `epoll_wait` and a poll of its task).
+//! on one core, 40,000 requests at 64 connections, alternated with nginx: 45.5 → 38–39.5 µs of
+//! CPU a request; with the other changes of issue 14's night, 1.71 → 1.44 × nginx's (see
+//! `bench/README.md`). A request served alone has nobody to wait for and does not yield (a
+//! yield costs it an `epoll_wait` and a poll of its task).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
